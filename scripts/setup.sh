@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create or reuse the virtual environment, install torch first, then slm (editable) with the given extras.
+# Quick when nothing changed: a stamp remembers the pyproject.toml it installed.
+#
+#   scripts/setup.sh [EXTRAS]        e.g. scripts/setup.sh test
+#
+# SLM_VENV      where the environment lives (default: .venv in the checkout)
+# SLM_TORCH     the torch requirement installed first (default: torch==2.13.0; on the project's build machines this
+#               is a CPU build on local disk; elsewhere pip picks the build for your platform)
+# PYTHON        the interpreter that creates the environment (default: python3)
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${SLM_VENV:-$root/.venv}
+extras=${1:-}
+if [ ! -x "$venv/bin/python" ]; then
+  "${PYTHON:-python3}" -m venv "$venv"
+fi
+py="$venv/bin/python"
+stamp="$venv/.slm-setup${extras:+-$extras}"
+want="$(cat "$root/pyproject.toml" "$0" | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+if [ -z "$extras" ]; then  # any current install (extras only add packages) will do
+  for s in "$venv"/.slm-setup*; do
+    if [ -f "$s" ] && [ "$(cat "$s")" = "$want" ]; then exit 0; fi
+  done
+fi
+if ! "$py" -c "import torch" >/dev/null 2>&1; then
+  echo "setup: installing ${SLM_TORCH:-torch==2.13.0}" >&2
+  "$py" -m pip install -q --disable-pip-version-check ${SLM_TORCH:-torch==2.13.0}
+fi
+echo "setup: installing slm${extras:+[$extras]} into $venv" >&2
+"$py" -m pip install -q --disable-pip-version-check -e "$root${extras:+[$extras]}"
+echo "$want" > "$stamp"

@@ -1,0 +1,60 @@
+"""The `slm` command: one thin typer command per stage; each parses, validates, calls the stage, prints the path."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from slm import __version__
+
+app = typer.Typer(
+    name="slm",
+    help="Train small language models the way StableLM 2 1.6B and SmolLM2 were trained.\n\n"
+         "tokenize -> mix -> pretrain -> cooldown -> sft -> dpo -> selfknow -> quantize -> bench -> eval -> carbon\n\n"
+         "Each stage reads files or directories, writes one output directory and prints its path on stdout.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"slm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """slm: from raw text to a quantized, benchmarked, evaluated chat model."""
+
+
+from slm.cli import mix as _mix  # noqa: E402,F401  (registers its command)
+from slm.cli import tokenize as _tokenize  # noqa: E402
+
+app.add_typer(_tokenize.app, name="tokenize")
+
+
+def main() -> None:
+    """Entry point: known errors become one line on stderr and exit code 1 (SLM_DEBUG=1 shows the traceback)."""
+    from slm.errors import SlmError
+
+    try:
+        app(prog_name="slm")
+    except SlmError as e:
+        if os.environ.get("SLM_DEBUG"):
+            raise
+        from rich.text import Text
+
+        from slm.console import err
+
+        err.print(Text.assemble(("error: ", "red"), str(e)), soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

@@ -1,0 +1,47 @@
+"""`slm mix`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from slm.cli import app
+from slm.cli.options import Json
+from slm.errors import SlmError
+
+
+@app.command("mix")
+def mix(
+    mixture: Annotated[str, typer.Argument(metavar="MIX", help="A mixture YAML file, or a recipe name "
+                                                               "(tiny, smollm2-1_7b, stablelm-2-1_6b).",
+                                           show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The mix directory to write.")] = None,
+    source: Annotated[Optional[list[str]], typer.Option(
+        "--source", "-s", help="NAME=TOKENS_DIR: set a source's path (repeatable).")] = None,
+    source_root: Annotated[Optional[Path], typer.Option(
+        help="Bind every source without a path to SOURCE_ROOT/NAME.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Override the mixture's sequence length.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Override the mixture's seed.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the ledger; write nothing.")] = False,
+    json_out: Json = False,
+) -> None:
+    """Plan a data mixture: per phase and source, the tokens drawn, available and the epochs (the token ledger, on
+    stderr). The data order is a pure function of (plan, seed, sample number)."""
+    from slm.console import stdout
+    from slm.stages.mix import MixConfig, run
+
+    bindings = {}
+    for item in source or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SlmError(f"--source {item!r}: expected NAME=TOKENS_DIR")
+        bindings[name] = path
+    path, plan = run(MixConfig(mix=mixture, out=out, sources=bindings, source_root=source_root, seq_len=seq_len,
+                               seed=seed, dry_run=dry_run))
+    if json_out:
+        stdout(json.dumps(plan, indent=2))
+    elif path is not None:
+        stdout(str(path))

@@ -1,0 +1,88 @@
+"""`slm tokenize build | train | encode | corpus`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from slm.cli.options import Json, Out, TextKey, TxtMode
+
+app = typer.Typer(help="Tokenizers (Arcade100k, or trained on your text), and text -> Megatron .bin/.idx shards.",
+                  no_args_is_help=True)
+
+
+@app.command("build")
+def build(
+    out: Out,
+    base: Annotated[str, typer.Option(help="Base ranks: cl100k_base gives Arcade100k, StableLM 2's tokenizer.")] = "cl100k_base",
+    ranks: Annotated[Optional[Path], typer.Option(
+        help="A local cl100k_base.tiktoken(.gz), checked against the published sha256. Default: tiktoken's cache, "
+             "or a download when online.")] = None,
+) -> None:
+    """Build Arcade100k: cl100k_base's ranks, every digit its own token, NFC, 32 special tokens at 100257-100288."""
+    from slm.console import stdout
+    from slm.stages.tokenize import BuildConfig, build as run
+
+    stdout(str(run(BuildConfig(out=out, base=base, ranks=ranks))))
+
+
+@app.command("train")
+def train(
+    corpus: Annotated[list[str], typer.Option("--corpus", help="Training text (files, directories, globs); repeatable.")],
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Total vocabulary, special tokens included.")],
+    out: Out,
+    rules: Annotated[str, typer.Option(help="'arcade' (StableLM 2: cl100k regex, digits split, 32 specials after the "
+                                            "ranks) or 'smollm' (SmolLM2: GPT-2 regex, digits split, 17 specials first).")] = "arcade",
+    text_key: TextKey = "text",
+    txt_mode: TxtMode = "file",
+    min_frequency: Annotated[int, typer.Option(help="Minimum count of a pair to be merged.")] = 2,
+    max_mb: Annotated[Optional[float], typer.Option(help="Train on at most this many MB of text.")] = None,
+) -> None:
+    """Train a byte-level BPE on your text (Hugging Face tokenizers' trainer) with Arcade100k's or SmolLM2's rules."""
+    from slm.console import stdout
+    from slm.stages.tokenize import TrainConfig, train as run
+
+    stdout(str(run(TrainConfig(corpus=corpus, vocab_size=vocab_size, out=out, rules=rules, text_key=text_key,
+                               txt_mode=txt_mode, min_frequency=min_frequency, max_mb=max_mb))))
+
+
+@app.command("encode")
+def encode(
+    inputs: Annotated[list[str], typer.Argument(help="Files, directories or globs: .jsonl .jsonl.gz .jsonl.zst "
+                                                     ".parquet .txt, or datasets saved with save_to_disk.",
+                                                show_default=False)],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Tokenizer directory.", show_default=False)],
+    out: Out,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes (0 = one per CPU).")] = 0,
+    text_key: TextKey = "text",
+    no_eos: Annotated[bool, typer.Option("--no-eos", help="Do not append the end-of-document token.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip and count bad records and empty inputs.")] = False,
+    txt_mode: TxtMode = "file",
+    shard_mb: Annotated[float, typer.Option(help="Input MB per shard for inputs that can be cut.")] = 256.0,
+    json_out: Json = False,
+) -> None:
+    """Encode documents into Megatron .bin/.idx shards (uint16 or int32), in parallel; re-runs reuse unchanged shards."""
+    from slm.console import stdout
+    from slm.stages.encode import EncodeConfig, run
+
+    path, summary = run(EncodeConfig(tokenizer=tokenizer, inputs=inputs, out=out, workers=workers, text_key=text_key,
+                                     eos=not no_eos, skip_bad=skip_bad, txt_mode=txt_mode, shard_mb=shard_mb))
+    stdout(json.dumps(summary) if json_out else str(path))
+
+
+@app.command("corpus")
+def corpus(
+    out: Out,
+    stdlib: Annotated[Optional[Path], typer.Option(help="Standard library to read (default: this Python's).")] = None,
+    heldout_percent: Annotated[float, typer.Option(help="Percent of files in the held-out split.")] = 2.0,
+    no_tests: Annotated[bool, typer.Option("--no-tests", help="Leave out the standard library's test suite.")] = False,
+) -> None:
+    """Build the embedded default corpus from this machine's Python standard library: code/ and prose/ sources,
+    each with train.jsonl and valid.jsonl. Nothing is downloaded."""
+    from slm.console import stdout
+    from slm.stages.corpus import CorpusConfig, run
+
+    stdout(str(run(CorpusConfig(out=out, stdlib=stdlib, heldout_percent=heldout_percent, include_tests=not no_tests))))

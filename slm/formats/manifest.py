@@ -1,0 +1,175 @@
+"""manifest.json: every output directory describes itself, and is written atomically.
+
+Schema (all kinds):
+    kind            tokenizer | corpus | tokens | mix | checkpoint | ...
+    format_version  integer, per kind; readers refuse versions they do not know
+    slm_version     the version that wrote it
+    created_utc     ISO 8601 time
+    command         the exact command line (argv)
+    config          the resolved configuration of the stage
+    inputs          [{path, sha256, ...}] every input read
+    counts          numbers of things written (tokens, documents, ...)
+    wall_seconds    how long the stage ran
+    energy_kwh      measured energy when known, else null
+plus kind-specific keys documented where each kind is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from slm import __version__
+from slm.errors import SlmError
+
+MANIFEST = "manifest.json"
+
+# The format version each kind is written with; readers accept only these.
+FORMAT_VERSIONS = {"tokenizer": 1, "corpus": 1, "tokens": 1, "mix": 1}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file, fsync, rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SlmError(f"{path}: no such {what}") from None
+    except json.JSONDecodeError as e:
+        raise SlmError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def new_manifest(kind: str, config: dict, *, inputs: list[dict] | None = None, counts: dict | None = None,
+                 started: float | None = None, **extra: Any) -> dict:
+    m = {
+        "kind": kind,
+        "format_version": FORMAT_VERSIONS[kind],
+        "slm_version": __version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": list(sys.argv),
+        "config": config,
+        "inputs": inputs or [],
+        "counts": counts or {},
+        "wall_seconds": round(time.time() - started, 3) if started else None,
+        "energy_kwh": None,
+    }
+    m.update(extra)
+    return m
+
+
+def read_manifest(directory: Path, kind: str | tuple[str, ...]) -> dict:
+    """Read DIR/manifest.json and check its kind and format version, or fail in one line."""
+    directory = Path(directory)
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if not directory.is_dir():
+        raise SlmError(f"{directory}: no such directory (expected a {' or '.join(kinds)} directory)")
+    path = directory / MANIFEST
+    if not path.exists():
+        raise SlmError(f"{directory}: no manifest.json (expected a {' or '.join(kinds)} directory written by slm)")
+    m = read_json(path)
+    if not isinstance(m, dict) or m.get("kind") not in kinds:
+        got = m.get("kind") if isinstance(m, dict) else None
+        raise SlmError(f"{path}: kind is {got!r}, expected {' or '.join(repr(k) for k in kinds)}")
+    version = m.get("format_version")
+    if version != FORMAT_VERSIONS[m["kind"]]:
+        raise SlmError(f"{path}: format_version {version!r} of kind {m['kind']!r} is not one this slm "
+                       f"({__version__}) reads (it reads {FORMAT_VERSIONS[m['kind']]})")
+    return m
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_replaceable(out: Path) -> None:
+    """An existing output directory is replaced only if slm wrote it (it has a manifest) or it is empty."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise SlmError(f"{out}: exists and is not a directory")
+        if any(out.iterdir()) and not (out / MANIFEST).exists():
+            raise SlmError(f"{out}: exists, is not empty and was not written by slm (no manifest.json); "
+                           "choose another --out")
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """fsync TMP, then put it in place of OUT with renames; an old OUT is removed only afterwards."""
+    _fsync_tree(tmp)
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a fresh OUT.tmp-XXXX directory; on success it replaces OUT, on failure it is removed.
+
+    A killed stage leaves at most an OUT.tmp-* directory behind, never a half OUT.
+    """
+    out = Path(out).absolute()
+    check_replaceable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, out)

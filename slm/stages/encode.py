@@ -1,0 +1,394 @@
+"""`slm tokenize encode`: documents -> Megatron .bin/.idx shards, in parallel, resumable, with a token count.
+
+Work is cut into units (slm.formats.records): one per input, or per SHARD_MB of a large plain .jsonl / paragraph
+.txt / parquet / dataset. Each unit becomes one shard. Units run in worker processes; each finished unit is
+recorded in OUT.partial/units/, so a killed or failed run resumes where it stopped, and a re-run over an existing
+OUT reuses the shards of inputs that did not change (same content hash, same settings). OUT itself appears only
+when every unit is done, with its manifest, in one rename.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slm.console import RateColumn, info, progress, warn
+from slm.errors import SlmError
+from slm.formats.indexed import IndexedWriter
+from slm.formats.manifest import (MANIFEST, canonical_json, check_replaceable, new_manifest, publish_dir, read_json,
+                                  read_manifest, sha256_bytes, sha256_file, write_json)
+from slm.formats.records import Input, Unit, UnitReader, expand_inputs, plan_units
+from slm.formats.tokenizer import Tokenizer
+
+
+@dataclass
+class EncodeConfig:
+    tokenizer: Path
+    """Tokenizer directory (from `slm tokenize build` or `slm tokenize train`)."""
+    inputs: list[str]
+    """Files, directories and globs of .jsonl/.jsonl.gz/.jsonl.zst/.parquet/.txt or save_to_disk datasets."""
+    out: Path
+    """The tokens directory to write."""
+    workers: int = 0
+    """Worker processes; 0 = one per available CPU."""
+    text_key: str = "text"
+    """The JSON field / column holding each document's text."""
+    eos: bool = True
+    """Append the end-of-document token after each document."""
+    skip_bad: bool = False
+    """Skip (and count) bad records and empty inputs instead of stopping at the first."""
+    txt_mode: str = "file"
+    """.txt files: 'file' = one document per file, 'paragraph' = one per block separated by blank lines."""
+    shard_mb: float = 256.0
+    """Input megabytes per shard for inputs that can be cut (plain .jsonl, paragraph .txt, parquet, datasets)."""
+    settings: dict = field(default_factory=dict, repr=False)
+
+
+def _settings(cfg: EncodeConfig, tok: Tokenizer) -> dict:
+    """What makes a shard what it is, besides its input: a change invalidates earlier shards."""
+    return {"tokenizer_sha256": tok.hash, "text_key": cfg.text_key, "eos": cfg.eos, "skip_bad": cfg.skip_bad,
+            "txt_mode": cfg.txt_mode, "shard_bytes": int(cfg.shard_mb * 1e6)}
+
+
+def _unit_key(settings: dict, input_sha: str, unit: Unit) -> str:
+    return sha256_bytes(canonical_json([settings, input_sha, unit.part, unit.start, unit.stop]))[:24]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60]
+
+
+# --- The worker side ------------------------------------------------------------------------------------------------
+
+_TOK: Tokenizer | None = None
+_QUEUE = None
+
+
+def _use_tokenizer(tok: Tokenizer) -> None:
+    """Set the tokenizer units are encoded with (forked workers inherit it, BPE already built)."""
+    global _TOK
+    _TOK = tok
+    tok.encoding  # noqa: B018
+
+
+def _init_worker(tokenizer_dir: str, q) -> None:
+    global _QUEUE
+    if _TOK is None or str(_TOK.dir) != tokenizer_dir:  # not forked: load it here
+        _use_tokenizer(Tokenizer(Path(tokenizer_dir)))
+    _QUEUE = q
+
+
+def _encode_unit(job: dict, report=None) -> dict:
+    """Encode one unit into SHARD_DIR/NAME.{bin,idx}; returns its record. Runs in a worker (or in-process)."""
+    tok = _TOK
+    inp, unit = job["input"], job["unit"]
+    reader = UnitReader(inp, unit, job["text_key"], job["txt_mode"], job["skip_bad"])
+    writer = IndexedWriter(Path(job["shard_dir"]) / job["name"], tok.token_dtype)
+    eos = np.array([tok.eos_id], dtype=np.uint32)
+    texts: list[str] = []
+    pending_chars = 0
+    empty = 0
+    last = [time.monotonic(), 0, 0]  # time, bytes and tokens already reported
+
+    def send(final: bool = False) -> None:
+        now = time.monotonic()
+        if final or now - last[0] > 0.2:
+            d_bytes, d_tokens = reader.bytes_done - last[1], writer.n_tokens - last[2]
+            last[:] = [now, reader.bytes_done, writer.n_tokens]
+            if report is not None:
+                report(d_bytes, d_tokens)
+            elif _QUEUE is not None:
+                _QUEUE.put((d_bytes, d_tokens))
+
+    def flush() -> None:
+        nonlocal pending_chars
+        arrays = [tok.encode_numpy(t) for t in texts]
+        lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+        if job["eos"]:
+            arrays = [x for a in arrays for x in (a, eos)]
+            lengths += 1
+        writer.add_batch(np.concatenate(arrays) if arrays else np.zeros(0, np.uint32), lengths)
+        texts.clear()
+        pending_chars = 0
+        send()
+
+    try:
+        for text in reader:
+            if not text:
+                empty += 1
+                continue
+            texts.append(text)
+            pending_chars += len(text)
+            if pending_chars > 1 << 22 or len(texts) >= 4096:
+                flush()
+        if texts:
+            flush()
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    send(final=True)
+    return {
+        "key": job["key"], "name": job["name"], "input_index": unit.input_index, "part": unit.part,
+        "start": unit.start, "stop": unit.stop, "documents": writer.n_sequences, "tokens": writer.n_tokens,
+        "bad_records": reader.bad, "empty_documents": empty, "input_bytes": unit.nbytes,
+        "bin_bytes": writer.n_tokens * tok.token_dtype.itemsize, "bin_sha256": writer.bin_sha256,
+        "idx_sha256": writer.idx_sha256,
+    }
+
+
+def _pool_task(job: dict) -> dict:
+    return _encode_unit(job)
+
+
+# --- The main process ---------------------------------------------------------------------------------------------
+
+def _hash_inputs(inputs: list[Input], previous: dict[str, dict]) -> list[str]:
+    """sha256 of every input; an input whose path, size and mtime match the previous run keeps its hash."""
+    hashes = []
+    todo = sum(i.size for i in inputs if not _known(i, previous))
+    with progress(RateColumn("completed", "MB/s", 1e6), transient=True) as bar:
+        task = bar.add_task("hashing inputs", total=max(todo, 1))
+        for inp in inputs:
+            old = previous.get(str(inp.path))
+            if _known(inp, previous):
+                hashes.append(old["sha256"])
+                continue
+            if inp.kind == "dataset":
+                files = sorted(p for p in inp.path.iterdir() if p.suffix == ".arrow" or p.name == "state.json")
+                hashes.append(sha256_bytes(canonical_json([[p.name, sha256_file(p)] for p in files])))
+            else:
+                hashes.append(sha256_file(inp.path))
+            bar.advance(task, inp.size)
+    return hashes
+
+
+def _known(inp: Input, previous: dict[str, dict]) -> bool:
+    old = previous.get(str(inp.path))
+    return bool(old) and old.get("bytes") == inp.size and old.get("mtime_ns") == inp.mtime_ns and "sha256" in old
+
+
+def _shard_ok(shard_dir: Path, record: dict) -> bool:
+    b, i = shard_dir / f"{record['name']}.bin", shard_dir / f"{record['name']}.idx"
+    return b.is_file() and i.is_file() and b.stat().st_size == record["bin_bytes"]
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def run(cfg: EncodeConfig) -> tuple[Path, dict]:
+    started = time.time()
+    tok = Tokenizer(cfg.tokenizer)
+    if cfg.txt_mode not in ("file", "paragraph"):
+        raise SlmError(f"--txt-mode: expected 'file' or 'paragraph', got {cfg.txt_mode!r}")
+    if cfg.shard_mb <= 0:
+        raise SlmError(f"--shard-mb: expected a positive number, got {cfg.shard_mb}")
+    inputs = expand_inputs(cfg.inputs)
+    out = Path(cfg.out).absolute()
+    check_replaceable(out)
+    settings = _settings(cfg, tok)
+
+    skipped_inputs = []
+    for inp in inputs:
+        if inp.size == 0 and inp.kind != "dataset":
+            if not cfg.skip_bad:
+                raise SlmError(f"{inp.path}: empty file (expected at least one document; --skip-bad skips it)")
+            skipped_inputs.append(inp)
+    inputs = [i for i in inputs if i not in skipped_inputs]
+    if not inputs:
+        raise SlmError("every input is empty: nothing to encode")
+
+    # What an earlier complete run left in OUT.
+    previous_inputs: dict[str, dict] = {}
+    previous_units: dict[str, dict] = {}
+    if (out / MANIFEST).exists():
+        try:
+            old = read_manifest(out, "tokens")
+            previous_inputs = {i["path"]: i for i in old.get("inputs", [])}
+            previous_units = {u["key"]: u for u in old.get("units", []) if "key" in u}
+        except SlmError:
+            pass
+
+    partial = out.with_name(out.name + ".partial")
+    (partial / "shards").mkdir(parents=True, exist_ok=True)
+    (partial / "units").mkdir(exist_ok=True)
+    lock = open(partial / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SlmError(f"{partial}: another `slm tokenize encode` is writing {out}") from None
+    try:
+        return _run_locked(cfg, tok, inputs, skipped_inputs, out, partial, settings, previous_inputs,
+                           previous_units, started)
+    finally:
+        lock.close()
+
+
+def _run_locked(cfg, tok, inputs, skipped_inputs, out, partial, settings, previous_inputs, previous_units, started):
+    shard_dir = partial / "shards"
+    for leftover in shard_dir.glob("*.tmp"):  # a killed worker's unfinished shard
+        leftover.unlink()
+    hashes = _hash_inputs(inputs, previous_inputs)
+    units = plan_units(inputs, int(cfg.shard_mb * 1e6), cfg.txt_mode)
+
+    jobs, records = [], {}
+    width = len(str(max(len(inputs) - 1, 1)))
+    for unit in units:
+        inp = inputs[unit.input_index]
+        key = _unit_key(settings, hashes[unit.input_index], unit)
+        name = f"{unit.input_index:0{width}d}-{_safe(inp.path.name)}-{unit.part:05d}"
+        rec_path = partial / "units" / f"{key}.json"
+        if rec_path.exists():  # finished by an earlier, interrupted run
+            rec = read_json(rec_path)
+            if rec.get("name") != name and _shard_ok(shard_dir, rec):
+                for ext in (".bin", ".idx"):
+                    os.replace(shard_dir / f"{rec['name']}{ext}", shard_dir / f"{name}{ext}")
+                rec["name"] = name
+                write_json(rec_path, rec)
+            if _shard_ok(shard_dir, rec):
+                records[key] = rec
+                continue
+        if key in previous_units and _shard_ok(out / "shards", previous_units[key]):  # unchanged since the last run
+            rec = dict(previous_units[key], name=name, input_index=unit.input_index)
+            for ext in (".bin", ".idx"):
+                _link(out / "shards" / f"{previous_units[key]['name']}{ext}", shard_dir / f"{name}{ext}")
+            write_json(rec_path, rec)
+            records[key] = rec
+            continue
+        jobs.append({"key": key, "name": name, "input": inp, "unit": unit, "shard_dir": str(shard_dir),
+                     "text_key": cfg.text_key, "txt_mode": cfg.txt_mode, "skip_bad": cfg.skip_bad, "eos": cfg.eos})
+    reused = len(records)
+    if reused:
+        info(f"reusing {reused} of {len(units)} shard(s) whose input and settings did not change")
+
+    workers = cfg.workers or len(os.sched_getaffinity(0))
+    workers = max(1, min(workers, len(jobs))) if jobs else 1
+    total = sum(j["unit"].nbytes for j in jobs)
+    if jobs:
+        with progress(RateColumn("completed", "MB/s", 1e6), RateColumn("tokens", "Mtok/s", 1e6)) as bar:
+            task = bar.add_task("encoding", total=max(total, 1), tokens=0)
+
+            def report(d_bytes: int, d_tokens: int) -> None:
+                bar.update(task, advance=d_bytes, tokens=bar.tasks[0].fields["tokens"] + d_tokens)
+
+            def done(rec: dict) -> None:
+                write_json(partial / "units" / f"{rec['key']}.json", rec)
+                records[rec["key"]] = rec
+
+            if workers == 1:
+                _use_tokenizer(tok)
+                for job in jobs:
+                    done(_encode_unit(job, report))
+            else:
+                _run_pool(jobs, workers, tok, report, done)
+
+    # Assemble the manifest, in unit order.
+    shards, per_input = [], [dict(inp.describe(), sha256=h, mtime_ns=inp.mtime_ns, documents=0, tokens=0,
+                                  bad_records=0, empty_documents=0, shards=[]) for inp, h in zip(inputs, hashes)]
+    unit_records = []
+    for unit in units:
+        key = _unit_key(settings, hashes[unit.input_index], unit)
+        rec = records[key]
+        unit_records.append(rec)
+        shards.append({k: rec[k] for k in ("name", "tokens", "documents", "bin_sha256", "idx_sha256")})
+        pi = per_input[unit.input_index]
+        for k in ("documents", "tokens", "bad_records", "empty_documents"):
+            pi[k] += rec[k]
+        pi["shards"].append(rec["name"])
+    for pi in per_input:
+        if pi["documents"] == 0:
+            if not cfg.skip_bad:
+                raise SlmError(f"{pi['path']}: no documents (expected at least one; --skip-bad skips it)")
+    for inp in skipped_inputs:
+        per_input.append(dict(inp.describe(), sha256=sha256_file(inp.path), mtime_ns=inp.mtime_ns, documents=0,
+                              tokens=0, bad_records=0, empty_documents=0, shards=[], skipped="empty file"))
+
+    keep = {f"{r['name']}{ext}" for r in unit_records for ext in (".bin", ".idx")}
+    for f in shard_dir.iterdir():
+        if f.name not in keep:
+            f.unlink()
+    counts = {
+        "tokens": sum(s["tokens"] for s in shards),
+        "documents": sum(s["documents"] for s in shards),
+        "shards": len(shards),
+        "inputs": len(per_input),
+        "bytes_read": sum(i.size for i in inputs),
+        "bad_records": sum(p["bad_records"] for p in per_input),
+        "empty_documents": sum(p["empty_documents"] for p in per_input),
+        "skipped_inputs": len(skipped_inputs),
+        "reused_shards": reused,
+    }
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("settings",)}
+    config.update(tokenizer=str(tok.dir), inputs=[str(i) for i in cfg.inputs], out=str(out))
+    manifest = new_manifest(
+        "tokens", config, inputs=per_input, counts=counts, started=started,
+        tokenizer={"path": str(tok.dir), "tokenizer_sha256": tok.hash, "name": tok.spec.name,
+                   "n_vocab": tok.n_vocab, "eos_id": tok.eos_id, "bos_id": tok.bos_id},
+        dtype=tok.token_dtype.name, eos_appended=cfg.eos, shards=shards, units=unit_records,
+    )
+    shutil.rmtree(partial / "units")
+    (partial / ".lock").unlink(missing_ok=True)
+    write_json(partial / MANIFEST, manifest)
+    publish_dir(partial, out)
+    if counts["bad_records"]:
+        warn(f"skipped {counts['bad_records']} bad record(s) (counted in manifest.json)")
+    summary = {"path": str(out), **counts, "wall_seconds": manifest["wall_seconds"],
+               "mb_per_second": round(counts["bytes_read"] / 1e6 / max(manifest["wall_seconds"], 1e-9), 2)}
+    return Path(cfg.out), summary
+
+
+def _run_pool(jobs, workers, tok, report, done) -> None:
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    _use_tokenizer(tok)
+    q = ctx.Queue()
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.dir), q))
+    failure: list[BaseException] = []
+    finished = queue_mod.SimpleQueue()  # one entry per unit that ended
+
+    def ok(rec: dict) -> None:
+        done(rec)
+        finished.put(True)
+
+    def failed(e: BaseException) -> None:
+        failure.append(e)
+        finished.put(False)
+
+    try:
+        # Largest units first: the last unit to finish is a small one.
+        for job in sorted(jobs, key=lambda j: -j["unit"].nbytes):
+            pool.apply_async(_pool_task, (job,), callback=ok, error_callback=failed)
+        remaining = len(jobs)
+        while remaining and not failure:
+            try:
+                while True:  # progress messages; returns within 20 ms when there are none
+                    report(*q.get(timeout=0.02))
+            except queue_mod.Empty:
+                pass
+            while not finished.empty():
+                finished.get()
+                remaining -= 1
+        if failure:
+            raise failure[0]
+        try:
+            while True:
+                report(*q.get_nowait())
+        except queue_mod.Empty:
+            pass
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()

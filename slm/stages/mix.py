@@ -1,0 +1,303 @@
+"""`slm mix`: a mixture YAML (or a recipe's) -> a plan of what each phase draws from each source, and the ledger.
+
+The YAML:
+
+    seq_len: 2048            # tokens per training sample (each sample is a window of seq_len + 1 tokens)
+    seed: 1234               # the data order is a pure function of (plan, seed, sample number)
+    block_size: 4096         # optional: samples per interleaving block (raised when a weight is tiny)
+    sources:                 # name: tokens directory (relative paths are relative to the YAML file)
+      web: ../tokens/web
+      code: {path: ../tokens/code}
+    phases:                  # one or more, in order
+      - name: stable
+        tokens: 6T           # budget: 6T / 500B / 20M / 1.5k / an integer
+        weights: {web: 0.9, code: 0.1}   # positive; normalised to sum to 1
+
+Everything is checked before anything is written: sources exist and share one tokenizer, weights are positive,
+every phase can be served. A source repeated more than 4 epochs gets a warning (SmolLM2's rule of thumb).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from rich.table import Table
+
+from slm.console import err, warn
+from slm.errors import SlmError
+from slm.formats.manifest import atomic_dir, new_manifest, write_json
+from slm.formats.mixplan import MixPlan
+from slm.formats.tokens import TokensDir
+from slm.recipes import find_recipe, load_recipe
+
+EPOCH_WARNING = 4  # SmolLM2: most sources kept within 4-5 epochs
+DEFAULT_BLOCK = 4096
+TOP_KEYS = {"seq_len", "seed", "block_size", "sources", "phases", "name", "description"}
+PHASE_KEYS = {"name", "tokens", "weights"}
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_budget(value, where: str) -> int:
+    """6T / 500B / 20M / 1.5k / 2_000 / an integer -> tokens."""
+    if isinstance(value, bool):
+        raise SlmError(f"{where}: expected a token budget like 6T, 500B or 20M, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float) and value.is_integer():
+        n = int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", str(value))
+        if not m:
+            raise SlmError(f"{where}: expected a token budget like 6T, 500B or 20M, got {value!r}")
+        n = round(float(m.group(1).replace("_", "")) * _SUFFIX[m.group(2).upper()])
+    if n <= 0:
+        raise SlmError(f"{where}: expected a positive token budget, got {value!r}")
+    return n
+
+
+def human(n: float) -> str:
+    for div, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}"
+    return f"{n:,.0f}"
+
+
+@dataclass
+class MixConfig:
+    mix: str
+    """A mixture YAML file, or the name of a recipe whose `mix:` section to use."""
+    out: Path | None = None
+    """The mix directory to write (not needed with --dry-run)."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """NAME=PATH bindings that set or override source paths."""
+    source_root: Path | None = None
+    """Bind every source without a path to SOURCE_ROOT/NAME."""
+    seq_len: int | None = None
+    seed: int | None = None
+    dry_run: bool = False
+
+
+def _load(cfg: MixConfig) -> tuple[dict, str, Path]:
+    """(mixture dict, where it came from for messages, directory relative paths start from)."""
+    path = Path(cfg.mix)
+    if path.is_file():
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise SlmError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        except UnicodeDecodeError:
+            raise SlmError(f"{path}: not UTF-8 text") from None
+        return data, str(path), path.parent.absolute()
+    if find_recipe(cfg.mix) is not None:
+        recipe = load_recipe(cfg.mix)
+        if "mix" not in recipe:
+            raise SlmError(f"recipe {cfg.mix!r} has no mix: section")
+        return recipe["mix"], f"recipe {cfg.mix} (mix)", Path.cwd()
+    raise SlmError(f"{cfg.mix}: no such file, and not a recipe name")
+
+
+def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir]]:
+    """Validate the mixture and compute the plan. Reads source manifests only; writes nothing."""
+    data, where, base = _load(cfg)
+    if not isinstance(data, dict):
+        raise SlmError(f"{where}: expected a mapping with seq_len, seed, sources and phases")
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        raise SlmError(f"{where}: unknown key {sorted(unknown)[0]!r} (expected {', '.join(sorted(TOP_KEYS))})")
+
+    def integer(key: str, override, minimum: int, default=None) -> int:
+        value = override if override is not None else data.get(key, default)
+        if value is None:
+            raise SlmError(f"{where}: {key}: missing (expected an integer >= {minimum})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise SlmError(f"{where}: {key}: expected an integer >= {minimum}, got {value!r}")
+        return value
+
+    seq_len = integer("seq_len", cfg.seq_len, 1)
+    seed = integer("seed", cfg.seed, 0, 1234)
+    block_size = integer("block_size", None, 1, DEFAULT_BLOCK)
+
+    raw_sources = data.get("sources")
+    if not isinstance(raw_sources, dict) or not raw_sources:
+        raise SlmError(f"{where}: sources: expected a mapping of name: tokens directory")
+    paths: dict[str, Path | None] = {}
+    for name, value in raw_sources.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            raise SlmError(f"{where}: sources: {name!r} is not a valid source name (letters, digits, _ . + -)")
+        if isinstance(value, dict):
+            value = value.get("path")
+        if value is not None and not isinstance(value, str):
+            raise SlmError(f"{where}: sources.{name}: expected a path, got {value!r}")
+        paths[name] = (base / value) if value else None
+    for name, value in cfg.sources.items():
+        if name not in paths:
+            raise SlmError(f"--source {name}=...: the mixture has no source {name!r} "
+                           f"(it has {', '.join(paths)})")
+        paths[name] = Path(value).absolute()
+    if cfg.source_root:
+        for name in paths:
+            if paths[name] is None:
+                paths[name] = Path(cfg.source_root).absolute() / name
+
+    raw_phases = data.get("phases")
+    if not isinstance(raw_phases, list) or not raw_phases:
+        raise SlmError(f"{where}: phases: expected a list of phases with tokens and weights")
+    phases = []
+    for i, ph in enumerate(raw_phases):
+        at = f"{where}: phases[{i}]"
+        if not isinstance(ph, dict):
+            raise SlmError(f"{at}: expected a mapping with name, tokens and weights")
+        bad = set(ph) - PHASE_KEYS
+        if bad:
+            raise SlmError(f"{at}: unknown key {sorted(bad)[0]!r} (expected name, tokens, weights)")
+        name = str(ph.get("name", f"phase{i}"))
+        if "tokens" not in ph:
+            raise SlmError(f"{at}.tokens: missing (expected a budget like 6T, 500B or 20M)")
+        tokens = parse_budget(ph["tokens"], f"{at}.tokens")
+        weights = ph.get("weights")
+        if not isinstance(weights, dict) or not weights:
+            raise SlmError(f"{at}.weights: expected a mapping of source: positive weight")
+        for src, w in weights.items():
+            if src not in paths:
+                raise SlmError(f"{at}.weights.{src}: no such source (sources: {', '.join(paths)})")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or not math.isfinite(w):
+                raise SlmError(f"{at}.weights.{src}: expected a positive number, got {w!r}")
+        phases.append({"name": name, "tokens": tokens, "weights": dict(weights)})
+    if len({p["name"] for p in phases}) != len(phases):
+        raise SlmError(f"{where}: phases: names must be unique")
+
+    used = [n for n in paths if any(n in p["weights"] for p in phases)]
+    for n in paths:
+        if n not in used:
+            warn(f"source {n!r} has weight in no phase and is left out")
+    missing = [n for n in used if paths[n] is None]
+    if missing:
+        raise SlmError(f"{where}: source {missing[0]!r} has no path: bind it with --source {missing[0]}=TOKENS_DIR "
+                       "or --source-root DIR")
+    dirs = [TokensDir(paths[n]) for n in used]
+    first = dirs[0]
+    for name, d in zip(used, dirs):
+        if d.tokenizer_sha256 != first.tokenizer_sha256:
+            raise SlmError(f"sources disagree on the tokenizer: {used[0]!r} ({first.dir}) was encoded with "
+                           f"{first.tokenizer_sha256[:12]}, {name!r} ({d.dir}) with {d.tokenizer_sha256[:12]}")
+        if (d.n_tokens - 1) // seq_len < 1:
+            raise SlmError(f"source {name!r} ({d.dir}): {d.n_tokens} tokens, fewer than one sample of "
+                           f"seq_len + 1 = {seq_len + 1}")
+
+    sources = [{"name": n, "path": str(d.dir), "manifest_sha256": d.manifest_sha256(), "tokens": d.n_tokens,
+                "documents": d.n_documents, "sequences": (d.n_tokens - 1) // seq_len} for n, d in zip(used, dirs)]
+    plan_phases = []
+    drawn = {n: 0 for n in used}
+    for i, ph in enumerate(phases):
+        samples = ph["tokens"] // seq_len
+        if samples < 1:
+            raise SlmError(f"{where}: phases[{i}].tokens: {ph['tokens']} is less than one sample of {seq_len} tokens")
+        total_w = sum(ph["weights"].values())
+        weights = {n: ph["weights"][n] / total_w for n in used if n in ph["weights"]}
+        per = _apportion(samples, [weights.get(n, 0.0) for n in used])
+        per_source = {n: c for n, c in zip(used, per) if n in weights}
+        for n, c in per_source.items():
+            if c == 0:
+                warn(f"phase {ph['name']!r}: the weight of {n!r} is too small to draw a single sample")
+        positive = [c for c in per_source.values() if c > 0]
+        block = max(block_size, -(-samples // min(positive)))
+        plan_phases.append({"name": ph["name"], "tokens": samples * seq_len, "tokens_requested": ph["tokens"],
+                            "samples": samples, "block_size": block, "weights": weights,
+                            "samples_per_source": per_source, "drawn_before": dict(drawn)})
+        for n, c in per_source.items():
+            drawn[n] += c
+    plan = {"format_version": 1, "seq_len": seq_len, "seed": seed, "tokenizer_sha256": first.tokenizer_sha256,
+            "n_vocab": first.n_vocab, "sources": sources, "phases": plan_phases,
+            "total_samples": sum(p["samples"] for p in plan_phases),
+            "total_tokens": sum(p["tokens"] for p in plan_phases)}
+    plan["ledger"] = ledger(plan)
+    MixPlan(plan)  # constructs cleanly
+    return plan, dirs
+
+
+def _apportion(total: int, weights: list[float]) -> list[int]:
+    """Largest-remainder rounding of total * weights: non-negative integers summing to total."""
+    raw = [total * w for w in weights]
+    base = [math.floor(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - base[i]), i))
+    for i in order[:total - sum(base)]:
+        base[i] += 1
+    return base
+
+
+def ledger(plan: dict) -> list[dict]:
+    """Per phase and source: weight, tokens drawn, tokens available, epochs (cumulative through the phase)."""
+    rows = []
+    seq_len = plan["seq_len"]
+    by_name = {s["name"]: s for s in plan["sources"]}
+    for ph in plan["phases"]:
+        for name, n in ph["samples_per_source"].items():
+            src = by_name[name]
+            through = ph["drawn_before"][name] + n
+            rows.append({"phase": ph["name"], "source": name, "weight": round(ph["weights"][name], 6),
+                         "tokens_drawn": n * seq_len, "tokens_available": src["tokens"],
+                         "epochs_in_phase": n / src["sequences"], "epochs": through / src["sequences"]})
+    return rows
+
+
+def print_ledger(plan: dict) -> None:
+    table = Table(title="the token ledger", title_style="bold", show_lines=False)
+    for col in ("phase", "source", "weight", "tokens drawn", "available", "epochs (phase)", "epochs (total)"):
+        table.add_column(col, justify="left" if col in ("phase", "source") else "right")
+    for r in plan["ledger"]:
+        style = "yellow" if r["epochs"] > EPOCH_WARNING else None
+        table.add_row(r["phase"], r["source"], f"{r['weight']:.4f}", human(r["tokens_drawn"]),
+                      human(r["tokens_available"]), f"{r['epochs_in_phase']:.2f}", f"{r['epochs']:.2f}", style=style)
+    table.add_section()
+    table.add_row("total", f"{len(plan['sources'])} sources", "", human(plan["total_tokens"]),
+                  human(sum(s["tokens"] for s in plan["sources"])), "", "")
+    err.print(table)
+    for s in plan["sources"]:
+        total = max((r["epochs"] for r in plan["ledger"] if r["source"] == s["name"]), default=0)
+        if total > EPOCH_WARNING:
+            warn(f"source {s['name']!r} is repeated {total:.1f} epochs, more than {EPOCH_WARNING} "
+                 "(SmolLM2 kept most sources within 4-5 epochs)")
+
+
+def run(cfg: MixConfig) -> tuple[Path | None, dict]:
+    started = time.time()
+    plan, dirs = resolve(cfg)
+    print_ledger(plan)
+    if cfg.dry_run:
+        return None, plan
+    if cfg.out is None:
+        raise SlmError("--out: missing (or use --dry-run)")
+    with atomic_dir(cfg.out) as tmp:
+        write_json(tmp / "plan.json", plan)
+        (tmp / "ledger.md").write_text(ledger_markdown(plan), encoding="utf-8")
+        write_json(tmp / "manifest.json", new_manifest(
+            "mix", {"mix": cfg.mix, "sources": cfg.sources, "source_root": str(cfg.source_root or ""),
+                    "seq_len": plan["seq_len"], "seed": plan["seed"], "out": str(cfg.out)},
+            inputs=[{"path": s["path"], "sha256": s["manifest_sha256"], "name": s["name"]} for s in plan["sources"]],
+            counts={"samples": plan["total_samples"], "tokens": plan["total_tokens"], "phases": len(plan["phases"]),
+                    "sources": len(plan["sources"])},
+            started=started, tokenizer_sha256=plan["tokenizer_sha256"]))
+    return Path(cfg.out), plan
+
+
+def ledger_markdown(plan: dict) -> str:
+    lines = [f"# Token ledger (seq_len {plan['seq_len']}, seed {plan['seed']})", "",
+             "| phase | source | weight | tokens drawn | tokens available | epochs (phase) | epochs (total) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in plan["ledger"]:
+        lines.append(f"| {r['phase']} | {r['source']} | {r['weight']:.4f} | {r['tokens_drawn']:,} | "
+                     f"{r['tokens_available']:,} | {r['epochs_in_phase']:.3f} | {r['epochs']:.3f} |")
+    lines.append(f"| total | | | {plan['total_tokens']:,} | {sum(s['tokens'] for s in plan['sources']):,} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plan_json(plan: dict) -> str:
+    return json.dumps(plan, indent=2)

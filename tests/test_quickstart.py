@@ -1,0 +1,34 @@
+"""The README's first command, run as a user would: `bash examples/quickstart.sh OUT`."""
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from slm.formats.mixplan import MixReader
+from slm.formats.tokenizer import Tokenizer
+
+
+@pytest.mark.slow
+def test_quickstart_runs_every_stage(tmp_path):
+    out = tmp_path / "qs"
+    env = dict(os.environ, SLM_VENV=os.environ.get("SLM_VENV", str(ROOT / ".venv")))
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "quickstart.sh"), str(out)], capture_output=True,
+                          text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # stdout carries only the paths each stage wrote
+    assert proc.stdout.split() == ["corpus", "tokenizer", "tokens/code", "tokens/prose", "tokens/valid", "mix"]
+    assert "the token ledger" in proc.stderr
+    tok = Tokenizer(out / "tokenizer")
+    assert tok.n_vocab == 8192
+    reader = MixReader(out / "mix")
+    plan = json.loads((out / "mix" / "plan.json").read_text())
+    assert [p["name"] for p in plan["phases"]] == ["stable", "decay"]
+    assert len(reader) == plan["total_samples"] > 30_000
+    batch, _ = reader.batch(np.arange(4))
+    assert batch.shape == (4, plan["seq_len"] + 1)
+    assert [s["path"] for s in plan["sources"]] == [str(out / "tokens" / "code"), str(out / "tokens" / "prose")]
+    assert plan["tokenizer_sha256"] == tok.hash
