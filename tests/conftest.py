@@ -99,3 +99,51 @@ def run_cli(*args, cwd=None, env=None, check=False) -> subprocess.CompletedProce
     if check and proc.returncode != 0:
         raise AssertionError(f"slm {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+TEST_MODEL = """
+model:
+  family: stablelm
+  hidden_size: 64
+  num_layers: 2
+  num_heads: 2
+  num_kv_heads: 2
+  intermediate_size: 128
+  max_seq_len: 64
+  partial_rotary_factor: 0.25
+  qkv_bias: true
+train:
+  tokens_per_step: 256
+  micro_batch_size: 4
+  lr_peak: 3.0e-3
+  schedule: cosine
+  lr_min: 3.0e-4
+  warmup_steps: 2
+  total_steps: 40
+  weight_decay: 0.1
+  save_every: 5
+  keep: 2
+  eval_every: 10
+  eval_samples: 16
+"""
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory, small_tok):
+    """A two-source mix (seq_len 32) and a held-out tokens directory, encoded with the small tokenizer."""
+    from slm.stages.encode import EncodeConfig, run as encode
+    from slm.stages.mix import MixConfig, run as mix
+
+    d = tmp_path_factory.mktemp("train_data")
+    code = stdlib_samples(6)
+    prose = [t for t in VARIED_TEXT] * 20
+    for name, texts in (("code", code), ("prose", prose), ("valid", code[:1] + prose[:5])):
+        encode(EncodeConfig(tokenizer=small_tok, inputs=[str(write_jsonl(d / f"{name}.jsonl", texts))],
+                            out=d / "tokens" / name, workers=1))
+    (d / "mix.yaml").write_text(
+        "seq_len: 32\nseed: 5\nsources:\n  code: tokens/code\n  prose: tokens/prose\n"
+        "phases:\n  - {name: stable, tokens: 60k, weights: {code: 0.7, prose: 0.3}}\n"
+        "  - {name: decay, tokens: 20k, weights: {code: 0.3, prose: 0.7}}\n")
+    mix(MixConfig(mix=str(d / "mix.yaml"), out=d / "mix"))
+    (d / "model.yaml").write_text(TEST_MODEL)
+    return d

@@ -166,3 +166,21 @@ def test_tokenizer_dir_manifest(small_tok):
     assert m["kind"] == "tokenizer" and m["format_version"] == 1
     assert m["tokenizer_sha256"] == Tokenizer(small_tok).hash
     assert m["counts"]["n_vocab"] == 1024
+
+
+def test_cl100k_from_tiktokens_cache(tmp_path, monkeypatch, cl100k_ranks_path):
+    """Without --ranks, the ranks come from tiktoken's cache (filled by a download when online)."""
+    import hashlib
+
+    from slm.formats.tokenizer import CL100K_URL
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / hashlib.sha1(CL100K_URL.encode()).hexdigest()).write_bytes(gzip.decompress(cl100k_ranks_path.read_bytes()))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    ranks, source = load_cl100k_ranks(None)
+    assert len(ranks) == 100_256 and source == CL100K_URL
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # no network: a one-line error with the way out
+    with pytest.raises(SlmError, match="pass a local copy with --ranks PATH"):
+        load_cl100k_ranks(None)

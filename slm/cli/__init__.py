@@ -36,6 +36,7 @@ def _root(
 
 from slm.cli import mix as _mix  # noqa: E402,F401  (registers its command)
 from slm.cli import tokenize as _tokenize  # noqa: E402
+from slm.cli import train as _train  # noqa: E402,F401
 
 app.add_typer(_tokenize.app, name="tokenize")
 

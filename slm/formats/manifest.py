@@ -34,7 +34,7 @@ from slm.errors import SlmError
 MANIFEST = "manifest.json"
 
 # The format version each kind is written with; readers accept only these.
-FORMAT_VERSIONS = {"tokenizer": 1, "corpus": 1, "tokens": 1, "mix": 1}
+FORMAT_VERSIONS = {"tokenizer": 1, "corpus": 1, "tokens": 1, "mix": 1, "checkpoint": 1}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -299,8 +299,12 @@ class Tokenizer:
     """A tokenizer directory, opened. Encoding uses tiktoken; decoding round-trips NFC text exactly."""
 
     def __init__(self, directory: Path):
+        """DIRECTORY: a tokenizer directory, or a checkpoint that carries the tokenizer files."""
         self.dir = Path(directory)
-        self.manifest = read_manifest(self.dir, "tokenizer")
+        if (self.dir / "manifest.json").is_file() and read_json(self.dir / "manifest.json").get("kind") == "checkpoint":
+            self.manifest = {}
+        else:
+            self.manifest = read_manifest(self.dir, "tokenizer")
         raw = read_json(self.dir / "encoding.json")
         try:
             self.spec = EncodingSpec(**raw)

@@ -1,0 +1,123 @@
+"""`slm pretrain | cooldown | generate | plot`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from slm.cli import app
+
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="SECTION.FIELD=VALUE, e.g. train.lr_peak=3e-4 or "
+                                                                 "model.num_layers=2 (repeatable; wins over --config).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps to run.")]
+Tokens = Annotated[Optional[str], typer.Option("--tokens", help="Tokens to train on (e.g. 20M, 2T); rounded up to "
+                                                                "whole steps.")]
+Valid = Annotated[Optional[Path], typer.Option("--valid", help="Held-out tokens directory: validation loss as it "
+                                                               "trains, against the unigram baseline.")]
+TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="The data's tokenizer directory, if it moved "
+                                                                          "since the data was encoded.")]
+Device = Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda.")]
+
+
+def _tokens(value: str | None) -> int | None:
+    if value is None:
+        return None
+    from slm.stages.mix import parse_budget
+
+    return parse_budget(value, "--tokens")
+
+
+def _print_main(path: Path) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(path)
+
+
+@app.command("pretrain")
+def pretrain(
+    data: Annotated[Path, typer.Option("--data", help="The mix directory (from `slm mix`).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The run directory (resumes if it has checkpoints).",
+                                      show_default=False)],
+    recipe: Annotated[Optional[str], typer.Option(help="tiny, smollm2-135m, smollm2-360m, smollm2-1_7b, "
+                                                       "stablelm-2-1_6b.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A YAML file with model: and train: "
+                                                                     "sections (wins over the recipe).")] = None,
+    set_: Sets = None,
+    steps: Steps = None,
+    tokens: Tokens = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from these weights (slm or transformers checkpoint).")] = None,
+    valid: Valid = None,
+    tokenizer: TokenizerOpt = None,
+    device: Device = "auto",
+) -> None:
+    """Pretrain a StableLM 2 / SmolLM2 model on a mix; prints the last checkpoint. Run under torchrun or srun for
+    DDP. Re-running the same command resumes exactly where it stopped."""
+    from slm.stages.pretrain import PretrainConfig, run
+
+    _print_main(run(PretrainConfig(data=data, out=out, recipe=recipe, config_file=config, sets=set_ or [],
+                                   steps=steps, tokens=_tokens(tokens), init=init, valid=valid, tokenizer=tokenizer,
+                                   device=device)))
+
+
+@app.command("cooldown")
+def cooldown(
+    source: Annotated[Path, typer.Option("--from", help="The checkpoint (or run directory) to cool down.",
+                                         show_default=False)],
+    data: Annotated[Path, typer.Option("--data", help="The mix to cool down on.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The cooldown's run directory.", show_default=False)],
+    steps: Steps = None,
+    tokens: Tokens = None,
+    lr_start: Annotated[Optional[float], typer.Option(help="Start here instead of the checkpoint's learning rate.")] = None,
+    phase: Annotated[Optional[str], typer.Option(help="Start at this phase of the mix (e.g. decay).")] = None,
+    set_: Sets = None,
+    valid: Valid = None,
+    tokenizer: TokenizerOpt = None,
+    device: Device = "auto",
+) -> None:
+    """Continue a checkpoint with the learning rate decaying linearly to 0 (StableLM 2's cooldown, SmolLM2's decay
+    phase); prints the last checkpoint."""
+    from slm.stages.cooldown import CooldownConfig, run
+
+    _print_main(run(CooldownConfig(source=source, data=data, out=out, steps=steps, tokens=_tokens(tokens),
+                                   lr_start=lr_start, phase=phase, sets=set_ or [], valid=valid, tokenizer=tokenizer,
+                                   device=device)))
+
+
+@app.command("generate")
+def generate(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
+    prompt: Annotated[str, typer.Argument(help="The text to continue.", show_default=False)],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely (0 = all).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 1234,
+    device: Device = "auto",
+) -> None:
+    """Continue PROMPT with a KV cache, streaming tokens to stdout."""
+    from slm.stages.generate import GenerateConfig, generate as run
+
+    for piece in run(GenerateConfig(checkpoint=checkpoint, prompt=prompt, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, device=device)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command("plot")
+def plot_cmd(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUNDIR", help="A run directory (with metrics.jsonl).",
+                                            show_default=False)],
+) -> None:
+    """Draw RUNDIR/loss.png from metrics.jsonl; prints its path."""
+    from slm.errors import SlmError
+    from slm.train.metrics import plot
+
+    path = plot(run_dir)
+    if path is None:
+        raise SlmError(f"{run_dir}: no training steps in metrics.jsonl to plot")
+    print(path)

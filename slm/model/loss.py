@@ -1,0 +1,63 @@
+"""Cross-entropy of the output layer, fused and chunked.
+
+For rows of hidden states h and the output matrix W, the loss sum_i (logsumexp(W h_i) - (W h_i)[t_i]) has the
+gradient (softmax(W h_i) - onehot(t_i)) with respect to the logits. Computing it chunk by chunk in the forward pass,
+and going straight to the gradients of h and W, never holds the [tokens x vocabulary] logits for the backward pass
+and skips the separate softmax-backward and zero-fill passes that autograd would run. The result and the gradients
+are those of F.cross_entropy(h @ W.T, t, reduction="sum") (a test compares them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(h.dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = None
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            logits = (hc @ w.t()).float()
+            valid = tc != -100
+            tgt = torch.where(valid, tc, torch.zeros_like(tc))
+            picked = logits.gather(1, tgt[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(top).exp_()  # exp(logits - max), in place: one exp pass for the loss and the gradient
+            total = e.sum(dim=-1)
+            lse = top.squeeze(1) + total.log()
+            loss += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+            if need_h or need_w:
+                g = e.div_(total[:, None])  # softmax
+                g[torch.arange(g.shape[0], device=g.device), tgt] -= 1.0
+                if not bool(valid.all()):
+                    g.mul_(valid[:, None])
+                g = g.to(h.dtype)
+                if need_h:
+                    grad_h[s:s + chunk] = g @ w
+                if need_w:  # the first chunk allocates, the others accumulate (no zero fill)
+                    part = g.t().float() @ hc.float() if grad_w is None else None
+                    grad_w = part if grad_w is None else grad_w.addmm_(g.t().float(), hc.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_elements: int = 1 << 23) -> torch.Tensor:
+    """sum over tokens of cross_entropy(h @ weight.T, targets), ignoring targets == -100.
+
+    h [N, H], weight [V, H], targets [N]; chunks of about CHUNK_ELEMENTS logits at a time."""
+    chunk = max(16, chunk_elements // weight.shape[0])
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk)

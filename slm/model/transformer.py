@@ -1,0 +1,370 @@
+"""One decoder for both families slm trains, readable top to bottom.
+
+StableLM 2 (arXiv 2402.17834; transformers' StableLmForCausalLM)
+    pre-norm LayerNorm with bias (eps 1e-5), sequential residual, rotary embeddings on the first 25% of each head's
+    dimensions (NeoX half-split layout, theta 10,000), biases only on the q, k, v projections, SwiGLU MLP,
+    untied input and output embeddings.
+SmolLM2 (arXiv 2502.02737; transformers' LlamaForCausalLM)
+    RMSNorm (eps 1e-5), rotary on every dimension, grouped-query attention, SwiGLU, tied embeddings, no biases.
+
+Packed sequences keep their documents apart: with `segment_ids` a token attends only to earlier tokens of its own
+document, and `position_ids` restart at 0 at each document start (as StableLM 2 trained). On a GPU this uses
+FlexAttention's block-sparse kernel, which never materialises a (T x T) mask; elsewhere a boolean mask goes to
+scaled_dot_product_attention. Without document boundaries attention is plain causal SDPA (flash kernels on a GPU).
+
+The q/k/v and gate/up projections are fused into one matrix each (one GEMM instead of three or two);
+slm.model.hf maps the weights to and from transformers' names, and a test holds the logits equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slm.model.loss import linear_cross_entropy
+
+FAMILIES = ("stablelm", "llama")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "stablelm"
+    """'stablelm' (StableLM 2: LayerNorm, partial rotary, qkv biases, untied) or 'llama' (SmolLM2: RMSNorm, GQA)."""
+    vocab_size: int = 100_352
+    """Rows of the embedding matrix: the tokenizer's ids padded to a multiple of 64."""
+    hidden_size: int = 2048
+    num_layers: int = 24
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    """Key/value heads; fewer than num_heads is grouped-query attention."""
+    intermediate_size: int = 5632
+    """SwiGLU hidden width."""
+    max_seq_len: int = 4096
+    """Longest sequence (context) the model is built for; sets max_position_embeddings."""
+    rope_theta: float = 10_000.0
+    partial_rotary_factor: float = 1.0
+    """Fraction of each head's dimensions that rotary embeddings rotate (StableLM 2: 0.25)."""
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of every weight matrix."""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family: expected one of {FAMILIES}, got {self.family!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        if self.rotary_dim % 2:
+            raise ValueError(f"model: rotary dimensions ({self.rotary_dim}) must be even")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"model: unknown field {sorted(unknown)[0]!r}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(F, "rms_norm") and x.dtype == torch.float32:  # one fused kernel (torch >= 2.4)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.family == "stablelm":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)  # with bias, as transformers' StableLm
+    return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for positions 0..max_seq_len-1, gathered by position id (ids restart at document starts)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim = cfg.rotary_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.max_seq_len = cfg.max_seq_len
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._table is None or self._table[0].device != device:
+            pos = torch.arange(self.max_seq_len, device=device, dtype=torch.float)
+            freqs = pos[:, None] * self.inv_freq.to(device)[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._table = (emb.cos(), emb.sin())
+        return self._table
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if int(position_ids.max()) >= self.max_seq_len:
+            raise ValueError(f"position {int(position_ids.max())} is beyond max_seq_len {self.max_seq_len}")
+        cos, sin = self.table(position_ids.device)
+        return cos[position_ids].to(dtype)[:, :, None], sin[position_ids].to(dtype)[:, :, None]  # [B, T, 1, rot]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX half-split rotation of the first cos.shape[-1] dims of every head of x; the rest pass through.
+
+    x [B, T, heads, D]; cos, sin [B, T, 1, rot]. The two halves are rotated directly (x1 cos - x2 sin,
+    x2 cos + x1 sin) rather than through a rotate-half copy; split (not slicing) keeps the backward to one cat."""
+    rot = cos.shape[-1]
+    half = rot // 2
+    c, s = cos[..., :half], sin[..., :half]
+    if rot < x.shape[-1]:
+        x1, x2, rest = x.split([half, half, x.shape[-1] - rot], dim=-1)
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
+    x1, x2 = x.split([half, half], dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for generation: [B, kv_heads, max_len, head_dim] each, filled left to right."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        h, kv = self.n_heads, self.n_kv
+        q, k, v = self.qkv_proj(x).view(B, T, h + 2 * kv, self.head_dim).split([h, kv, kv], dim=2)
+        q, k, v = apply_rotary(q, cos, sin).transpose(1, 2), apply_rotary(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            start = cache.length
+            cache.k[self.layer][:, :, start:start + T] = k
+            cache.v[self.layer][:, :, start:start + T] = v
+            k, v = cache.k[self.layer][:, :, :start + T], cache.v[self.layer][:, :, :start + T]
+        y = attend(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, h * self.head_dim))
+
+
+def attend(q, k, v, mask) -> torch.Tensor:
+    """mask: "causal", None (attend to everything: one new token against the cache), a boolean tensor
+    broadcastable to [B, H, T, S] (True = attend), or a FlexAttention BlockMask."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask is not None and not isinstance(mask, (str, torch.Tensor)):
+        return _flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+    kwargs = {}
+    if gqa:
+        if _SDPA_GQA:
+            kwargs["enable_gqa"] = True
+        else:  # older torch: expand the kv heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if isinstance(mask, str):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
+
+
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+_FLEX = None
+
+
+def _flex_attention():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def document_mask(segment_ids: torch.Tensor, backend: str = "auto"):
+    """Attention mask for packed documents: causal, and only within the same segment.
+
+    backend "flex" (or "auto" on a GPU) gives a FlexAttention BlockMask (block-sparse, no T x T tensor);
+    "sdpa" (or "auto" elsewhere) a boolean [B, 1, T, T] mask for scaled_dot_product_attention.
+    """
+    B, T = segment_ids.shape
+    if backend == "flex" or (backend == "auto" and segment_ids.is_cuda and _flex_available()):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        seg = segment_ids
+
+        def same_doc_causal(b, h, q_idx, kv_idx):
+            return (seg[b, q_idx] == seg[b, kv_idx]) & (q_idx >= kv_idx)
+
+        return create_block_mask(same_doc_causal, B, None, T, T, device=segment_ids.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
+
+
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(cfg)
+        self.attention_backend = "auto"
+        self.activation_checkpointing = False
+
+    # -- parameters ---------------------------------------------------------------------------------------------
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, init_std) for every weight matrix and the embedding, zero biases, unit norms."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if exclude_embedding:
+            n -= self.embed_tokens.weight.numel() if not self.cfg.tie_embeddings else 0
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N + 12 * layers * hidden * seq_len (PaLM, appendix B), with N the parameters
+        that do matrix products (the input embedding is a lookup; a tied output matrix still multiplies)."""
+        n = sum(p.numel() for p in self.parameters()) - (0 if self.cfg.tie_embeddings else self.embed_tokens.weight.numel())
+        return 6 * n + 12 * self.cfg.num_layers * self.cfg.hidden_size * seq_len
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None):
+        """Logits [B, T, V]; or, with TARGETS ([B, T], -100 = ignore), (sum of token losses, number of tokens)."""
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            if segment_ids is not None:
+                position_ids = positions_from_segments(segment_ids)
+            else:
+                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        if cache is not None:
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {start + T}")
+            if start == 0:
+                mask = "causal"
+            elif T == 1:
+                mask = None
+            else:
+                rows = torch.arange(start, start + T, device=x.device)[:, None]
+                mask = torch.arange(start + T, device=x.device)[None, :] <= rows
+        elif segment_ids is not None and bool((segment_ids[:, -1] != segment_ids[:, 0]).any()):
+            mask = document_mask(segment_ids, self.attention_backend)
+        else:
+            mask = "causal"
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length = start + T
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x)
+        loss_sum = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+        return loss_sum, (targets != -100).sum()
+
+
+def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its document: 0 at each segment start, counting up."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    is_start = torch.ones_like(segment_ids, dtype=torch.bool)
+    is_start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_idx = torch.where(is_start, idx, torch.zeros_like(idx))
+    return idx - torch.cummax(start_idx, dim=1).values
+
+
+def build(cfg: ModelConfig, device="cpu", seed: int | None = None) -> Transformer:
+    """A freshly initialised model (on the meta device it only has shapes: count parameters at no cost)."""
+    with torch.device(device):
+        model = Transformer(cfg)
+    if str(device) != "meta":
+        g = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        model.init_weights(g)
+    return model
+
+
+def causal_lm_loss(model: Transformer, input_ids, targets, **kw) -> torch.Tensor:
+    """Mean token loss (convenience for tests and evaluation)."""
+    s, n = model(input_ids, targets=targets, **kw)
+    return s / n.clamp(min=1)
+

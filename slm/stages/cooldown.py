@@ -1,0 +1,147 @@
+"""`slm cooldown`: continue a checkpoint with the learning rate decaying linearly to 0.
+
+StableLM 2 cooled down from its step-420k checkpoint, from lr 2.529e-4 to 0, on a different mix; SmolLM2's decay
+phase is the same thing. The weights and the AdamW moments continue from the checkpoint; the learning rate starts
+where the checkpoint's schedule was (or --lr-start) and reaches exactly 0 on the last step. Step numbers and tokens
+seen continue the checkpoint's. The data: the phase named by --phase, else where the checkpoint stopped if it is
+the same mix, else the new mix from its first sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slm.console import info, warn
+from slm.errors import SlmError
+from slm.formats.checkpoint import Checkpoint
+from slm.train import engine, setup
+from slm.train.batches import Batches
+from slm.train.config import resolve, to_yaml, train_settings
+from slm.train.loop import Run, make_optimizer, train
+from slm.train.metrics import plot
+from slm.train.schedules import linear_to_zero
+
+
+@dataclass
+class CooldownConfig:
+    source: Path
+    """The checkpoint (or run directory) to cool down."""
+    data: Path
+    out: Path
+    steps: int | None = None
+    tokens: int | None = None
+    lr_start: float | None = None
+    phase: str | None = None
+    sets: list[str] = field(default_factory=list)
+    valid: Path | None = None
+    tokenizer: Path | None = None
+    device: str = "auto"
+
+
+def run(cfg: CooldownConfig) -> Path:
+    d = engine.setup(cfg.device)
+    try:
+        return _run(cfg, d)
+    finally:
+        engine.teardown(d)
+
+
+def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
+    out = Path(cfg.out)
+    reader, tok = setup.open_data(cfg.data, cfg.tokenizer)
+    resume = setup.resume_point(out)
+    if resume is not None:
+        if resume.train_state.get("stage") != "cooldown":
+            raise SlmError(f"{out}: its checkpoints come from `slm {resume.train_state.get('stage')}`, not cooldown")
+        plan = resume.train_state["cooldown"]
+        resolved = resolve(None, None, cfg.sets, base=setup.saved_config(out))
+        source = None
+    else:
+        source = Checkpoint.open(cfg.source)
+        src_tok = source.tokenizer()
+        if src_tok is not None and src_tok.hash != tok.hash:
+            raise SlmError(f"--from {cfg.source}: the checkpoint's tokenizer ({src_tok.hash[:12]}) is not the one "
+                           f"{cfg.data} was encoded with ({tok.hash[:12]})")
+        parent_cfg = setup.saved_config(source.dir.parent.parent) or {}
+        base = {"recipe": parent_cfg.get("recipe"), "model": source.model_config.to_dict(),
+                "train": parent_cfg.get("train", {})}
+        resolved = resolve(None, None, cfg.sets, base=base)
+        plan = None
+    t = train_settings(resolved)
+    model_cfg = setup.model_config_from(resolved["model"], tok)
+    seq_len = reader.seq_len
+    setup.check_fits(model_cfg, tok, seq_len, str(cfg.data))
+    if t.tokens_per_step % seq_len:
+        raise SlmError(f"train.tokens_per_step {t.tokens_per_step} is not a multiple of the mix's seq_len {seq_len}")
+    sps = t.tokens_per_step // seq_len
+
+    model = setup.new_model(model_cfg, d.device, t.seed)
+    optimizer = make_optimizer(model, t, d.device)
+    if plan is None:
+        if cfg.steps is not None and cfg.tokens is not None:
+            raise SlmError("give --steps or --tokens, not both")
+        steps = cfg.steps or (math.ceil(cfg.tokens / t.tokens_per_step) if cfg.tokens else None)
+        if not steps:
+            raise SlmError("how long to cool down: give --steps or --tokens")
+        ts = source.train_state or {}
+        lr_start = cfg.lr_start if cfg.lr_start is not None else ts.get("lr")
+        if lr_start is None:
+            raise SlmError(f"--lr-start: {source.dir} does not record its learning rate; give it")
+        if cfg.phase is not None:
+            names = [p.name for p in reader.plan.phases]
+            if cfg.phase not in names:
+                raise SlmError(f"--phase {cfg.phase!r}: the mix has phases {', '.join(names)}")
+            data_start = int(reader.plan.phase_starts[names.index(cfg.phase)])
+        elif (source.manifest or {}).get("mix", {}).get("plan_sha256") == setup.plan_sha256(cfg.data):
+            data_start = int(ts.get("samples_seen", 0))
+        else:
+            data_start = 0
+        plan = {"start_step": source.step, "steps": steps, "lr_start": lr_start, "data_start": data_start,
+                "from": str(source.dir)}
+        setup.load_weights(model, source)
+        opt_state = source.optimizer_state()
+        if opt_state is not None:
+            try:
+                optimizer.load_state_dict(opt_state)
+            except (ValueError, KeyError):
+                warn(f"{source.dir}: its optimizer state does not fit; AdamW starts from zero moments")
+        else:
+            warn(f"{source.dir}: no optimizer state (not an slm checkpoint); AdamW starts from zero moments")
+        for g in optimizer.param_groups:  # hyper-parameters from this run, moments from the checkpoint
+            g["betas"], g["eps"] = tuple(t.betas), t.eps
+        state = {"tokens_seen": ts.get("tokens_seen", 0), "cooldown": plan}
+        start = plan["start_step"]
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+            resolved["model"] = model_cfg.to_dict()
+            (out / "config.yaml").write_text(to_yaml(resolved))
+            info(f"cooldown: from {source.dir} (step {start}), {steps} steps, lr {lr_start:.3e} -> 0, "
+                 f"data from sample {data_start}")
+    else:
+        setup.load_weights(model, resume)
+        setup.restore(resume, optimizer, d)
+        start = resume.step
+        state = {"tokens_seen": resume.train_state.get("tokens_seen", 0), "cooldown": plan, "resumed": True}
+        if d.main:
+            info(f"resuming {out} at step {start}")
+    end = plan["start_step"] + plan["steps"]
+    if plan["data_start"] + plan["steps"] * sps > len(reader):
+        raise SlmError(f"{cfg.data}: the cooldown needs samples up to {plan['data_start'] + plan['steps'] * sps}, "
+                       f"the mix plans {len(reader)}")
+
+    valid, unigram = setup.valid_set(cfg.valid, seq_len, t.eval_samples, reader, tok)
+    lineage = {"stage": "cooldown", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
+               "mix": {"path": str(Path(cfg.data).absolute()), "plan_sha256": setup.plan_sha256(cfg.data)},
+               "parent": plan["from"]}
+    run = Run(stage="cooldown", run_dir=out, model=model, model_cfg=model_cfg, train=t, optimizer=optimizer,
+              batches=Batches(reader, sps, t.micro_batch_size, d.rank, d.world, d.device), dist=d,
+              lr_at=lambda s: linear_to_zero(s, plan["lr_start"], plan["start_step"], plan["steps"]),
+              first_sample_of=lambda s: plan["data_start"] + (s - plan["start_step"]) * sps,
+              start_step=start, end_step=end, seq_len=seq_len, tokenizer_dir=tok.dir, bos_id=tok.bos_id,
+              eos_id=tok.eos_id, lineage=lineage, state=state, valid=valid, unigram_loss=unigram)
+    last = train(run)
+    if d.main:
+        plot(out)
+    return last

@@ -1,0 +1,139 @@
+"""`slm pretrain`: a recipe's model trained on a mix, resumable, on one process or many."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slm.console import info, warn
+from slm.errors import SlmError
+from slm.formats.checkpoint import Checkpoint
+from slm.train import engine, setup
+from slm.train.batches import Batches
+from slm.train.config import resolve, to_yaml, train_settings
+from slm.train.loop import Run, make_optimizer, train
+from slm.train.metrics import plot
+from slm.train.schedules import Schedule
+
+
+@dataclass
+class PretrainConfig:
+    data: Path
+    """The mix directory (from `slm mix`)."""
+    out: Path
+    """The run directory: config.yaml, metrics.jsonl, loss.png, checkpoints/."""
+    recipe: str | None = None
+    config_file: Path | None = None
+    sets: list[str] = field(default_factory=list)
+    steps: int | None = None
+    tokens: int | None = None
+    init: Path | None = None
+    """Start from these weights (an slm or transformers checkpoint) instead of a fresh initialisation."""
+    valid: Path | None = None
+    """A held-out tokens directory for the validation loss."""
+    tokenizer: Path | None = None
+    device: str = "auto"
+
+
+def run(cfg: PretrainConfig) -> Path:
+    d = engine.setup(cfg.device)
+    try:
+        return _run(cfg, d)
+    finally:
+        engine.teardown(d)
+
+
+def _run(cfg: PretrainConfig, d: engine.Dist) -> Path:
+    out = Path(cfg.out)
+    reader, tok = setup.open_data(cfg.data, cfg.tokenizer)
+    resume = setup.resume_point(out)
+    saved = setup.saved_config(out)
+    if resume is None and saved is None and cfg.recipe is None and cfg.config_file is None and cfg.init is None:
+        raise SlmError("--recipe: missing (or --config FILE, or --init CKPT)")
+    resolved = resolve(cfg.recipe, cfg.config_file, cfg.sets)
+    if saved is not None:
+        given = cfg.recipe is not None or cfg.config_file is not None or cfg.sets
+        if given:
+            for section in ("model", "train"):
+                for k, v in resolved[section].items():
+                    old = saved.get(section, {}).get(k)
+                    if k not in ("steps",) and old is not None and (list(v) if isinstance(v, tuple) else v) != old:
+                        raise SlmError(f"{out}/config.yaml: {section}.{k} is {old!r} in this run, the command asks "
+                                       f"for {v!r}; use another --out for a new run")
+        resolved = resolve(None, None, cfg.sets, base=saved)
+    t = train_settings(resolved)
+
+    init = Checkpoint.open(cfg.init) if cfg.init and resume is None else None
+    if init is not None:
+        model_cfg = init.model_config
+        if resolved["model"]:
+            warn(f"--init {cfg.init}: the architecture comes from the checkpoint; the recipe's model: is ignored")
+        init_tok = init.tokenizer()
+        if init_tok is not None and init_tok.hash != tok.hash:
+            raise SlmError(f"--init {cfg.init}: the checkpoint's tokenizer ({init_tok.hash[:12]}) is not the data's "
+                           f"({tok.hash[:12]})")
+        resolved["model"] = model_cfg.to_dict()
+    else:
+        model_cfg = setup.model_config_from(resolved["model"], tok)
+        resolved["model"] = model_cfg.to_dict()
+    seq_len = reader.seq_len
+    setup.check_fits(model_cfg, tok, seq_len, str(cfg.data))
+
+    if t.tokens_per_step % seq_len:
+        raise SlmError(f"train.tokens_per_step {t.tokens_per_step} is not a multiple of the mix's seq_len {seq_len}")
+    sps = t.tokens_per_step // seq_len
+    if cfg.steps is not None and cfg.tokens is not None:
+        raise SlmError("give --steps or --tokens, not both")
+    steps = cfg.steps or (math.ceil(cfg.tokens / t.tokens_per_step) if cfg.tokens else None) or t.steps or t.total_steps
+    if not steps:
+        raise SlmError("how long to train: give --steps or --tokens (or train.steps / train.total_steps)")
+    total = t.total_steps or steps
+    if steps * sps > len(reader):
+        raise SlmError(f"{cfg.data}: the mix plans {len(reader)} samples of {seq_len} tokens; {steps} steps of "
+                       f"{sps} samples need {steps * sps}: plan more tokens with `slm mix` or train fewer steps")
+    if t.schedule == "hybrid" and not t.cosine_horizon_steps:
+        raise SlmError("train.schedule hybrid needs train.cosine_horizon_steps")
+    schedule = Schedule(kind=t.schedule, lr_peak=t.lr_peak, lr_min=t.lr_min, warmup_steps=t.warmup_steps,
+                        total_steps=total, decay_fraction=t.decay_fraction, cosine_fraction=t.cosine_fraction,
+                        cosine_horizon_steps=t.cosine_horizon_steps)
+    resolved["train"] = {**resolved["train"], "steps": steps, "total_steps": total}
+
+    model = setup.new_model(model_cfg, d.device, t.seed)
+    if init is not None:
+        setup.load_weights(model, init)
+    optimizer = make_optimizer(model, t, d.device)
+    state = {"tokens_seen": 0}
+    start = 0
+    if resume is not None:
+        if resume.train_state.get("stage") != "pretrain":
+            raise SlmError(f"{out}: its checkpoints come from `slm {resume.train_state.get('stage')}`, not pretrain")
+        setup.load_weights(model, resume)
+        setup.restore(resume, optimizer, d)
+        start = resume.step
+        state = {"tokens_seen": resume.train_state.get("tokens_seen", start * t.tokens_per_step), "resumed": True}
+        if d.main:
+            info(f"resuming {out} at step {start}")
+    elif d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(resolved))
+        n = model.num_parameters()
+        info(f"pretrain: {model_cfg.family} model, {n:,} parameters; {steps} steps of {t.tokens_per_step:,} tokens "
+             f"({sps} x {seq_len}; {sps // (d.world * t.micro_batch_size)} micro-batches of "
+             f"{t.micro_batch_size} per process, {d.world} process(es), {d.device})")
+    if start >= steps and d.main:
+        info(f"{out}: already at step {start} of {steps}")
+
+    valid, unigram = setup.valid_set(cfg.valid, seq_len, t.eval_samples, reader, tok)
+    lineage = {"stage": "pretrain", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
+               "mix": {"path": str(Path(cfg.data).absolute()), "plan_sha256": setup.plan_sha256(cfg.data)},
+               "parent": str(init.dir) if init is not None else None}
+    run = Run(stage="pretrain", run_dir=out, model=model, model_cfg=model_cfg, train=t, optimizer=optimizer,
+              batches=Batches(reader, sps, t.micro_batch_size, d.rank, d.world, d.device), dist=d,
+              lr_at=schedule, first_sample_of=lambda s: s * sps, start_step=start, end_step=steps,
+              seq_len=seq_len, tokenizer_dir=tok.dir, bos_id=tok.bos_id, eos_id=tok.eos_id, lineage=lineage,
+              state=state, valid=valid, unigram_loss=unigram)
+    last = train(run)
+    if d.main:
+        plot(out)
+    return last

@@ -1,0 +1,100 @@
+"""Training batches from a mix: which global samples each rank reads at each step, as tensors.
+
+Step s of a stage reads the samples_per_step global samples that start at first_sample(s). Rank r of W takes the
+r-th contiguous slice of them and cuts it into micro-batches. The set of samples in a step therefore does not
+depend on the world size, and a run resumes on any number of processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slm.errors import SlmError
+from slm.formats.mixplan import MixReader
+from slm.formats.tokens import TokensDir
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [B, T]
+    targets: torch.Tensor  # [B, T]
+    segment_ids: torch.Tensor | None  # [B, T], None when no window holds a document boundary
+
+    @property
+    def n_tokens(self) -> int:
+        return int((self.targets != -100).sum())
+
+
+def segments(doc_starts: list[np.ndarray], length: int) -> np.ndarray | None:
+    """Segment id of each input position: the number of document starts at or before it."""
+    if not any(((s > 0) & (s < length)).any() for s in doc_starts):
+        return None
+    pos = np.arange(length)
+    return np.stack([np.searchsorted(s, pos, side="right") for s in doc_starts]).astype(np.int64)
+
+
+def to_micro_batch(tokens: np.ndarray, doc_starts: list[np.ndarray], device: torch.device) -> MicroBatch:
+    t = torch.from_numpy(np.ascontiguousarray(tokens)).to(device, non_blocking=True)
+    seg = segments(doc_starts, tokens.shape[1] - 1)
+    return MicroBatch(t[:, :-1], t[:, 1:], None if seg is None else torch.from_numpy(seg).to(device))
+
+
+class Batches:
+    def __init__(self, reader: MixReader, samples_per_step: int, micro_batch_size: int, rank: int, world: int,
+                 device: torch.device):
+        if samples_per_step % world:
+            raise SlmError(f"train.tokens_per_step gives {samples_per_step} samples per step, not divisible by "
+                           f"the {world} processes")
+        self.per_rank = samples_per_step // world
+        if self.per_rank % micro_batch_size:
+            raise SlmError(f"{self.per_rank} samples per process per step is not a multiple of "
+                           f"train.micro_batch_size {micro_batch_size}")
+        self.reader, self.samples_per_step, self.micro = reader, samples_per_step, micro_batch_size
+        self.rank, self.device = rank, device
+        self.accumulation = self.per_rank // micro_batch_size
+
+    def step(self, first_sample: int) -> list[MicroBatch]:
+        base = first_sample + self.rank * self.per_rank
+        out = []
+        for m in range(self.accumulation):
+            ns = np.arange(base + m * self.micro, base + (m + 1) * self.micro)
+            tokens, starts = self.reader.batch(ns)
+            out.append(to_micro_batch(tokens, starts, self.device))
+        return out
+
+
+class ValidSet:
+    """EVAL_SAMPLES windows of seq_len + 1 tokens spread evenly over a tokens directory (documents kept apart)."""
+
+    def __init__(self, directory: Path, seq_len: int, n: int):
+        self.tokens = TokensDir(directory)
+        windows = (self.tokens.n_tokens - 1) // seq_len
+        if windows < 1:
+            raise SlmError(f"{directory}: {self.tokens.n_tokens} tokens, fewer than one window of {seq_len + 1}")
+        self.starts = sorted({int(i * windows // max(1, n)) * seq_len for i in range(min(n, windows))})
+        self.seq_len = seq_len
+
+    def batches(self, micro: int, rank: int, world: int, device) -> list[MicroBatch]:
+        mine = self.starts[rank::world]
+        out = []
+        for i in range(0, len(mine), micro):
+            chunk = mine[i:i + micro]
+            tokens = np.stack([self.tokens.read(s, self.seq_len + 1) for s in chunk])
+            starts = [self.tokens.document_starts(s, s + self.seq_len + 1) - s for s in chunk]
+            out.append(to_micro_batch(tokens, starts, device))
+        return out
+
+    def unigram_loss(self, sources: list[TokensDir], n_vocab: int, max_tokens: int = 20_000_000) -> float:
+        """Cross-entropy (nats) of these windows' targets under the training sources' unigram distribution
+        (add-one smoothing): the loss a model that ignores context reaches. A trained model must beat it."""
+        counts = np.ones(n_vocab, dtype=np.float64)
+        for src in sources:
+            take = min(src.n_tokens, max_tokens // max(1, len(sources)))
+            counts += np.bincount(src.read(0, take), minlength=n_vocab)[:n_vocab]
+        logp = np.log(counts / counts.sum())
+        targets = np.concatenate([self.tokens.read(s + 1, self.seq_len) for s in self.starts])
+        return float(-logp[targets].mean())

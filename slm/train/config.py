@@ -1,0 +1,228 @@
+"""Run configuration: recipe < --config FILE < --set key=value, checked field by field against dataclasses.
+
+A resolved configuration is a dict {"recipe": name, "model": {...}, "train": {...}} written into the run directory
+as config.yaml; a resumed run reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from slm.errors import SlmError
+from slm.model.transformer import ModelConfig
+from slm.recipes import find_recipe, load_recipe, names as recipe_names
+
+
+@dataclass
+class TrainSettings:
+    """How a model is trained. Field docs are the reference for --set train.FIELD=VALUE."""
+
+    tokens_per_step: int = 8192
+    """Global batch in tokens per optimizer step (StableLM 2: 2^23; SmolLM2 1.7B: 2^21)."""
+    micro_batch_size: int = 8
+    """Sequences per device per forward/backward; gradient accumulation makes up the rest of the step."""
+    steps: int | None = None
+    """Steps this stage runs; default: total_steps."""
+    total_steps: int | None = None
+    """The schedule's horizon in steps (StableLM 2 planned 540k and stopped pre-training at 420k)."""
+    lr_peak: float = 1e-3
+    lr_min: float = 0.0
+    """Where cosine schedules decay to."""
+    schedule: str = "cosine"
+    """cosine | wsd | hybrid | constant (see slm.train.schedules)."""
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2
+    """wsd: fraction of total_steps spent decaying linearly to 0."""
+    cosine_fraction: float = 0.25
+    """hybrid: where the inverse-square-root tail takes over from the cosine."""
+    cosine_horizon_steps: int | None = None
+    """hybrid: the horizon of the cosine (calibrated; see slm.train.schedules)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, on weight matrices and embeddings (not on biases and norms)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    seed: int = 1234
+    """Seeds the initialisation; the data order comes from the mix's seed."""
+    dtype: str = "auto"
+    """auto (bf16 autocast on a GPU, fp32 on a CPU) | fp32 | bf16."""
+    compile: bool = False
+    """torch.compile the model."""
+    attention: str = "auto"
+    """Attention for packed documents: auto (FlexAttention on a GPU, masked SDPA elsewhere) | sdpa | flex."""
+    activation_checkpointing: bool = False
+    save_every: int = 1000
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep: int = 3
+    """Keep the newest this many checkpoints."""
+    eval_every: int = 500
+    """Validation loss every this many steps when a validation set is given (and at the end)."""
+    eval_samples: int = 64
+    """Windows of the validation tokens the validation loss averages over."""
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainSettings}
+
+
+def _coerce(value, annotation, where: str):
+    """Turn a YAML / command-line value into the annotated type, or fail naming WHERE."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except SlmError:
+                continue
+        raise SlmError(f"{where}: expected {annotation}, got {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]() ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise SlmError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else str
+        return tuple(_coerce(v, inner, where) for v in value) if origin is tuple else [_coerce(v, inner, where) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise SlmError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise SlmError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                raise SlmError(f"{where}: expected an integer, got {value!r}") from None
+            if f.is_integer():
+                return int(f)
+        raise SlmError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise SlmError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise SlmError(f"{where}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, (str, int, float)):
+            raise SlmError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def check_section(section: str, values: dict, where: str) -> dict:
+    """Coerce and validate VALUES against the section's dataclass; unknown keys name the closest known one."""
+    cls = SECTIONS[section]
+    hints = _hints(cls)
+    out = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SlmError(f"{where}: {section}.{key}: unknown field{hint}")
+        out[key] = _coerce(value, hints[key], f"{where}: {section}.{key}")
+    return out
+
+
+def parse_set(items: list[str]) -> dict:
+    """['train.lr_peak=3e-4', 'model.num_layers=2'] -> {'train': {'lr_peak': '3e-4'}, 'model': {...}}."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise SlmError(f"--set {item!r}: expected SECTION.FIELD=VALUE (e.g. train.lr_peak=3e-4)")
+        if section not in SECTIONS:
+            raise SlmError(f"--set {item!r}: unknown section {section!r} (expected {', '.join(SECTIONS)})")
+        parsed = yaml.safe_load(value) if value.strip() else None
+        out.setdefault(section, {})[name] = value if isinstance(parsed, str) else parsed
+    return out
+
+
+def resolve(recipe: str | None, config_file: Path | None = None, sets: list[str] | None = None,
+            base: dict | None = None) -> dict:
+    """Merge recipe (or BASE), file and flags; returns {"recipe", "model", "train"} with values checked."""
+    layers: list[tuple[str, dict]] = []
+    if base is not None:
+        layers.append(("the run's config.yaml", base))
+    elif recipe is not None:
+        if find_recipe(recipe) is None:
+            raise SlmError(f"--recipe {recipe!r}: no such recipe (recipes: {', '.join(recipe_names())})")
+        layers.append((f"recipe {recipe}", load_recipe(recipe)))
+    if config_file is not None:
+        try:
+            data = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise SlmError(f"{config_file}: cannot read ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise SlmError(f"{config_file}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+        if not isinstance(data, dict):
+            raise SlmError(f"{config_file}: expected a mapping with model: and train: sections")
+        layers.append((str(config_file), data))
+    if sets:
+        layers.append(("--set", parse_set(sets)))
+    merged = {"recipe": recipe, "model": {}, "train": {}}
+    for where, layer in layers:
+        for section in SECTIONS:
+            values = layer.get(section) or {}
+            if not isinstance(values, dict):
+                raise SlmError(f"{where}: {section}: expected a mapping")
+            merged[section].update(check_section(section, values, where))
+        if "recipe" in layer and layer["recipe"]:
+            merged["recipe"] = layer["recipe"]
+    return merged
+
+
+def train_settings(resolved: dict) -> TrainSettings:
+    t = TrainSettings(**resolved["train"])
+    if t.schedule not in ("cosine", "wsd", "hybrid", "constant"):
+        raise SlmError(f"train.schedule: expected cosine, wsd, hybrid or constant, got {t.schedule!r}")
+    if t.dtype not in ("auto", "fp32", "bf16"):
+        raise SlmError(f"train.dtype: expected auto, fp32 or bf16, got {t.dtype!r}")
+    if t.attention not in ("auto", "sdpa", "flex"):
+        raise SlmError(f"train.attention: expected auto, sdpa or flex, got {t.attention!r}")
+    for name in ("tokens_per_step", "micro_batch_size"):
+        if getattr(t, name) < 1:
+            raise SlmError(f"train.{name}: expected a positive integer, got {getattr(t, name)}")
+    return t
+
+
+def to_yaml(resolved: dict) -> str:
+    def plain(v):
+        if isinstance(v, tuple):
+            return list(v)
+        return v
+
+    out = {"recipe": resolved.get("recipe"),
+           "model": {k: plain(v) for k, v in resolved["model"].items()},
+           "train": {k: plain(v) for k, v in resolved["train"].items()}}
+    return yaml.safe_dump(out, sort_keys=False)
+
+
+def full_train_dict(t: TrainSettings) -> dict:
+    return {f.name: (list(v) if isinstance(v := getattr(t, f.name), tuple) else v) for f in dataclasses.fields(t)}
+

@@ -1,0 +1,90 @@
+"""Throughput, MFU, memory, metrics.jsonl and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+
+import torch
+
+# Peak dense bf16 tensor-core FLOP/s (vendor data sheets); MFU is measured against these.
+PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+              ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12)]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Per-device peak, or SLM_PEAK_TFLOPS; None on CPUs and unknown GPUs (MFU is then not reported)."""
+    if os.environ.get("SLM_PEAK_TFLOPS"):
+        return float(os.environ["SLM_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLog:
+    """metrics.jsonl of a run; on resume, lines from the resumed step on are dropped first."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled and resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) < resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif enabled and resume_step is None:
+            self.path.write_text("")
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def plot(run_dir: Path, out: Path | None = None) -> Path | None:
+    """loss.png: training loss (and validation loss) against tokens seen, learning rate beside it."""
+    from slm.formats.checkpoint import read_metrics
+
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if "loss" in r]
+    valid = [r for r in rows if "valid_loss" in r]
+    if not train:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    x = [r["tokens_seen"] for r in train]
+    ax.plot(x, [r["loss"] for r in train], lw=0.8, label="train")
+    if valid:
+        ax.plot([r["tokens_seen"] for r in valid], [r["valid_loss"] for r in valid], "o-", label="valid")
+        if valid[0].get("unigram_loss"):
+            ax.axhline(valid[0]["unigram_loss"], ls="--", color="gray", label="unigram baseline (valid)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax_lr.plot(x, [r["lr"] for r in train], color="tab:orange")
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("tokens seen")
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle(Path(run_dir).name)
+    fig.tight_layout()
+    out = Path(out or Path(run_dir) / "loss.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

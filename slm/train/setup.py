@@ -1,0 +1,113 @@
+"""What pretrain and cooldown both need before the loop: the data and its tokenizer, the model, resuming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from slm.errors import SlmError
+from slm.formats.checkpoint import Checkpoint, latest_checkpoint
+from slm.formats.manifest import sha256_file
+from slm.formats.mixplan import MixReader
+from slm.formats.tokenizer import Tokenizer, padded_vocab_size
+from slm.model.transformer import ModelConfig, Transformer, build
+from slm.train import engine
+from slm.train.batches import ValidSet
+from slm.train.loop import set_rng_state
+
+
+def open_data(mix_dir: Path, tokenizer_dir: Path | None = None) -> tuple[MixReader, Tokenizer]:
+    """The mix and the tokenizer its sources were encoded with (found through the tokens manifests)."""
+    reader = MixReader(mix_dir)
+    candidates = [Path(tokenizer_dir)] if tokenizer_dir else [Path(s.manifest["tokenizer"]["path"])
+                                                                for s in reader.sources]
+    for c in candidates:
+        if (c / "encoding.json").is_file():
+            tok = Tokenizer(c)
+            if tok.hash != reader.tokenizer_sha256:
+                raise SlmError(f"{c}: this tokenizer ({tok.hash[:12]}) is not the one {mix_dir} was encoded with "
+                               f"({reader.tokenizer_sha256[:12]})")
+            return reader, tok
+    raise SlmError(f"{mix_dir}: the tokenizer its sources were encoded with ({candidates[0]}) is gone; "
+                   "pass its directory with --tokenizer")
+
+
+def plan_sha256(mix_dir: Path) -> str:
+    return sha256_file(Path(mix_dir) / "plan.json")
+
+
+def check_fits(model_cfg: ModelConfig, tok: Tokenizer, seq_len: int, where: str) -> None:
+    if tok.n_vocab > model_cfg.vocab_size:
+        raise SlmError(f"{where}: the tokenizer has {tok.n_vocab} ids, more than the model's vocab_size "
+                       f"{model_cfg.vocab_size}")
+    if seq_len > model_cfg.max_seq_len:
+        raise SlmError(f"{where}: the mix's seq_len {seq_len} is longer than the model's max_seq_len "
+                       f"{model_cfg.max_seq_len}")
+
+
+def model_config_from(resolved_model: dict, tok: Tokenizer) -> ModelConfig:
+    values = dict(resolved_model)
+    values.setdefault("vocab_size", padded_vocab_size(tok.n_vocab))
+    try:
+        return ModelConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise SlmError(str(e)) from None
+
+
+def new_model(cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
+    """Initialised on the CPU from SEED (the same weights on every device), then moved."""
+    model = build(cfg, "cpu", seed=seed)
+    return model.to(device)
+
+
+def load_weights(model: Transformer, ckpt: Checkpoint) -> None:
+    state = ckpt.state_dict()
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            raise SlmError(f"{ckpt.dir}: weight {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.startswith("rotary.")]
+    if missing or unexpected:
+        raise SlmError(f"{ckpt.dir}: weights do not match the model (missing {missing[:2]}, unexpected {unexpected[:2]})")
+
+
+def resume_point(run_dir: Path) -> Checkpoint | None:
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    ckpt = Checkpoint(latest)
+    if ckpt.train_state is None:
+        raise SlmError(f"{latest}: no train_state/: cannot resume from it")
+    return ckpt
+
+
+def restore(ckpt: Checkpoint, optimizer: torch.optim.Optimizer, d: engine.Dist) -> None:
+    opt = ckpt.optimizer_state()
+    if opt is None:
+        raise SlmError(f"{ckpt.dir}: no train_state/optimizer.pt: cannot resume exactly")
+    try:
+        optimizer.load_state_dict(opt)
+    except (ValueError, KeyError) as e:
+        raise SlmError(f"{ckpt.dir}: the optimizer state does not fit this model ({e})") from None
+    rng = ckpt.rng_state()
+    if rng is not None:
+        set_rng_state(rng, d.device)
+
+
+def saved_config(run_dir: Path) -> dict | None:
+    p = Path(run_dir) / "config.yaml"
+    if not p.is_file():
+        return None
+    return yaml.safe_load(p.read_text())
+
+
+def valid_set(path: Path | None, seq_len: int, n: int, reader: MixReader, tok: Tokenizer) -> tuple[ValidSet | None, float | None]:
+    if path is None:
+        return None, None
+    vs = ValidSet(path, seq_len, n)
+    if vs.tokens.tokenizer_sha256 != tok.hash:
+        raise SlmError(f"{path}: encoded with another tokenizer than the training data")
+    return vs, vs.unigram_loss(reader.sources, tok.n_vocab)

@@ -1,0 +1,171 @@
+"""The model against transformers: parameter counts, logits (packed and unpacked), the KV cache, the fused loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slm.model.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from slm.model.loss import linear_cross_entropy
+from slm.model.transformer import KVCache, ModelConfig, build, document_mask, positions_from_segments
+from slm.recipes import load_recipe
+
+STABLELM = ModelConfig(family="stablelm", vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
+                       intermediate_size=256, partial_rotary_factor=0.25, qkv_bias=True, max_seq_len=128)
+LLAMA = ModelConfig(family="llama", vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=256, tie_embeddings=True, max_seq_len=128)
+
+
+@pytest.mark.parametrize("recipe,expected", [
+    ("stablelm-2-1_6b", 1_644_515_328),  # transformers' count (LayerNorms with bias); the card says 1,644,417,024
+    ("smollm2-135m", 134_515_008),
+    ("smollm2-360m", 361_821_120),
+    ("smollm2-1_7b", 1_711_376_384),
+])
+def test_parameter_counts_of_the_recipes(recipe, expected):
+    model = build(ModelConfig(**load_recipe(recipe)["model"]), "meta")
+    assert model.num_parameters() == expected
+    if recipe == "stablelm-2-1_6b":
+        per_layer_norm_biases = 24 * 2 * 2048
+        assert expected - per_layer_norm_biases == 1_644_417_024
+
+
+def test_tiny_recipe_is_small_and_kquant_friendly():
+    cfg = ModelConfig(vocab_size=8192, **load_recipe("tiny")["model"])
+    model = build(cfg, "meta")
+    assert 2_000_000 < model.num_parameters() < 10_000_000
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            assert p.shape[1] % 256 == 0, name  # GGUF k-quants need rows divisible by 256
+
+
+def hf_twin(model, cfg):
+    """transformers' model with the same weights."""
+    import transformers
+
+    conf = {k: v for k, v in to_hf_config(cfg, 0, 0).items() if k != "architectures"}
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**conf),
+                                                      attn_implementation="eager", dtype=torch.float32)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), cfg), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    hf.tie_weights()
+    return hf.eval()
+
+
+def random_model(cfg, seed=0):
+    model = build(cfg, seed=seed)
+    with torch.no_grad():  # make norms and biases non-trivial so that a mix-up shows
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("cfg", [STABLELM, LLAMA], ids=["stablelm", "llama"])
+def test_logits_equal_transformers(cfg):
+    model = random_model(cfg)
+    hf = hf_twin(model, cfg)
+    ids = torch.randint(0, cfg.vocab_size, (3, 57), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [STABLELM, LLAMA], ids=["stablelm", "llama"])
+def test_packed_documents_equal_each_document_alone(cfg):
+    model = random_model(cfg, seed=3)
+    hf = hf_twin(model, cfg)
+    g = torch.Generator().manual_seed(2)
+    lengths = [[20, 30, 14], [64], [1, 40, 23]]
+    rows, segs = [], []
+    for doc_lengths in lengths:
+        rows.append(torch.randint(0, cfg.vocab_size, (sum(doc_lengths),), generator=g))
+        segs.append(torch.repeat_interleave(torch.arange(len(doc_lengths)), torch.tensor(doc_lengths)))
+    ids, seg = torch.stack(rows), torch.stack(segs)
+    with torch.no_grad():
+        packed = model(ids, segment_ids=seg)
+        for b, doc_lengths in enumerate(lengths):
+            start = 0
+            for n in doc_lengths:
+                alone = hf(ids[b:b + 1, start:start + n]).logits[0]
+                torch.testing.assert_close(packed[b, start:start + n], alone, rtol=1e-5, atol=1e-5)
+                start += n
+
+
+def test_positions_restart_at_document_starts():
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
+    assert positions_from_segments(seg).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+
+
+def test_flex_attention_equals_the_masked_fallback():
+    """The GPU path (FlexAttention block mask) against the boolean-mask SDPA path. On a CPU FlexAttention has no
+    backward, so this compares the forward; a GPU machine runs the backward (benchmarks/train_step.py)."""
+    torch.manual_seed(0)
+    B, T = 2, 200
+    q, k, v = torch.randn(B, 4, T, 32), torch.randn(B, 2, T, 32), torch.randn(B, 2, T, 32)
+    seg = torch.zeros(B, T, dtype=torch.long)
+    seg[0, 70:] = 1
+    seg[1, 20:] = 1
+    seg[1, 150:] = 2
+    from slm.model.transformer import attend
+
+    flex = attend(q, k, v, document_mask(seg, "flex"))
+    sdpa = attend(q, k, v, document_mask(seg, "sdpa"))
+    torch.testing.assert_close(flex, sdpa, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [STABLELM, LLAMA], ids=["stablelm", "llama"])
+def test_kv_cache_equals_full_forward(cfg):
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 30))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(cfg, 2, 40, "cpu", torch.float32)
+        first = model(ids[:, :10], cache=cache)
+        chunk = model(ids[:, 10:25], cache=cache)  # several new tokens against a filled cache
+        steps = [model(ids[:, i:i + 1], cache=cache) for i in range(25, 30)]
+    torch.testing.assert_close(torch.cat([first, chunk] + steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_cross_entropy_equals_pytorch():
+    torch.manual_seed(0)
+    h = torch.randn(300, 64, requires_grad=True)
+    w = torch.randn(1000, 64, requires_grad=True)
+    t = torch.randint(0, 1000, (300,))
+    t[::7] = -100
+    loss = linear_cross_entropy(h, w, t, chunk_elements=1000 * 64)  # several chunks
+    (loss * 0.5).backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.cross_entropy(h2 @ w2.T, t, ignore_index=-100, reduction="sum")
+    (ref * 0.5).backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [STABLELM, LLAMA], ids=["stablelm", "llama"])
+def test_training_loss_equals_transformers(cfg):
+    model = random_model(cfg)
+    hf = hf_twin(model, cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 33))
+    s, n = model(ids[:, :-1], targets=ids[:, 1:])
+    torch.testing.assert_close(s / n, hf(ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [STABLELM, LLAMA], ids=["stablelm", "llama"])
+def test_hf_mapping_round_trip(cfg):
+    model = random_model(cfg)
+    hf_conf = to_hf_config(cfg, 1, 2)
+    back = from_hf_config(hf_conf)
+    assert back == cfg
+    state = from_hf_state_dict(to_hf_state_dict(model.state_dict(), cfg), cfg)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+
+
+def test_refuses_what_it_cannot_reproduce():
+    conf = to_hf_config(LLAMA, 1, 2)
+    with pytest.raises(ValueError, match="mlp_bias"):
+        from_hf_config({**conf, "mlp_bias": True})
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        from_hf_config({**conf, "model_type": "gpt2"})
+    with pytest.raises(ValueError, match="rope scaling"):
+        from_hf_config({**conf, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})

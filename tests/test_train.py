@@ -1,0 +1,262 @@
+"""pretrain and cooldown: through the real CLI where the user's view matters, in-process where speed does."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_cli
+
+from slm.formats.checkpoint import Checkpoint, read_metrics
+from slm.stages.cooldown import CooldownConfig, run as cooldown
+from slm.stages.pretrain import PretrainConfig, run as pretrain
+
+GOLDEN = ROOT / "tests" / "data" / "golden_loss.txt"
+
+
+def _pretrain(data, out, steps, **kw):
+    return pretrain(PretrainConfig(data=data / "mix", out=out, config_file=data / "model.yaml", steps=steps,
+                                   device="cpu", **kw))
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def test_cli_run_loss_falls_and_writes_a_run_directory(tmp_path, train_data):
+    out = tmp_path / "run"
+    proc = run_cli("pretrain", "--config", train_data / "model.yaml", "--data", train_data / "mix", "--out", out,
+                   "--steps", "20", "--valid", train_data / "tokens" / "valid", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    last = out / "checkpoints" / "step-00000020"
+    assert proc.stdout.strip() == str(last)  # stdout: the last checkpoint, nothing else
+    rows = read_metrics(out)
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(20))
+    assert np.mean([r["loss"] for r in train[-5:]]) < train[0]["loss"] - 0.5
+    for key in ("lr", "grad_norm", "tokens_per_s", "memory_gib", "tokens_seen"):
+        assert key in train[-1]
+    assert "mfu" not in train[-1]  # no known peak on a CPU
+    valid = [r for r in rows if "valid_loss" in r]
+    assert [r["step"] for r in valid] == [9, 19]
+    assert valid[-1]["valid_loss"] < valid[0]["valid_loss"]
+    assert 0 < valid[0]["unigram_loss"] < np.log(1024)  # the context-free baseline a trained model must beat
+    assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "config.yaml").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000015", "step-00000020"]
+    assert (out / "checkpoints" / "latest").resolve() == last.resolve()
+    manifest = json.loads((last / "manifest.json").read_text())
+    assert manifest["kind"] == "checkpoint" and manifest["step"] == 20 and manifest["stage"] == "pretrain"
+    assert manifest["tokens_seen"] == 20 * 256 and manifest["mix"]["plan_sha256"]
+    state = json.loads((last / "train_state" / "state.json").read_text())
+    assert state["step"] == 20 and state["samples_seen"] == 20 * 8
+
+
+def test_resume_is_exact(tmp_path, train_data):
+    """Stop at step 7, resume to 12: the same losses, bit for bit, and the same final weights."""
+    whole = _pretrain(train_data, tmp_path / "whole", 12)
+    _pretrain(train_data, tmp_path / "split", 7)
+    resumed = _pretrain(train_data, tmp_path / "split", 12)
+    assert losses(tmp_path / "whole") == losses(tmp_path / "split")
+    assert len(losses(tmp_path / "split")) == 12
+    a, b = Checkpoint(whole).hf_state_dict(), Checkpoint(resumed).hf_state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    opt_a, opt_b = Checkpoint(whole).optimizer_state(), Checkpoint(resumed).optimizer_state()
+    for i in opt_a["state"]:
+        assert torch.equal(opt_a["state"][i]["exp_avg_sq"], opt_b["state"][i]["exp_avg_sq"])
+
+
+def test_golden_loss_curve(tmp_path, train_data):
+    """A tiny deterministic run's losses stay where they were when this file was written (within tolerance)."""
+    _pretrain(train_data, tmp_path / "run", 10)
+    got = losses(tmp_path / "run")
+    if os.environ.get("SLM_UPDATE_GOLDEN"):
+        GOLDEN.write_text("".join(f"{x:.6f}\n" for x in got))
+    want = [float(x) for x in GOLDEN.read_text().split()]
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_checkpoint_opens_in_transformers(tmp_path, train_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slm.stages.generate import load_model
+
+    last = _pretrain(train_data, tmp_path / "run", 3)
+    hf = AutoModelForCausalLM.from_pretrained(str(last))
+    tok = AutoTokenizer.from_pretrained(str(last))
+    ids = tok("def main():\n    return 42\n", return_tensors="pt")["input_ids"]
+    ours = load_model(Checkpoint.open(last), torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+    assert type(hf).__name__ == "StableLmForCausalLM"
+    # a run directory stands for its latest checkpoint
+    assert Checkpoint.open(tmp_path / "run").dir == last.resolve()
+
+
+def test_greedy_generate_equals_transformers(tmp_path, train_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slm.stages.generate import GenerateConfig, generate_ids
+
+    last = _pretrain(train_data, tmp_path / "run", 6)
+    prompt = "import os\n\ndef"
+    ours = generate_ids(GenerateConfig(checkpoint=last, prompt=prompt, max_new_tokens=12, temperature=0,
+                                       stop_at_eos=False, device="cpu"))
+    hf = AutoModelForCausalLM.from_pretrained(str(last))
+    tok = AutoTokenizer.from_pretrained(str(last))
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    want = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+    assert ours == want.tolist()
+    proc = run_cli("generate", last, prompt, "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    until_eos = ours[:ours.index(tok.eos_token_id)] if tok.eos_token_id in ours else ours
+    assert proc.stdout == tok.decode(until_eos) + "\n"  # streamed piece by piece, the same text
+    sampled = run_cli("generate", last, prompt, "--max-new-tokens", "8", "--seed", "3", "--device", "cpu")
+    again = run_cli("generate", last, prompt, "--max-new-tokens", "8", "--seed", "3", "--device", "cpu")
+    assert sampled.returncode == 0 and sampled.stdout == again.stdout  # seeded sampling is reproducible
+
+
+def test_cooldown_reaches_zero_and_continues_the_lineage(tmp_path, train_data):
+    base = _pretrain(train_data, tmp_path / "run", 8)
+    lr_at_8 = json.loads((base / "train_state" / "state.json").read_text())["lr"]
+    last = cooldown(CooldownConfig(source=tmp_path / "run", data=train_data / "mix", out=tmp_path / "cool", steps=5,
+                                   phase="decay", device="cpu"))
+    rows = [r for r in read_metrics(tmp_path / "cool") if "loss" in r]
+    assert [r["step"] for r in rows] == [8, 9, 10, 11, 12]  # step numbers continue
+    assert rows[0]["lr"] == pytest.approx(lr_at_8)
+    assert rows[-1]["lr"] == 0.0
+    assert [r["lr"] for r in rows] == pytest.approx([lr_at_8 * (4 - i) / 4 for i in range(5)])
+    m = json.loads((last / "manifest.json").read_text())
+    assert m["stage"] == "cooldown" and m["parent"] == str(base.resolve()) and m["step"] == 13
+    state = json.loads((last / "train_state" / "state.json").read_text())
+    plan = json.loads((train_data / "mix" / "plan.json").read_text())
+    decay_start = plan["phases"][0]["samples"]
+    assert state["cooldown"]["data_start"] == decay_start and state["samples_seen"] == decay_start + 5 * 8
+    assert state["tokens_seen"] == 13 * 256
+
+
+def test_cooldown_stopped_by_a_signal_resumes_exactly(tmp_path, train_data, monkeypatch):
+    from slm.train import loop
+    from slm.train.metrics import MetricsLog
+
+    _pretrain(train_data, tmp_path / "run", 4)
+    kw = dict(source=tmp_path / "run", data=train_data / "mix", lr_start=1e-3, device="cpu", steps=6)
+    cooldown(CooldownConfig(out=tmp_path / "whole", **kw))
+    write = MetricsLog.write
+    seen = []
+
+    def write_then_signal(self, record):
+        write(self, record)
+        seen.append(record)
+        if len(seen) == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM sends before the time limit
+
+    monkeypatch.setattr(MetricsLog, "write", write_then_signal)
+    with pytest.raises(loop.Stopped, match="stopped by SIGUSR1 after step 7"):
+        cooldown(CooldownConfig(out=tmp_path / "split", **kw))
+    monkeypatch.setattr(MetricsLog, "write", write)
+    last = cooldown(CooldownConfig(out=tmp_path / "split", **kw))
+    assert last.name == "step-00000010"
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    assert [r["lr"] for r in read_metrics(tmp_path / "split")][-1] == 0.0
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resumes(tmp_path, train_data):
+    """A scheduler's SIGTERM: the run saves at the end of the step, exits non-zero; the same command resumes and
+    the losses equal an uninterrupted run's."""
+    _pretrain(train_data, tmp_path / "whole", 30)
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "slm", "pretrain", "--config", str(train_data / "model.yaml"), "--data",
+            str(train_data / "mix"), "--out", str(out), "--steps", "30", "--device", "cpu",
+            "--set", "train.save_every=1000"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "stopped by SIGTERM" in stderr and stdout == ""
+    stopped_at = Checkpoint.open(out).step
+    assert 5 <= stopped_at < 30
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert losses(out) == losses(tmp_path / "whole")
+
+
+def test_refusals(tmp_path, train_data, arcade_dir):
+    mix = train_data / "mix"
+    cfg = train_data / "model.yaml"
+    proc = run_cli("pretrain", "--config", cfg, "--data", mix, "--out", tmp_path / "r1", "--steps", "100000")
+    assert proc.returncode == 1 and "plan more tokens" in proc.stderr
+    proc = run_cli("pretrain", "--config", cfg, "--data", mix, "--out", tmp_path / "r2", "--steps", "2",
+                   "--set", "train.tokens_per_step=250")
+    assert proc.returncode == 1 and "not a multiple of the mix's seq_len 32" in proc.stderr
+    proc = run_cli("pretrain", "--config", cfg, "--data", mix, "--out", tmp_path / "r3", "--steps", "2",
+                   "--set", "model.vocab_size=512")
+    assert proc.returncode == 1 and "the tokenizer has 1024 ids, more than the model's vocab_size 512" in proc.stderr
+    proc = run_cli("pretrain", "--config", cfg, "--data", mix, "--out", tmp_path / "r4", "--steps", "2",
+                   "--set", "train.lr_pek=1")
+    assert proc.returncode == 1 and "train.lr_pek: unknown field; did you mean 'lr_peak'?" in proc.stderr
+    proc = run_cli("pretrain", "--data", mix, "--out", tmp_path / "r5", "--steps", "2")
+    assert proc.returncode == 1 and "--recipe: missing" in proc.stderr
+    # A checkpoint trained on another tokenizer is refused before any work.
+    last = _pretrain(train_data, tmp_path / "base", 1)
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in last.iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    for f in ("encoding.json", "tokenizer.tiktoken"):
+        (other / f).write_bytes((arcade_dir / f).read_bytes())
+    proc = run_cli("pretrain", "--init", other, "--data", mix, "--out", tmp_path / "r6", "--steps", "2")
+    assert proc.returncode == 1 and "the checkpoint's tokenizer" in proc.stderr
+    # A run directory is not silently re-purposed with another configuration.
+    proc = run_cli("pretrain", "--config", cfg, "--data", mix, "--out", tmp_path / "base", "--steps", "2",
+                   "--set", "train.lr_peak=0.5")
+    assert proc.returncode == 1 and "train.lr_peak is 0.003 in this run" in proc.stderr
+    for d in ("r1", "r2", "r3", "r4", "r5", "r6"):
+        assert not (tmp_path / d / "checkpoints").exists()
+
+
+def test_plot_command(tmp_path, train_data):
+    _pretrain(train_data, tmp_path / "run", 3)
+    (tmp_path / "run" / "loss.png").unlink()
+    proc = run_cli("plot", tmp_path / "run")
+    assert proc.returncode == 0 and Path(proc.stdout.strip()).stat().st_size > 1000
+
+
+def test_init_from_a_transformers_checkpoint(tmp_path, train_data):
+    """slm reads a transformers directory (config.json + model.safetensors) saved by transformers itself."""
+    from transformers import AutoModelForCausalLM
+
+    last = _pretrain(train_data, tmp_path / "run", 2)
+    hf = AutoModelForCausalLM.from_pretrained(str(last))
+    hf.save_pretrained(str(tmp_path / "hf"))
+    out = pretrain(PretrainConfig(data=train_data / "mix", out=tmp_path / "cont", init=tmp_path / "hf", steps=2,
+                                  config_file=train_data / "model.yaml", device="cpu"))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parent"] == str((tmp_path / "hf").resolve())
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_matches_one(tmp_path, train_data):
+    """torchrun --nproc_per_node 2 (gloo): the same samples per step, so the same losses as one process."""
+    _pretrain(train_data, tmp_path / "one", 6)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29531", "-m", "slm", "pretrain", "--config", str(train_data / "model.yaml"),
+                           "--data", str(train_data / "mix"), "--out", str(tmp_path / "two"), "--steps", "6",
+                           "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(tmp_path / "two" / "checkpoints" / "step-00000006")  # printed once
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
