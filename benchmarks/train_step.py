@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--threads N] [--rounds 5] [--steps 3] [--device cpu|cuda] [--shapes ...]
 
-A step is forward, backward, AdamW (torch's foreach implementation for both) and zero_grad, on the same batch of
+A step is forward, backward, AdamW (torch's fused implementation, as slm's loop uses, for both) and zero_grad, on the same batch of
 random tokens, from the same weights. slm and transformers alternate round by round so that both see the same
 machine; the median round counts. Prints tokens/s of each and the ratio (target on a CPU: >= 1.3x).
 
@@ -59,17 +59,18 @@ def hf_model(cfg: ModelConfig, slm_model, device):
     return model.to(device)
 
 
-def make_steps(cfg, batch, seq, device, autocast):
+def make_steps(cfg, batch, seq, device, autocast, compile_slm=False):
     torch.manual_seed(0)
     slm_model = build(cfg, "cpu", seed=0).to(device)
     hf = hf_model(cfg, slm_model, device)
+    forward = torch.compile(slm_model) if compile_slm else slm_model
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
-    opt_slm = torch.optim.AdamW(slm_model.parameters(), lr=1e-4, foreach=True)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True)
+    opt_slm = torch.optim.AdamW(slm_model.parameters(), lr=1e-4, fused=True)  # the same optimizer for both
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
 
     def step_slm():
         with autocast():
-            s, n = slm_model(tokens[:, :-1], targets=tokens[:, 1:])
+            s, n = forward(tokens[:, :-1], targets=tokens[:, 1:])
         (s / n).backward()
         opt_slm.step()
         opt_slm.zero_grad(set_to_none=True)
@@ -102,6 +103,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--compile", action="store_true", help="torch.compile slm's model (train.compile: true)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,12 +114,13 @@ def main() -> None:
         import contextlib
 
         autocast = contextlib.nullcontext
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}", file=sys.stderr)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
+          f"{', slm compiled' if args.compile else ''}", file=sys.stderr)
     print("| shape | params | batch x seq | slm tok/s | transformers tok/s | ratio |\n|---|---:|---:|---:|---:|---:|")
     results = {}
     for name in args.shapes:
         cfg, batch, seq = SHAPES[name] if name in SHAPES else GPU_SHAPES[name]
-        model, step_slm, step_hf = make_steps(cfg, batch, seq, device, autocast)
+        model, step_slm, step_hf = make_steps(cfg, batch, seq, device, autocast, args.compile)
         for fn in (step_slm, step_hf, step_slm, step_hf):  # warm up both
             fn()
         slm_t, hf_t = [], []

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
+from slm.formats.checkpoint import read_metrics
 from slm.formats.mixplan import MixReader
 from slm.formats.tokenizer import Tokenizer
 
@@ -20,7 +21,10 @@ def test_quickstart_runs_every_stage(tmp_path):
                           text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # stdout carries only the paths each stage wrote
-    assert proc.stdout.split() == ["corpus", "tokenizer", "tokens/code", "tokens/prose", "tokens/valid", "mix"]
+    lines = proc.stdout.splitlines()
+    assert lines[:8] == ["corpus", "tokenizer", "tokens/code", "tokens/prose", "tokens/valid", "mix",
+                         "runs/pretrain/checkpoints/step-00000150", "runs/cooldown/checkpoints/step-00000180"]
+    assert "".join(lines[8:]).strip()  # the generated text
     assert "the token ledger" in proc.stderr
     tok = Tokenizer(out / "tokenizer")
     assert tok.n_vocab == 8192
@@ -32,3 +36,8 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert batch.shape == (4, plan["seq_len"] + 1)
     assert [s["path"] for s in plan["sources"]] == [str(out / "tokens" / "code"), str(out / "tokens" / "prose")]
     assert plan["tokenizer_sha256"] == tok.hash
+    # The tiny model learned something: its held-out loss is far below the context-free (unigram) baseline.
+    valid = [r for r in read_metrics(out / "runs" / "cooldown") if "valid_loss" in r]
+    assert valid[-1]["valid_loss"] < valid[-1]["unigram_loss"] - 1.0
+    cool = [r for r in read_metrics(out / "runs" / "cooldown") if "loss" in r]
+    assert cool[-1]["lr"] == 0.0 and cool[-1]["step"] == 179

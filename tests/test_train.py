@@ -260,3 +260,29 @@ def test_ddp_on_two_processes_matches_one(tmp_path, train_data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == str(tmp_path / "two" / "checkpoints" / "step-00000006")  # printed once
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_srun_environment_runs_ddp(tmp_path, train_data):
+    """Two processes started the way srun starts them (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, no torchrun)."""
+    _pretrain(train_data, tmp_path / "one", 4)
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NTASKS_PER_NODE="2",
+                   SLURM_JOB_ID="4242", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "slm", "pretrain", "--config", str(train_data / "model.yaml"), "--data",
+             str(train_data / "mix"), "--out", str(tmp_path / "two"), "--steps", "4", "--device", "cpu"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert outs[0][0].strip().endswith("step-00000004") and outs[1][0] == ""  # rank 0 prints the path
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(tmp_path, train_data):
+    _pretrain(train_data, tmp_path / "eager", 3)
+    _pretrain(train_data, tmp_path / "compiled", 3, sets=["train.compile=true"])
+    np.testing.assert_allclose(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rtol=1e-4)

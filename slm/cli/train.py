@@ -20,6 +20,13 @@ Valid = Annotated[Optional[Path], typer.Option("--valid", help="Held-out tokens 
 TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="The data's tokenizer directory, if it moved "
                                                                           "since the data was encoded.")]
 Device = Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda.")]
+Keep = Annotated[Optional[int], typer.Option("--keep", help="Keep the newest N checkpoints (train.keep).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Require a checkpoint in the run directory to resume from "
+                                                       "(resuming is automatic when there is one).")]
+
+
+def _with_keep(sets: list[str] | None, keep: int | None) -> list[str]:
+    return list(sets or []) + ([f"train.keep={keep}"] if keep is not None else [])
 
 
 def _tokens(value: str | None) -> int | None:
@@ -52,15 +59,17 @@ def pretrain(
     init: Annotated[Optional[Path], typer.Option(help="Start from these weights (slm or transformers checkpoint).")] = None,
     valid: Valid = None,
     tokenizer: TokenizerOpt = None,
+    keep: Keep = None,
+    resume: Resume = False,
     device: Device = "auto",
 ) -> None:
     """Pretrain a StableLM 2 / SmolLM2 model on a mix; prints the last checkpoint. Run under torchrun or srun for
     DDP. Re-running the same command resumes exactly where it stopped."""
     from slm.stages.pretrain import PretrainConfig, run
 
-    _print_main(run(PretrainConfig(data=data, out=out, recipe=recipe, config_file=config, sets=set_ or [],
-                                   steps=steps, tokens=_tokens(tokens), init=init, valid=valid, tokenizer=tokenizer,
-                                   device=device)))
+    _print_main(run(PretrainConfig(data=data, out=out, recipe=recipe, config_file=config,
+                                   sets=_with_keep(set_, keep), steps=steps, tokens=_tokens(tokens), init=init,
+                                   valid=valid, tokenizer=tokenizer, device=device, require_resume=resume)))
 
 
 @app.command("cooldown")
@@ -76,6 +85,8 @@ def cooldown(
     set_: Sets = None,
     valid: Valid = None,
     tokenizer: TokenizerOpt = None,
+    keep: Keep = None,
+    resume: Resume = False,
     device: Device = "auto",
 ) -> None:
     """Continue a checkpoint with the learning rate decaying linearly to 0 (StableLM 2's cooldown, SmolLM2's decay
@@ -83,8 +94,8 @@ def cooldown(
     from slm.stages.cooldown import CooldownConfig, run
 
     _print_main(run(CooldownConfig(source=source, data=data, out=out, steps=steps, tokens=_tokens(tokens),
-                                   lr_start=lr_start, phase=phase, sets=set_ or [], valid=valid, tokenizer=tokenizer,
-                                   device=device)))
+                                   lr_start=lr_start, phase=phase, sets=_with_keep(set_, keep), valid=valid,
+                                   tokenizer=tokenizer, device=device, require_resume=resume)))
 
 
 @app.command("generate")

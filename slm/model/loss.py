@@ -20,6 +20,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = None
+        # Pre-training has no ignored targets: skip the masking pass then (checked once, and never on a GPU,
+        # where it would cost a host sync).
+        mask_needed = targets.is_cuda or bool((targets == -100).any())
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
             logits = (hc @ w.t()).float()
@@ -34,7 +37,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h or need_w:
                 g = e.div_(total[:, None])  # softmax
                 g[torch.arange(g.shape[0], device=g.device), tgt] -= 1.0
-                if not bool(valid.all()):
+                if mask_needed:
                     g.mul_(valid[:, None])
                 g = g.to(h.dtype)
                 if need_h:

@@ -38,6 +38,8 @@ class CooldownConfig:
     valid: Path | None = None
     tokenizer: Path | None = None
     device: str = "auto"
+    require_resume: bool = False
+    """--resume: fail unless the run directory has a checkpoint to continue from."""
 
 
 def run(cfg: CooldownConfig) -> Path:
@@ -52,6 +54,8 @@ def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
     out = Path(cfg.out)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer)
     resume = setup.resume_point(out)
+    if cfg.require_resume and resume is None:
+        raise SlmError(f"--resume: {out} has no checkpoint to resume from")
     if resume is not None:
         if resume.train_state.get("stage") != "cooldown":
             raise SlmError(f"{out}: its checkpoints come from `slm {resume.train_state.get('stage')}`, not cooldown")

@@ -17,6 +17,12 @@ from slm.train.metrics import plot
 from slm.train.schedules import Schedule
 
 
+# What a resumed run may change: how long, how often to save and evaluate, how the step is computed. Everything
+# else (model, optimizer, schedule, batch) is fixed by the run's config.yaml.
+CHANGEABLE = {"steps", "keep", "save_every", "eval_every", "eval_samples", "micro_batch_size", "compile",
+              "activation_checkpointing", "attention"}
+
+
 @dataclass
 class PretrainConfig:
     data: Path
@@ -34,6 +40,8 @@ class PretrainConfig:
     """A held-out tokens directory for the validation loss."""
     tokenizer: Path | None = None
     device: str = "auto"
+    require_resume: bool = False
+    """--resume: fail unless the run directory has a checkpoint to continue from."""
 
 
 def run(cfg: PretrainConfig) -> Path:
@@ -48,6 +56,8 @@ def _run(cfg: PretrainConfig, d: engine.Dist) -> Path:
     out = Path(cfg.out)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer)
     resume = setup.resume_point(out)
+    if cfg.require_resume and resume is None:
+        raise SlmError(f"--resume: {out} has no checkpoint to resume from")
     saved = setup.saved_config(out)
     if resume is None and saved is None and cfg.recipe is None and cfg.config_file is None and cfg.init is None:
         raise SlmError("--recipe: missing (or --config FILE, or --init CKPT)")
@@ -58,7 +68,7 @@ def _run(cfg: PretrainConfig, d: engine.Dist) -> Path:
             for section in ("model", "train"):
                 for k, v in resolved[section].items():
                     old = saved.get(section, {}).get(k)
-                    if k not in ("steps",) and old is not None and (list(v) if isinstance(v, tuple) else v) != old:
+                    if k not in CHANGEABLE and old is not None and (list(v) if isinstance(v, tuple) else v) != old:
                         raise SlmError(f"{out}/config.yaml: {section}.{k} is {old!r} in this run, the command asks "
                                        f"for {v!r}; use another --out for a new run")
         resolved = resolve(None, None, cfg.sets, base=saved)
