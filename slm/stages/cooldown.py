@@ -9,7 +9,6 @@ the same mix, else the new mix from its first sample.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,12 +52,8 @@ def run(cfg: CooldownConfig) -> Path:
 def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
     out = Path(cfg.out)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer)
-    resume = setup.resume_point(out)
-    if cfg.require_resume and resume is None:
-        raise SlmError(f"--resume: {out} has no checkpoint to resume from")
+    resume = setup.resume_point(out, "cooldown", cfg.require_resume)
     if resume is not None:
-        if resume.train_state.get("stage") != "cooldown":
-            raise SlmError(f"{out}: its checkpoints come from `slm {resume.train_state.get('stage')}`, not cooldown")
         plan = resume.train_state["cooldown"]
         resolved = resolve(None, None, cfg.sets, base=setup.saved_config(out))
         source = None
@@ -77,16 +72,12 @@ def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
     model_cfg = setup.model_config_from(resolved["model"], tok)
     seq_len = reader.seq_len
     setup.check_fits(model_cfg, tok, seq_len, str(cfg.data))
-    if t.tokens_per_step % seq_len:
-        raise SlmError(f"train.tokens_per_step {t.tokens_per_step} is not a multiple of the mix's seq_len {seq_len}")
-    sps = t.tokens_per_step // seq_len
+    sps = setup.samples_per_step(t.tokens_per_step, seq_len)
 
     model = setup.new_model(model_cfg, d.device, t.seed)
     optimizer = make_optimizer(model, t, d.device)
     if plan is None:
-        if cfg.steps is not None and cfg.tokens is not None:
-            raise SlmError("give --steps or --tokens, not both")
-        steps = cfg.steps or (math.ceil(cfg.tokens / t.tokens_per_step) if cfg.tokens else None)
+        steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step)
         if not steps:
             raise SlmError("how long to cool down: give --steps or --tokens")
         ts = source.train_state or {}

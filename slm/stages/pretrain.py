@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,9 +54,7 @@ def run(cfg: PretrainConfig) -> Path:
 def _run(cfg: PretrainConfig, d: engine.Dist) -> Path:
     out = Path(cfg.out)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer)
-    resume = setup.resume_point(out)
-    if cfg.require_resume and resume is None:
-        raise SlmError(f"--resume: {out} has no checkpoint to resume from")
+    resume = setup.resume_point(out, "pretrain", cfg.require_resume)
     saved = setup.saved_config(out)
     if resume is None and saved is None and cfg.recipe is None and cfg.config_file is None and cfg.init is None:
         raise SlmError("--recipe: missing (or --config FILE, or --init CKPT)")
@@ -90,12 +87,8 @@ def _run(cfg: PretrainConfig, d: engine.Dist) -> Path:
     seq_len = reader.seq_len
     setup.check_fits(model_cfg, tok, seq_len, str(cfg.data))
 
-    if t.tokens_per_step % seq_len:
-        raise SlmError(f"train.tokens_per_step {t.tokens_per_step} is not a multiple of the mix's seq_len {seq_len}")
-    sps = t.tokens_per_step // seq_len
-    if cfg.steps is not None and cfg.tokens is not None:
-        raise SlmError("give --steps or --tokens, not both")
-    steps = cfg.steps or (math.ceil(cfg.tokens / t.tokens_per_step) if cfg.tokens else None) or t.steps or t.total_steps
+    sps = setup.samples_per_step(t.tokens_per_step, seq_len)
+    steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step) or t.steps or t.total_steps
     if not steps:
         raise SlmError("how long to train: give --steps or --tokens (or train.steps / train.total_steps)")
     total = t.total_steps or steps
@@ -116,8 +109,6 @@ def _run(cfg: PretrainConfig, d: engine.Dist) -> Path:
     state = {"tokens_seen": 0}
     start = 0
     if resume is not None:
-        if resume.train_state.get("stage") != "pretrain":
-            raise SlmError(f"{out}: its checkpoints come from `slm {resume.train_state.get('stage')}`, not pretrain")
         setup.load_weights(model, resume)
         setup.restore(resume, optimizer, d)
         start = resume.step

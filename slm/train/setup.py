@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -74,14 +75,32 @@ def load_weights(model: Transformer, ckpt: Checkpoint) -> None:
         raise SlmError(f"{ckpt.dir}: weights do not match the model (missing {missing[:2]}, unexpected {unexpected[:2]})")
 
 
-def resume_point(run_dir: Path) -> Checkpoint | None:
+def resume_point(run_dir: Path, stage: str, required: bool = False) -> Checkpoint | None:
+    """The checkpoint a STAGE run directory resumes from, or None for a fresh run."""
     latest = latest_checkpoint(run_dir)
     if latest is None:
+        if required:
+            raise SlmError(f"--resume: {run_dir} has no checkpoint to resume from")
         return None
     ckpt = Checkpoint(latest)
     if ckpt.train_state is None:
         raise SlmError(f"{latest}: no train_state/: cannot resume from it")
+    if ckpt.train_state.get("stage") != stage:
+        raise SlmError(f"{run_dir}: its checkpoints come from `slm {ckpt.train_state.get('stage')}`, not {stage}")
     return ckpt
+
+
+def samples_per_step(tokens_per_step: int, seq_len: int) -> int:
+    if tokens_per_step % seq_len:
+        raise SlmError(f"train.tokens_per_step {tokens_per_step} is not a multiple of the mix's seq_len {seq_len}")
+    return tokens_per_step // seq_len
+
+
+def steps_from(steps: int | None, tokens: int | None, tokens_per_step: int) -> int | None:
+    """--steps or --tokens (rounded up to whole steps)."""
+    if steps is not None and tokens is not None:
+        raise SlmError("give --steps or --tokens, not both")
+    return steps or (math.ceil(tokens / tokens_per_step) if tokens else None)
 
 
 def restore(ckpt: Checkpoint, optimizer: torch.optim.Optimizer, d: engine.Dist) -> None:
