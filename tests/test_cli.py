@@ -8,7 +8,7 @@ from conftest import ROOT, run_cli
 from slm import __version__
 
 COMMANDS = [[], ["tokenize"], ["tokenize", "build"], ["tokenize", "train"], ["tokenize", "encode"],
-            ["tokenize", "corpus"], ["mix"]]
+            ["tokenize", "corpus"], ["mix"], ["pretrain"], ["cooldown"], ["generate"], ["plot"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "slm")
@@ -27,7 +27,7 @@ def test_version_and_entry_point():
 
 def test_stage_list_in_help():
     out = run_cli("--help").stdout
-    for stage in ("tokenize", "mix"):
+    for stage in ("tokenize", "mix", "pretrain", "cooldown", "generate", "plot"):
         assert stage in out
 
 

@@ -34,11 +34,12 @@ def _root(
     """slm: from raw text to a quantized, benchmarked, evaluated chat model."""
 
 
-from slm.cli import mix as _mix  # noqa: E402,F401  (registers its command)
+# Commands register themselves on import, in the order of the pipeline.
 from slm.cli import tokenize as _tokenize  # noqa: E402
-from slm.cli import train as _train  # noqa: E402,F401
 
-app.add_typer(_tokenize.app, name="tokenize")
+app.add_typer(_tokenize.app, name="tokenize", rich_help_panel="Data")
+from slm.cli import mix as _mix  # noqa: E402,F401
+from slm.cli import train as _train  # noqa: E402,F401
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from slm.cli.options import Json
 from slm.errors import SlmError
 
 
-@app.command("mix")
+@app.command("mix", rich_help_panel="Data")
 def mix(
     mixture: Annotated[str, typer.Argument(metavar="MIX", help="A mixture YAML file, or a recipe name "
                                                                "(tiny, smollm2-1_7b, stablelm-2-1_6b).",
@@ -28,8 +28,10 @@ def mix(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the ledger; write nothing.")] = False,
     json_out: Json = False,
 ) -> None:
-    """Plan a data mixture: per phase and source, the tokens drawn, available and the epochs (the token ledger, on
-    stderr). The data order is a pure function of (plan, seed, sample number)."""
+    """Plan a data mixture and print its token ledger.
+
+    Per phase and source: the weight, tokens drawn, tokens available and epochs (on stderr). The data order is a
+    pure function of (plan, seed, sample number), so any process reads any range of samples."""
     from slm.console import stdout
     from slm.stages.mix import MixConfig, run
 

@@ -22,7 +22,9 @@ def build(
         help="A local cl100k_base.tiktoken(.gz), checked against the published sha256. Default: tiktoken's cache, "
              "or a download when online.")] = None,
 ) -> None:
-    """Build Arcade100k: cl100k_base's ranks, every digit its own token, NFC, 32 special tokens at 100257-100288."""
+    """Build Arcade100k, StableLM 2's tokenizer; prints its directory.
+
+    cl100k_base's ranks, every digit its own token, NFC, 32 special tokens at ids 100257-100288."""
     from slm.console import stdout
     from slm.stages.tokenize import BuildConfig, build as run
 
@@ -41,7 +43,9 @@ def train(
     min_frequency: Annotated[int, typer.Option(help="Minimum count of a pair to be merged.")] = 2,
     max_mb: Annotated[Optional[float], typer.Option(help="Train on at most this many MB of text.")] = None,
 ) -> None:
-    """Train a byte-level BPE on your text (Hugging Face tokenizers' trainer) with Arcade100k's or SmolLM2's rules."""
+    """Train a byte-level BPE on your text; prints its directory.
+
+    Hugging Face tokenizers' trainer with Arcade100k's or SmolLM2's pre-tokenizer and special tokens."""
     from slm.console import stdout
     from slm.stages.tokenize import TrainConfig, train as run
 
@@ -64,7 +68,10 @@ def encode(
     shard_mb: Annotated[float, typer.Option(help="Input MB per shard for inputs that can be cut.")] = 256.0,
     json_out: Json = False,
 ) -> None:
-    """Encode documents into Megatron .bin/.idx shards (uint16 or int32), in parallel; re-runs reuse unchanged shards."""
+    """Encode documents into Megatron .bin/.idx shards; prints the tokens directory.
+
+    uint16 or int32 ids, an end-of-document token after each document, worker processes; a re-run reuses the shards
+    of unchanged inputs and a failed run resumes where it stopped."""
     from slm.console import stdout
     from slm.stages.encode import EncodeConfig, run
 
@@ -80,8 +87,9 @@ def corpus(
     heldout_percent: Annotated[float, typer.Option(help="Percent of files in the held-out split.")] = 2.0,
     no_tests: Annotated[bool, typer.Option("--no-tests", help="Leave out the standard library's test suite.")] = False,
 ) -> None:
-    """Build the embedded default corpus from this machine's Python standard library: code/ and prose/ sources,
-    each with train.jsonl and valid.jsonl. Nothing is downloaded."""
+    """Build the embedded default corpus from this machine's Python standard library; prints its directory.
+
+    code/ and prose/ sources, each with train.jsonl and valid.jsonl. Nothing is downloaded."""
     from slm.console import stdout
     from slm.stages.corpus import CorpusConfig, run
 

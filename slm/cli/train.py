@@ -44,7 +44,7 @@ def _print_main(path: Path) -> None:
         print(path)
 
 
-@app.command("pretrain")
+@app.command("pretrain", rich_help_panel="Training")
 def pretrain(
     data: Annotated[Path, typer.Option("--data", help="The mix directory (from `slm mix`).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="The run directory (resumes if it has checkpoints).",
@@ -63,8 +63,9 @@ def pretrain(
     resume: Resume = False,
     device: Device = "auto",
 ) -> None:
-    """Pretrain a StableLM 2 / SmolLM2 model on a mix; prints the last checkpoint. Run under torchrun or srun for
-    DDP. Re-running the same command resumes exactly where it stopped."""
+    """Pretrain a StableLM 2 or SmolLM2 model on a mix; prints the last checkpoint.
+
+    Run under torchrun or srun for DDP. Re-running the same command resumes exactly where it stopped."""
     from slm.stages.pretrain import PretrainConfig, run
 
     _print_main(run(PretrainConfig(data=data, out=out, recipe=recipe, config_file=config,
@@ -72,7 +73,7 @@ def pretrain(
                                    valid=valid, tokenizer=tokenizer, device=device, require_resume=resume)))
 
 
-@app.command("cooldown")
+@app.command("cooldown", rich_help_panel="Training")
 def cooldown(
     source: Annotated[Path, typer.Option("--from", help="The checkpoint (or run directory) to cool down.",
                                          show_default=False)],
@@ -89,8 +90,9 @@ def cooldown(
     resume: Resume = False,
     device: Device = "auto",
 ) -> None:
-    """Continue a checkpoint with the learning rate decaying linearly to 0 (StableLM 2's cooldown, SmolLM2's decay
-    phase); prints the last checkpoint."""
+    """Cool a checkpoint down: the learning rate decays linearly to 0; prints the last checkpoint.
+
+    StableLM 2's cooldown and SmolLM2's decay phase. Weights and AdamW moments continue from the checkpoint."""
     from slm.stages.cooldown import CooldownConfig, run
 
     _print_main(run(CooldownConfig(source=source, data=data, out=out, steps=steps, tokens=_tokens(tokens),
@@ -98,7 +100,7 @@ def cooldown(
                                    tokenizer=tokenizer, device=device, require_resume=resume)))
 
 
-@app.command("generate")
+@app.command("generate", rich_help_panel="Models")
 def generate(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
     prompt: Annotated[str, typer.Argument(help="The text to continue.", show_default=False)],
@@ -119,7 +121,7 @@ def generate(
     sys.stdout.write("\n")
 
 
-@app.command("plot")
+@app.command("plot", rich_help_panel="Training")
 def plot_cmd(
     run_dir: Annotated[Path, typer.Argument(metavar="RUNDIR", help="A run directory (with metrics.jsonl).",
                                             show_default=False)],
