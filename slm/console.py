@@ -67,3 +67,22 @@ def stdout(line: str) -> None:
     """Results only: a path or a JSON document."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+class Heartbeat:
+    """Where no progress bar is drawn (stderr is a file: SLURM logs, CI), a plain line at most every SECONDS
+    (SLM_LOG_SECONDS, default 30) so that long work still reports how far it is."""
+
+    def __init__(self, seconds: float | None = None):
+        import time
+
+        self._time = time.monotonic
+        self.seconds = float(os.environ.get("SLM_LOG_SECONDS", seconds if seconds is not None else 30))
+        self.enabled = not err.is_terminal
+        self.last = self._time()  # the first line comes after SECONDS (or when forced)
+
+    def __call__(self, message: str, force: bool = False) -> None:
+        now = self._time()
+        if self.enabled and (force or now - self.last >= self.seconds):
+            self.last = now
+            info(message)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slm.console import RateColumn, info, progress, warn
+from slm.console import Heartbeat, RateColumn, info, progress, warn
 from slm.errors import SlmError
 from slm.formats.indexed import IndexedWriter
 from slm.formats.manifest import (MANIFEST, canonical_json, check_replaceable, new_manifest, publish_dir, read_json,
@@ -281,9 +281,14 @@ def _run_locked(cfg, tok, inputs, skipped_inputs, out, partial, settings, previo
     if jobs:
         with progress(RateColumn("completed", "MB/s", 1e6), RateColumn("tokens", "Mtok/s", 1e6)) as bar:
             task = bar.add_task("encoding", total=max(total, 1), tokens=0)
+            heartbeat, t0 = Heartbeat(), time.monotonic()
 
             def report(d_bytes: int, d_tokens: int) -> None:
                 bar.update(task, advance=d_bytes, tokens=bar.tasks[0].fields["tokens"] + d_tokens)
+                done_bytes, elapsed = bar.tasks[0].completed, max(time.monotonic() - t0, 1e-9)
+                heartbeat(f"encoding: {done_bytes / 1e6:,.0f} of {total / 1e6:,.0f} MB, {done_bytes / 1e6 / elapsed:.1f} "
+                          f"MB/s, {bar.tasks[0].fields['tokens'] / elapsed / 1e6:.2f} Mtok/s, ETA "
+                          f"{(total - done_bytes) / max(done_bytes / elapsed, 1e-9) / 60:.1f} min")
 
             def done(rec: dict) -> None:
                 write_json(partial / "units" / f"{rec['key']}.json", rec)

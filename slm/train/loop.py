@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from slm.console import err, info, progress
+from slm.console import Heartbeat, err, info, progress
 from slm.errors import SlmError
 from slm.formats.checkpoint import write_checkpoint
 from slm.model.transformer import ModelConfig, Transformer
@@ -152,6 +152,8 @@ def train(run: Run) -> Path:
             previous[sig] = signal.signal(sig, on_signal)
 
     last_ckpt = None
+    heartbeat = Heartbeat()
+    started = time.perf_counter()
     lr = run.lr_at(max(run.start_step - 1, 0))
     bar_ctx = progress() if d.main else contextlib.nullcontext()
     try:
@@ -189,11 +191,14 @@ def train(run: Run) -> Path:
                 if peak:
                     record["mfu"] = round(flops_per_token * tps / (peak * d.world), 4)
                 log.write(record)
+                status = (f"{run.stage} step {step + 1}/{run.end_step} loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
+                          + (f" MFU {record['mfu']:.1%}" if peak else ""))
                 if bar:
-                    bar.update(task, advance=1, description=f"{run.stage} step {step + 1}/{run.end_step} "
-                               f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" + (f" MFU {record['mfu']:.1%}"
-                                                                                  if peak else ""))
+                    bar.update(task, advance=1, description=status)
                 done = step + 1
+                if d.main:
+                    left = (time.perf_counter() - started) / (done - run.start_step) * (run.end_step - done)
+                    heartbeat(f"{status} ETA {left / 60:.1f} min", force=done == run.start_step + 1)
                 last = done == run.end_step
                 if run.valid is not None and (last or (t.eval_every and done % t.eval_every == 0)):
                     vl = evaluate(run, model)
