@@ -85,6 +85,17 @@ def make_steps(cfg, batch, seq, device, autocast, compile_slm=False):
     return slm_model, step_slm, step_hf
 
 
+def _mfu_step(model, tokens, opt, autocast):
+    def step():
+        with autocast():
+            s, n = model(tokens[:, :-1], targets=tokens[:, 1:])
+        (s / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def timed(fn, steps, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -141,14 +152,7 @@ def main() -> None:
             model = build(cfg, "cpu", seed=0).to(device)
             tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-            def step():
-                with autocast():
-                    s, n = model(tokens[:, :-1], targets=tokens[:, 1:])
-                (s / n).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+            step = _mfu_step(model, tokens, opt, autocast)
             for _ in range(3):
                 step()
             dt = statistics.median(timed(step, args.steps, device) for _ in range(args.rounds))
@@ -156,7 +160,7 @@ def main() -> None:
             mfu = model.flops_per_token(seq) * tps / peak if peak else None
             results[name + "-mfu"] = {"tokens_per_s": round(tps, 1), "mfu": mfu}
             print(f"| {name} | {tps:,.0f} | {mfu:.1%} |" if mfu else f"| {name} | {tps:,.0f} | - |")
-            del model, opt
+            del model, opt, step
     print(json.dumps(results))
 
 

@@ -49,7 +49,7 @@ def test_debug_shows_the_traceback():
 def test_completion_scripts_are_current(shell, name):
     proc = run_cli("--show-completion", shell, env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
     assert proc.returncode == 0
-    assert proc.stdout == (ROOT / "completions" / name).read_text(), f"run completions/generate.sh"
+    assert proc.stdout == (ROOT / "completions" / name).read_text(), "run completions/generate.sh"
 
 
 def test_completion_completes_commands_and_options():

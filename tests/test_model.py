@@ -54,7 +54,7 @@ def hf_twin(model, cfg):
 def random_model(cfg, seed=0):
     model = build(cfg, seed=seed)
     with torch.no_grad():  # make norms and biases non-trivial so that a mix-up shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.2)
     return model.eval()

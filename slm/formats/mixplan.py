@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -125,10 +125,21 @@ class MixPlan:
             start += n
         self.phase_starts = np.concatenate([[0], np.cumsum([p.samples for p in self.phases])]).astype(np.int64)
         self.total_samples = int(self.phase_starts[-1])
+        self._blocks: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
-    @lru_cache(maxsize=8)
     def _block(self, phase_index: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source of each position, global draw number j of that position's sample from its source)."""
+        """(source of each position, global draw number j of that position's sample from its source); the last
+        few blocks are kept, as readers go through them in order."""
+        key = (phase_index, b)
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
+            return self._blocks[key]
+        if len(self._blocks) >= 8:
+            self._blocks.popitem(last=False)
+        self._blocks[key] = self._compute_block(phase_index, b)
+        return self._blocks[key]
+
+    def _compute_block(self, phase_index: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         ph = self.phases[phase_index]
         m0 = min(b * ph.block_size, ph.samples)
         m1 = min((b + 1) * ph.block_size, ph.samples)

@@ -19,7 +19,6 @@ import gzip
 import io
 import json
 import math
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +236,16 @@ def _line_number(path: Path, offset: int) -> int:
     return count + 1
 
 
+class _Where:
+    """file:line of a record, the line number counted only when an error is reported (split units start mid-file)."""
+
+    def __init__(self, path: Path, lineno: int | None, offset: int):
+        self.path, self.lineno, self.offset = path, lineno, offset
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.lineno if self.lineno is not None else _line_number(self.path, self.offset)}"
+
+
 class UnitReader:
     """Iterate the documents of one unit. bytes_done tracks progress; bad / empty count what was skipped."""
 
@@ -298,10 +307,7 @@ class UnitReader:
                 line_start = pos
                 pos += len(line)
                 self.bytes_done = (pos - self.unit.start) if plain else raw.tell()
-
-                def where() -> str:
-                    n = lineno if lineno is not None else _line_number(path, line_start)
-                    return f"{path}:{n}"
+                where = _Where(path, lineno, line_start)
 
                 try:
                     if not line.strip():
@@ -309,24 +315,24 @@ class UnitReader:
                     try:
                         s = line.decode("utf-8")
                     except UnicodeDecodeError as e:
-                        self._bad(f"{where()}: invalid UTF-8 at byte {e.start + 1} of the line")
+                        self._bad(f"{where}: invalid UTF-8 at byte {e.start + 1} of the line")
                         continue
                     try:
                         record = json.loads(s)
                     except json.JSONDecodeError as e:
-                        self._bad(f"{where()}: not valid JSON ({e.msg} at column {e.colno})")
+                        self._bad(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
                         continue
                     if not isinstance(record, dict):
-                        self._bad(f"{where()}: expected a JSON object, got {type(record).__name__}")
+                        self._bad(f"{where}: expected a JSON object, got {type(record).__name__}")
                         continue
                     if key not in record:
                         keys = ", ".join(list(record)[:8]) or "none"
-                        self._bad(f"{where()}: no \"{key}\" field (the record has keys: {keys}); "
+                        self._bad(f"{where}: no \"{key}\" field (the record has keys: {keys}); "
                                   "choose the field with --text-key")
                         continue
                     text = record[key]
                     if not isinstance(text, str):
-                        self._bad(f"{where()}: \"{key}\" is {type(text).__name__}, expected a string")
+                        self._bad(f"{where}: \"{key}\" is {type(text).__name__}, expected a string")
                         continue
                     self.documents += 1
                     yield text

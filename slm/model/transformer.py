@@ -361,10 +361,3 @@ def build(cfg: ModelConfig, device="cpu", seed: int | None = None) -> Transforme
         g = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         model.init_weights(g)
     return model
-
-
-def causal_lm_loss(model: Transformer, input_ids, targets, **kw) -> torch.Tensor:
-    """Mean token loss (convenience for tests and evaluation)."""
-    s, n = model(input_ids, targets=targets, **kw)
-    return s / n.clamp(min=1)
-

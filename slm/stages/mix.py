@@ -19,7 +19,6 @@ every phase can be served. A source repeated more than 4 epochs gets a warning (
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -297,7 +296,3 @@ def ledger_markdown(plan: dict) -> str:
                      f"{r['tokens_available']:,} | {r['epochs_in_phase']:.3f} | {r['epochs']:.3f} |")
     lines.append(f"| total | | | {plan['total_tokens']:,} | {sum(s['tokens'] for s in plan['sources']):,} | | |")
     return "\n".join(lines) + "\n"
-
-
-def plan_json(plan: dict) -> str:
-    return json.dumps(plan, indent=2)

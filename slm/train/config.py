@@ -6,7 +6,6 @@ as config.yaml; a resumed run reads it back.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass
@@ -221,8 +220,3 @@ def to_yaml(resolved: dict) -> str:
            "model": {k: plain(v) for k, v in resolved["model"].items()},
            "train": {k: plain(v) for k, v in resolved["train"].items()}}
     return yaml.safe_dump(out, sort_keys=False)
-
-
-def full_train_dict(t: TrainSettings) -> dict:
-    return {f.name: (list(v) if isinstance(v := getattr(t, f.name), tuple) else v) for f in dataclasses.fields(t)}
-
