@@ -68,12 +68,7 @@ def make_steps(cfg, batch, seq, device, autocast, compile_slm=False):
     opt_slm = torch.optim.AdamW(slm_model.parameters(), lr=1e-4, fused=True)  # the same optimizer for both
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
 
-    def step_slm():
-        with autocast():
-            s, n = forward(tokens[:, :-1], targets=tokens[:, 1:])
-        (s / n).backward()
-        opt_slm.step()
-        opt_slm.zero_grad(set_to_none=True)
+    step_slm = _mfu_step(forward, tokens, opt_slm, autocast)
 
     def step_hf():
         with autocast():
@@ -86,6 +81,7 @@ def make_steps(cfg, batch, seq, device, autocast, compile_slm=False):
 
 
 def _mfu_step(model, tokens, opt, autocast):
+    """One slm training step (forward with the fused loss, backward, AdamW) on a fixed batch."""
     def step():
         with autocast():
             s, n = model(tokens[:, :-1], targets=tokens[:, 1:])

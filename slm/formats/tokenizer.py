@@ -301,10 +301,9 @@ class Tokenizer:
     def __init__(self, directory: Path):
         """DIRECTORY: a tokenizer directory, or a checkpoint that carries the tokenizer files."""
         self.dir = Path(directory)
-        if (self.dir / "manifest.json").is_file() and read_json(self.dir / "manifest.json").get("kind") == "checkpoint":
+        self.manifest = read_manifest(self.dir, ("tokenizer", "checkpoint"))
+        if self.manifest["kind"] == "checkpoint":  # a checkpoint carries its tokenizer's files, not its manifest
             self.manifest = {}
-        else:
-            self.manifest = read_manifest(self.dir, "tokenizer")
         raw = read_json(self.dir / "encoding.json")
         try:
             self.spec = EncodingSpec(**raw)
