@@ -31,5 +31,6 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
   "$py" -m pip install -q --disable-pip-version-check ${SLM_TORCH:-torch==2.13.0}
 fi
 echo "setup: installing slm${extras:+[$extras]} into $venv" >&2
-"$py" -m pip install -q --disable-pip-version-check -e "$root${extras:+[$extras]}"
+# DS_BUILD_OPS=0: DeepSpeed (the deepspeed and test extras) installs without compiling its CUDA/C++ ops.
+DS_BUILD_OPS=0 "$py" -m pip install -q --disable-pip-version-check -e "$root${extras:+[$extras]}"
 echo "$want" > "$stamp"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -20,14 +22,26 @@ from rich.text import Text
 
 err = Console(stderr=True, highlight=False)
 
+# "[rank R/W] " before every line a process of a multi-process run writes (set by slm.train.engine.setup).
+_rank_prefix = ""
+
+
+def set_rank(rank: int, world: int) -> None:
+    global _rank_prefix
+    _rank_prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+
+
+def rank_prefix() -> str:
+    return _rank_prefix
+
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    err.print(f"{escape(_rank_prefix)}[yellow]warning:[/] {message}", soft_wrap=True)
 
 
 def info(message: str) -> None:
     if not os.environ.get("SLM_QUIET"):
-        err.print(message, soft_wrap=True)
+        err.print(escape(_rank_prefix) + message, soft_wrap=True)
 
 
 class RateColumn(ProgressColumn):
@@ -61,6 +75,22 @@ def progress(*rates: RateColumn, transient: bool = False) -> Progress:
         transient=transient,
         disable=not (err.is_terminal or os.environ.get("SLM_PROGRESS")),
     )
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send what a library prints on standard output to stderr instead (file descriptor 1 included, for
+    subprocesses and C code): stdout carries slm's results only. DeepSpeed, for one, prints its build messages."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def stdout(line: str) -> None:

@@ -1,4 +1,10 @@
-"""The one exception type a user sees as a one-line message (set SLM_DEBUG=1 for the traceback)."""
+"""The exceptions a user sees as a one-line message (set SLM_DEBUG=1 for the traceback), and their exit codes.
+
+Exit codes, the same for every stage: 0 done; 1 an error (SlmError); 2 bad usage (typer's); 75 stopped by a signal
+after saving a checkpoint (EX_TEMPFAIL from sysexits.h: "saved; run the same command again to resume").
+"""
+
+EX_TEMPFAIL = 75
 
 
 class SlmError(Exception):
@@ -6,3 +12,11 @@ class SlmError(Exception):
 
     The message names the file, line or field at fault and what was expected.
     """
+
+    exit_code = 1
+
+
+class Stopped(SlmError):
+    """A run was asked to stop (SIGTERM / SIGUSR1), saved a checkpoint and exits with 75: run it again to resume."""
+
+    exit_code = EX_TEMPFAIL

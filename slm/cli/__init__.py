@@ -30,6 +30,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True,
+                                   help="Set by the deepspeed launcher; slm reads LOCAL_RANK from the environment."),
 ) -> None:
     """slm: from raw text to a quantized, benchmarked, evaluated chat model."""
 
@@ -43,7 +45,8 @@ from slm.cli import train as _train  # noqa: E402,F401
 
 
 def main() -> None:
-    """Entry point: known errors become one line on stderr and exit code 1 (SLM_DEBUG=1 shows the traceback)."""
+    """Entry point: known errors become one line on stderr and exit code 1, a run stopped by a signal after saving
+    exits 75 (slm.errors); SLM_DEBUG=1 shows the traceback."""
     from slm.errors import SlmError
 
     try:
@@ -55,8 +58,11 @@ def main() -> None:
 
         from slm.console import err
 
-        err.print(Text.assemble(("error: ", "red"), str(e)), soft_wrap=True)
-        sys.exit(1)
+        from slm.console import rank_prefix
+
+        err.print(Text.assemble(rank_prefix(), ("error: " if e.exit_code == 1 else "", "red"), str(e)),
+                  soft_wrap=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)

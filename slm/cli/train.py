@@ -23,10 +23,30 @@ Device = Annotated[str, typer.Option("--device", help="auto (cuda when available
 Keep = Annotated[Optional[int], typer.Option("--keep", help="Keep the newest N checkpoints (train.keep).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Require a checkpoint in the run directory to resume from "
                                                        "(resuming is automatic when there is one).")]
+EngineOpt = Annotated[Optional[str], typer.Option("--engine", help="single, ddp, fsdp or deepspeed (train.engine; "
+                                                                   "default: ddp under torchrun / srun).")]
+ZeroStage = Annotated[Optional[int], typer.Option("--zero-stage", help="DeepSpeed ZeRO stage 1, 2 or 3 "
+                                                                       "(train.zero_stage; default 1).")]
+DeepSpeedConfig = Annotated[Optional[Path], typer.Option("--deepspeed-config", help="A DeepSpeed JSON merged over "
+                                                         "train.* (implies --engine deepspeed).")]
+Requeue = Annotated[bool, typer.Option("--requeue", help="Under SLURM: after SIGTERM / SIGUSR1 and the save, run "
+                                                         "`scontrol requeue $SLURM_JOB_ID`.")]
 
 
-def _with_keep(sets: list[str] | None, keep: int | None) -> list[str]:
-    return list(sets or []) + ([f"train.keep={keep}"] if keep is not None else [])
+def _with_flags(sets: list[str] | None, keep: int | None = None, engine: str | None = None,
+                zero_stage: int | None = None, deepspeed_config: Path | None = None) -> list[str]:
+    """The options that stand for train.* fields, as --set items (which win over the recipe and --config)."""
+    out = list(sets or [])
+    if keep is not None:
+        out.append(f"train.keep={keep}")
+    if deepspeed_config is not None:
+        out.append(f"train.deepspeed_config={Path(deepspeed_config).absolute()}")
+        engine = engine or "deepspeed"
+    if engine is not None:
+        out.append(f"train.engine={engine}")
+    if zero_stage is not None:
+        out.append(f"train.zero_stage={zero_stage}")
+    return out
 
 
 def _tokens(value: str | None) -> int | None:
@@ -61,16 +81,23 @@ def pretrain(
     tokenizer: TokenizerOpt = None,
     keep: Keep = None,
     resume: Resume = False,
+    engine: EngineOpt = None,
+    zero_stage: ZeroStage = None,
+    deepspeed_config: DeepSpeedConfig = None,
+    requeue: Requeue = False,
     device: Device = "auto",
 ) -> None:
     """Pretrain a StableLM 2 or SmolLM2 model on a mix; prints the last checkpoint.
 
-    Run under torchrun or srun for DDP. Re-running the same command resumes exactly where it stopped."""
+    Run under torchrun, srun or the deepspeed launcher for several processes (--engine ddp, fsdp or deepspeed).
+    Re-running the same command resumes exactly where it stopped, on any number of processes; a run stopped by
+    SIGTERM / SIGUSR1 saves first and exits with code 75."""
     from slm.stages.pretrain import PretrainConfig, run
 
     _print_main(run(PretrainConfig(data=data, out=out, recipe=recipe, config_file=config,
-                                   sets=_with_keep(set_, keep), steps=steps, tokens=_tokens(tokens), init=init,
-                                   valid=valid, tokenizer=tokenizer, device=device, require_resume=resume)))
+                                   sets=_with_flags(set_, keep, engine, zero_stage, deepspeed_config), steps=steps,
+                                   tokens=_tokens(tokens), init=init, valid=valid, tokenizer=tokenizer,
+                                   device=device, require_resume=resume, requeue=requeue)))
 
 
 @app.command("cooldown", rich_help_panel="Training")
@@ -88,6 +115,10 @@ def cooldown(
     tokenizer: TokenizerOpt = None,
     keep: Keep = None,
     resume: Resume = False,
+    engine: EngineOpt = None,
+    zero_stage: ZeroStage = None,
+    deepspeed_config: DeepSpeedConfig = None,
+    requeue: Requeue = False,
     device: Device = "auto",
 ) -> None:
     """Cool a checkpoint down: the learning rate decays linearly to 0; prints the last checkpoint.
@@ -96,8 +127,9 @@ def cooldown(
     from slm.stages.cooldown import CooldownConfig, run
 
     _print_main(run(CooldownConfig(source=source, data=data, out=out, steps=steps, tokens=_tokens(tokens),
-                                   lr_start=lr_start, phase=phase, sets=_with_keep(set_, keep), valid=valid,
-                                   tokenizer=tokenizer, device=device, require_resume=resume)))
+                                   lr_start=lr_start, phase=phase,
+                                   sets=_with_flags(set_, keep, engine, zero_stage, deepspeed_config), valid=valid,
+                                   tokenizer=tokenizer, device=device, require_resume=resume, requeue=requeue)))
 
 
 @app.command("generate", rich_help_panel="Models")

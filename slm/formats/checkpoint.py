@@ -2,29 +2,40 @@
 
     RUNDIR/
       config.yaml             the resolved configuration (recipe < --config < --set)
-      metrics.jsonl           one JSON line per step (loss, lr, grad norm, tokens/s, MFU, memory) and per evaluation
+      metrics.jsonl           one JSON line per step (loss, lr, grad norm, tokens/s, MFU, memory), per skipped step
+                              and per evaluation
       loss.png                the loss curve (`slm plot RUNDIR`)
       checkpoints/
         step-00000100/        a transformers model directory, opened as it is by AutoModelForCausalLM and
                               AutoTokenizer: config.json (model_type stablelm or llama), model.safetensors (fp32,
                               transformers' names), generation_config.json, the tokenizer files; plus
           manifest.json       kind "checkpoint": lineage (recipe, tokenizer hash, mix plan, parent checkpoint,
-                              step, tokens seen)
-          train_state/        what an exact resume needs: state.json (step, samples and tokens seen, learning
-                              rate, data position), optimizer.pt (AdamW state), rng.pt (torch RNG states)
+                              step, tokens seen) and `files`: every other file with its size and sha256
+          train_state/        what an exact resume needs, the same whatever the engine and number of processes:
+            state.json          step, samples and tokens seen, learning rate, bad-step counters, the engine and
+                                world size that wrote it (for information), AdamW's step count
+            optimizer.safetensors   AdamW's moments as full fp32 tensors named "<parameter>.exp_avg" and
+                                "<parameter>.exp_avg_sq", <parameter> being the name in slm's model (fused
+                                q/k/v and gate/up, as model.state_dict() names them); a tied output matrix is
+                                its embedding's
+            rng.pt              torch RNG states
         latest -> step-00000100
 
 A checkpoint is written into step-N.tmp-* and renamed; `latest` is replaced by rename too. A killed save leaves
-no directory that looks complete, and `latest` always names a complete one.
+no directory that looks complete. Resuming takes the newest checkpoint whose files match its manifest (size and
+sha256); one that does not is named and skipped, never deleted. A disk that fills while saving leaves the previous
+checkpoints as they were and fails with one line. Files get the user's umask like every other file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,39 +43,100 @@ from pathlib import Path
 import torch
 
 from slm.errors import SlmError
-from slm.formats.manifest import MANIFEST, new_manifest, read_json, write_json
+from slm.formats.manifest import MANIFEST, fsync_tree, new_manifest, read_json, sha256_file, write_json
 from slm.model.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from slm.model.transformer import ModelConfig
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "encoding.json",
                    "tokenizer.tiktoken")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state besides its step count
+
+
+@dataclass
+class OptimizerState:
+    """AdamW's state in a layout that does not depend on the engine or the number of processes: the step count
+    and, for each parameter by its name in slm's model, the full fp32 moments."""
+
+    step: int
+    moments: dict[str, dict[str, torch.Tensor]]  # name -> {"exp_avg": T, "exp_avg_sq": T}
 
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def step_of(path: Path) -> int:
+    return int(STEP_RE.match(Path(path).name).group(1))
+
+
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
+def list_checkpoints(run_dir: Path, complete_only: bool = True) -> list[Path]:
+    """step-N directories, oldest first (COMPLETE_ONLY: those with a config.json)."""
     d = checkpoints_dir(run_dir)
     if not d.is_dir():
         return []
-    found = [p for p in d.iterdir() if STEP_RE.match(p.name) and (p / "config.json").is_file()]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+    found = [p for p in d.iterdir() if STEP_RE.match(p.name) and p.is_dir()
+             and (not complete_only or (p / "config.json").is_file())]
+    return sorted(found, key=step_of)
+
+
+def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
+    """None when every file the manifest lists is there with its size (and, with HASHES, its sha256); otherwise
+    what is wrong, in a few words. A checkpoint written before manifests listed their files passes if its weights
+    and train_state/state.json are there."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    try:
+        m = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no manifest.json"
+    except (OSError, ValueError):
+        return "manifest.json is not valid JSON"
+    files = m.get("files") if isinstance(m, dict) else None
+    if files is None:
+        for needed in ("config.json", "model.safetensors", "train_state/state.json"):
+            if not (path / needed).is_file():
+                return f"{needed} is missing"
+        return None
+    for f in files:
+        p = path / f["path"]
+        if not p.is_file():
+            return f"{f['path']} is missing"
+        size = p.stat().st_size
+        if size != f["bytes"]:
+            return f"{f['path']} has {size:,} bytes, the manifest says {f['bytes']:,}"
+    if hashes:
+        with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL: files hash in parallel
+            sums = list(pool.map(lambda f: sha256_file(path / f["path"]), files))
+        for f, got in zip(files, sums):
+            if got != f["sha256"]:
+                return f"{f['path']} does not match its sha256 in the manifest"
+    return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    link = checkpoints_dir(run_dir) / "latest"
-    if link.is_symlink() or link.is_dir():
-        target = link.resolve()
-        if (target / "config.json").is_file():
-            return target
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest checkpoint whose files are all there with their sizes (no hashing: cheap enough to open a
+    model with); resuming checks the hashes too (newest_verified)."""
+    for p in reversed(list_checkpoints(run_dir, complete_only=False)):
+        if verify_checkpoint(p, hashes=False) is None:
+            return p.resolve()
+    return None
+
+
+def newest_verified(run_dir: Path, on_skip=None) -> Path | None:
+    """The newest checkpoint whose every file matches the manifest's size and sha256. ON_SKIP(path, why) is told
+    of each newer one that does not (they are left where they are)."""
+    for p in reversed(list_checkpoints(run_dir, complete_only=False)):
+        why = verify_checkpoint(p)
+        if why is None:
+            return p.resolve()
+        if on_skip is not None:
+            on_skip(p, why)
+    return None
 
 
 def _point_latest(run_dir: Path, name: str) -> None:
@@ -74,19 +146,65 @@ def _point_latest(run_dir: Path, name: str) -> None:
     os.replace(tmp, d / "latest")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)  # safetensors and torch.save wrap the OS error in their own exceptions
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return -1
+
+
 def write_checkpoint(run_dir: Path, step: int, *, model_cfg: ModelConfig, state_dict: dict[str, torch.Tensor],
-                     tokenizer_dir: Path, lineage: dict, train_state: dict, optimizer_state: dict | None,
-                     rng_state: dict | None, keep: int, bos_id: int | None, eos_id: int | None) -> Path:
-    """Write RUNDIR/checkpoints/step-N atomically, point `latest` at it, keep the newest KEEP."""
+                     tokenizer_dir: Path, lineage: dict, train_state: dict, optimizer: OptimizerState | None,
+                     rng_state: dict | None, keep: int, bos_id: int | None, eos_id: int | None,
+                     on_replace=None) -> Path:
+    """Write RUNDIR/checkpoints/step-N atomically, point `latest` at it, keep the newest KEEP.
+
+    STATE_DICT is the model's full state under slm's names. A directory already at step-N (one that resuming
+    skipped because it did not verify) is moved aside to step-N.replaced-* (ON_REPLACE(old, new) is told)."""
     from safetensors.torch import save_file
 
     d = checkpoints_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / step_name(step)
+    hf = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in to_hf_state_dict(state_dict, model_cfg).items()}
+    tensors = {}
+    if optimizer is not None:
+        for name, m in optimizer.moments.items():
+            for key in MOMENTS:
+                tensors[f"{name}.{key}"] = m[key].detach().to("cpu", torch.float32).contiguous()
+    needed = (sum(t.numel() * 4 for t in hf.values()) + sum(t.numel() * 4 for t in tensors.values())
+              + sum((Path(tokenizer_dir) / n).stat().st_size for n in TOKENIZER_FILES
+                    if (Path(tokenizer_dir) / n).is_file()) + (1 << 20))
+    free = _free_bytes(d)
+    if 0 <= free < needed:
+        raise SlmError(f"{d}: no room for checkpoint {final.name}: it needs about {human_bytes(needed)} and "
+                       f"{human_bytes(free)} are free; the previous checkpoints are kept (free some space or lower "
+                       "train.keep, then run the same command again)")
     tmp = d / f"{step_name(step)}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        hf = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in to_hf_state_dict(state_dict, model_cfg).items()}
+        mode = 0o666 & ~_umask()
         save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", to_hf_config(model_cfg, bos_id, eos_id, "float32"))
         write_json(tmp / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id,
@@ -94,31 +212,47 @@ def write_checkpoint(run_dir: Path, step: int, *, model_cfg: ModelConfig, state_
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if src.is_file():
-                shutil.copy2(src, tmp / name)
+                shutil.copyfile(src, tmp / name)
         ts = tmp / "train_state"
         ts.mkdir()
+        if optimizer is not None:
+            save_file(tensors, str(ts / "optimizer.safetensors"), metadata={"format": "slm-adamw",
+                                                                            "step": str(optimizer.step)})
+            train_state = dict(train_state, optimizer={"type": "AdamW", "step": optimizer.step})
         write_json(ts / "state.json", train_state)
-        if optimizer_state is not None:
-            torch.save(optimizer_state, ts / "optimizer.pt")
         if rng_state is not None:
             torch.save(rng_state, ts / "rng.pt")
+        files = []
+        for p in sorted(q for q in tmp.rglob("*") if q.is_file()):
+            os.chmod(p, mode)  # safetensors creates its files 0600 whatever the umask
+            files.append(p)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            sums = list(pool.map(sha256_file, files))
+        listing = [{"path": p.relative_to(tmp).as_posix(), "bytes": p.stat().st_size, "sha256": h}
+                   for p, h in zip(files, sums)]
         write_json(tmp / MANIFEST, new_manifest(
             "checkpoint", {"model": model_cfg.to_dict()}, counts={"step": step,
                                                                  "tokens_seen": train_state.get("tokens_seen")},
-            **lineage))
-        from slm.formats.manifest import _fsync_tree
-
-        _fsync_tree(tmp)
+            files=listing, **lineage))
+        os.chmod(tmp / MANIFEST, mode)
+        fsync_tree(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            aside = d / f"{final.name}.replaced-{uuid.uuid4().hex[:8]}"
+            os.replace(final, aside)
+            if on_replace is not None:
+                on_replace(final, aside)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e) or (isinstance(e, (OSError, RuntimeError)) and 0 <= _free_bytes(d) < needed):
+            raise SlmError(f"{d}: the disk filled while writing checkpoint {final.name} (it needs about "
+                           f"{human_bytes(needed)}, {human_bytes(max(_free_bytes(d), 0))} are free); the previous "
+                           "checkpoints are kept: free some space, then run the same command again") from None
         raise
     _point_latest(run_dir, final.name)
-    for old in list_checkpoints(run_dir)[:-max(1, keep)]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    older = [p for p in list_checkpoints(run_dir, complete_only=False) if step_of(p) < step]
+    for old in older[:max(0, len(older) - (max(1, keep) - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
     for stale in d.glob("step-*.tmp-*"):  # left by a killed save
         shutil.rmtree(stale, ignore_errors=True)
     return final
@@ -191,9 +325,39 @@ class Checkpoint:
         except KeyError as e:
             raise SlmError(f"{self.dir}: {e.args[0]}") from None
 
-    def optimizer_state(self) -> dict | None:
-        p = self.dir / "train_state" / "optimizer.pt"
-        return torch.load(p, map_location="cpu", weights_only=True) if p.is_file() else None
+    def optimizer_state(self, legacy_order: list[str] | None = None) -> OptimizerState | None:
+        """AdamW's state (train_state/optimizer.safetensors), or None. LEGACY_ORDER names the parameters in the
+        optimizer's order, to read the optimizer.pt that slm wrote before 0.2 (torch's state_dict by index)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import safe_open
+
+        path = self.dir / "train_state" / "optimizer.safetensors"
+        if path.is_file():
+            moments: dict[str, dict[str, torch.Tensor]] = {}
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    step = int((f.metadata() or {}).get("step", (self.train_state or {}).get("optimizer", {})
+                                                        .get("step", 0)))
+                    for key in f.keys():
+                        name, _, kind = key.rpartition(".")
+                        if kind not in MOMENTS:
+                            raise SlmError(f"{path}: unexpected tensor {key!r} (expected <parameter>.exp_avg or "
+                                           "<parameter>.exp_avg_sq)")
+                        moments.setdefault(name, {})[kind] = f.get_tensor(key)
+            except SafetensorError as e:
+                raise SlmError(f"{path}: not a readable safetensors file ({e})") from None
+            return OptimizerState(step, moments)
+        legacy = self.dir / "train_state" / "optimizer.pt"
+        if legacy.is_file() and legacy_order is not None:
+            sd = torch.load(legacy, map_location="cpu", weights_only=True)
+            moments, step = {}, 0
+            for i, s in sd.get("state", {}).items():
+                if int(i) >= len(legacy_order):
+                    raise SlmError(f"{legacy}: {len(sd['state'])} parameters, the model has {len(legacy_order)}")
+                moments[legacy_order[int(i)]] = {k: s[k] for k in MOMENTS}
+                step = int(s["step"])
+            return OptimizerState(step, moments)
+        return None
 
     def rng_state(self) -> dict | None:
         p = self.dir / "train_state" / "rng.pt"

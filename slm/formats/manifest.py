@@ -34,7 +34,9 @@ from slm.errors import SlmError
 MANIFEST = "manifest.json"
 
 # The format version each kind is written with; readers accept only these.
-FORMAT_VERSIONS = {"tokenizer": 1, "corpus": 1, "tokens": 1, "mix": 1, "checkpoint": 1}
+# checkpoint 2: the manifest lists every file with its size and sha256; train_state/optimizer.safetensors
+# holds AdamW's moments by parameter name (1: train_state/optimizer.pt, torch's state_dict by index).
+FORMAT_VERSIONS = {"tokenizer": 1, "corpus": 1, "tokens": 1, "mix": 1, "checkpoint": 2}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -113,7 +115,7 @@ def read_manifest(directory: Path, kind: str | tuple[str, ...]) -> dict:
     return m
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -141,7 +143,7 @@ def check_replaceable(out: Path) -> None:
 
 def publish_dir(tmp: Path, out: Path) -> None:
     """fsync TMP, then put it in place of OUT with renames; an old OUT is removed only afterwards."""
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     old = None
     if out.exists():
         old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")

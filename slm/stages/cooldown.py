@@ -18,7 +18,7 @@ from slm.formats.checkpoint import Checkpoint
 from slm.train import engine, setup
 from slm.train.batches import Batches
 from slm.train.config import resolve, to_yaml, train_settings
-from slm.train.loop import Run, make_optimizer, train
+from slm.train.loop import Run, train
 from slm.train.metrics import plot
 from slm.train.schedules import linear_to_zero
 
@@ -39,6 +39,8 @@ class CooldownConfig:
     device: str = "auto"
     require_resume: bool = False
     """--resume: fail unless the run directory has a checkpoint to continue from."""
+    requeue: bool = False
+    """--requeue: after a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
 
 
 def run(cfg: CooldownConfig) -> Path:
@@ -52,7 +54,7 @@ def run(cfg: CooldownConfig) -> Path:
 def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
     out = Path(cfg.out)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer)
-    resume = setup.resume_point(out, "cooldown", cfg.require_resume)
+    resume = setup.resume_point(out, "cooldown", d, cfg.require_resume)
     if resume is not None:
         plan = resume.train_state["cooldown"]
         resolved = resolve(None, None, cfg.sets, base=setup.saved_config(out))
@@ -75,7 +77,9 @@ def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
     sps = setup.samples_per_step(t.tokens_per_step, seq_len)
 
     model = setup.new_model(model_cfg, d.device, t.seed)
-    optimizer = make_optimizer(model, t, d.device)
+    setup.load_weights(model, source if plan is None else resume)
+    batches = Batches(reader, sps, t.micro_batch_size, d.rank, d.world, d.device)
+    eng = setup.make_engine(d, model, t, batches.accumulation)
     if plan is None:
         steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step)
         if not steps:
@@ -95,16 +99,15 @@ def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
             data_start = 0
         plan = {"start_step": source.step, "steps": steps, "lr_start": lr_start, "data_start": data_start,
                 "from": str(source.dir)}
-        setup.load_weights(model, source)
-        opt_state = source.optimizer_state()
+        opt_state = source.optimizer_state(legacy_order=engine.optimizer_order(model))
         if opt_state is not None:
             try:
-                optimizer.load_state_dict(opt_state)
-            except (ValueError, KeyError):
-                warn(f"{source.dir}: its optimizer state does not fit; AdamW starts from zero moments")
+                eng.load_optimizer_state(opt_state, str(source.dir))
+            except SlmError as e:
+                warn(f"{e}; AdamW starts from zero moments")
         else:
             warn(f"{source.dir}: no optimizer state (not an slm checkpoint); AdamW starts from zero moments")
-        for g in optimizer.param_groups:  # hyper-parameters from this run, moments from the checkpoint
+        for g in eng.optimizer.param_groups:  # hyper-parameters from this run, moments from the checkpoint
             g["betas"], g["eps"] = tuple(t.betas), t.eps
         state = {"tokens_seen": ts.get("tokens_seen", 0), "cooldown": plan}
         start = plan["start_step"]
@@ -115,10 +118,11 @@ def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
             info(f"cooldown: from {source.dir} (step {start}), {steps} steps, lr {lr_start:.3e} -> 0, "
                  f"data from sample {data_start}")
     else:
-        setup.load_weights(model, resume)
-        setup.restore(resume, optimizer, d)
+        setup.restore(resume, eng, d)
         start = resume.step
-        state = {"tokens_seen": resume.train_state.get("tokens_seen", 0), "cooldown": plan, "resumed": True}
+        ts = resume.train_state
+        state = {"tokens_seen": ts.get("tokens_seen", 0), "cooldown": plan, "resumed": True,
+                 "bad_steps_total": ts.get("bad_steps_total", 0), "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0)}
         if d.main:
             info(f"resuming {out} at step {start}")
     end = plan["start_step"] + plan["steps"]
@@ -130,12 +134,13 @@ def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
     lineage = {"stage": "cooldown", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
                "mix": {"path": str(Path(cfg.data).absolute()), "plan_sha256": setup.plan_sha256(cfg.data)},
                "parent": plan["from"]}
-    run = Run(stage="cooldown", run_dir=out, model=model, model_cfg=model_cfg, train=t, optimizer=optimizer,
-              batches=Batches(reader, sps, t.micro_batch_size, d.rank, d.world, d.device), dist=d,
+    run = Run(stage="cooldown", run_dir=out, model=model, model_cfg=model_cfg, train=t, engine=eng,
+              batches=batches, dist=d,
               lr_at=lambda s: linear_to_zero(s, plan["lr_start"], plan["start_step"], plan["steps"]),
               first_sample_of=lambda s: plan["data_start"] + (s - plan["start_step"]) * sps,
               start_step=start, end_step=end, seq_len=seq_len, tokenizer_dir=tok.dir, bos_id=tok.bos_id,
-              eos_id=tok.eos_id, lineage=lineage, state=state, valid=valid, unigram_loss=unigram)
+              eos_id=tok.eos_id, lineage=lineage, state=state, valid=valid, unigram_loss=unigram,
+              requeue=cfg.requeue)
     last = train(run)
     if d.main:
         plot(out)

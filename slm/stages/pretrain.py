@@ -11,7 +11,7 @@ from slm.formats.checkpoint import Checkpoint
 from slm.train import engine, setup
 from slm.train.batches import Batches
 from slm.train.config import resolve, to_yaml, train_settings
-from slm.train.loop import Run, make_optimizer, train
+from slm.train.loop import Run, train
 from slm.train.metrics import plot
 from slm.train.schedules import Schedule
 
@@ -19,7 +19,7 @@ from slm.train.schedules import Schedule
 # What a resumed run may change: how long, how often to save and evaluate, how the step is computed. Everything
 # else (model, optimizer, schedule, batch) is fixed by the run's config.yaml.
 CHANGEABLE = {"steps", "keep", "save_every", "eval_every", "eval_samples", "micro_batch_size", "compile",
-              "activation_checkpointing", "attention"}
+              "activation_checkpointing", "attention", "engine", "zero_stage", "deepspeed_config", "max_bad_steps"}
 
 
 @dataclass
@@ -41,6 +41,8 @@ class PretrainConfig:
     device: str = "auto"
     require_resume: bool = False
     """--resume: fail unless the run directory has a checkpoint to continue from."""
+    requeue: bool = False
+    """--requeue: after a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
 
 
 def run(cfg: PretrainConfig) -> Path:
@@ -54,7 +56,7 @@ def run(cfg: PretrainConfig) -> Path:
 def _run(cfg: PretrainConfig, d: engine.Dist) -> Path:
     out = Path(cfg.out)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer)
-    resume = setup.resume_point(out, "pretrain", cfg.require_resume)
+    resume = setup.resume_point(out, "pretrain", d, cfg.require_resume)
     saved = setup.saved_config(out)
     if resume is None and saved is None and cfg.recipe is None and cfg.config_file is None and cfg.init is None:
         raise SlmError("--recipe: missing (or --config FILE, or --init CKPT)")
@@ -105,23 +107,28 @@ def _run(cfg: PretrainConfig, d: engine.Dist) -> Path:
     model = setup.new_model(model_cfg, d.device, t.seed)
     if init is not None:
         setup.load_weights(model, init)
-    optimizer = make_optimizer(model, t, d.device)
+    if resume is not None:
+        setup.load_weights(model, resume)
+    batches = Batches(reader, sps, t.micro_batch_size, d.rank, d.world, d.device)
+    eng = setup.make_engine(d, model, t, batches.accumulation)
     state = {"tokens_seen": 0}
     start = 0
     if resume is not None:
-        setup.load_weights(model, resume)
-        setup.restore(resume, optimizer, d)
+        setup.restore(resume, eng, d)
         start = resume.step
-        state = {"tokens_seen": resume.train_state.get("tokens_seen", start * t.tokens_per_step), "resumed": True}
+        ts = resume.train_state
+        state = {"tokens_seen": ts.get("tokens_seen", start * t.tokens_per_step), "resumed": True,
+                 "bad_steps_total": ts.get("bad_steps_total", 0), "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0)}
         if d.main:
-            info(f"resuming {out} at step {start}")
+            info(f"resuming {out} at step {start} ({eng.describe()}, {d.world} process(es); the checkpoint was "
+                 f"written by {ts.get('engine', 'single')} on {ts.get('world_size', 1)})")
     elif d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(resolved))
         n = model.num_parameters()
         info(f"pretrain: {model_cfg.family} model, {n:,} parameters; {steps} steps of {t.tokens_per_step:,} tokens "
              f"({sps} x {seq_len}; {sps // (d.world * t.micro_batch_size)} micro-batches of "
-             f"{t.micro_batch_size} per process, {d.world} process(es), {d.device})")
+             f"{t.micro_batch_size} per process, {d.world} process(es), {eng.describe()}, {d.device})")
     if start >= steps and d.main:
         info(f"{out}: already at step {start} of {steps}")
 
@@ -129,11 +136,11 @@ def _run(cfg: PretrainConfig, d: engine.Dist) -> Path:
     lineage = {"stage": "pretrain", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
                "mix": {"path": str(Path(cfg.data).absolute()), "plan_sha256": setup.plan_sha256(cfg.data)},
                "parent": str(init.dir) if init is not None else None}
-    run = Run(stage="pretrain", run_dir=out, model=model, model_cfg=model_cfg, train=t, optimizer=optimizer,
-              batches=Batches(reader, sps, t.micro_batch_size, d.rank, d.world, d.device), dist=d,
+    run = Run(stage="pretrain", run_dir=out, model=model, model_cfg=model_cfg, train=t, engine=eng,
+              batches=batches, dist=d,
               lr_at=schedule, first_sample_of=lambda s: s * sps, start_step=start, end_step=steps,
               seq_len=seq_len, tokenizer_dir=tok.dir, bos_id=tok.bos_id, eos_id=tok.eos_id, lineage=lineage,
-              state=state, valid=valid, unigram_loss=unigram)
+              state=state, valid=valid, unigram_loss=unigram, requeue=cfg.requeue)
     last = train(run)
     if d.main:
         plot(out)

@@ -57,6 +57,18 @@ class TrainSettings:
     attention: str = "auto"
     """Attention for packed documents: auto (FlexAttention on a GPU, masked SDPA elsewhere) | sdpa | flex."""
     activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them (less memory, ~1/3 more
+    compute)."""
+    engine: str = "auto"
+    """auto (ddp when WORLD_SIZE > 1, else single) | single | ddp | fsdp | deepspeed (slm.train.engine). A run may
+    resume under another engine or number of processes."""
+    zero_stage: int = 1
+    """deepspeed: the ZeRO stage, 1 (optimizer state sharded; StableLM 2's choice), 2 (+ gradients) or 3 (+ weights)."""
+    deepspeed_config: str | None = None
+    """deepspeed: a DeepSpeed JSON file merged over what train.* gives (buckets, offload, communication); it may
+    not set the optimizer, schedule, batch or precision, which slm owns."""
+    max_bad_steps: int = 10
+    """Steps in a row with a non-finite loss or gradient (each skipped) before the run stops."""
     save_every: int = 1000
     """Save a checkpoint every this many steps (and at the end)."""
     keep: int = 3
@@ -204,7 +216,13 @@ def train_settings(resolved: dict) -> TrainSettings:
         raise SlmError(f"train.dtype: expected auto, fp32 or bf16, got {t.dtype!r}")
     if t.attention not in ("auto", "sdpa", "flex"):
         raise SlmError(f"train.attention: expected auto, sdpa or flex, got {t.attention!r}")
-    for name in ("tokens_per_step", "micro_batch_size"):
+    from slm.train.engine import ENGINES
+
+    if t.engine not in ENGINES:
+        raise SlmError(f"train.engine: expected one of {', '.join(ENGINES)}, got {t.engine!r}")
+    if t.zero_stage not in (1, 2, 3):
+        raise SlmError(f"train.zero_stage: expected 1, 2 or 3, got {t.zero_stage!r}")
+    for name in ("tokens_per_step", "micro_batch_size", "max_bad_steps"):
         if getattr(t, name) < 1:
             raise SlmError(f"train.{name}: expected a positive integer, got {getattr(t, name)}")
     return t

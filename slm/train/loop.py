@@ -3,15 +3,24 @@
 The stages differ in what they hand it: the learning rate at each step, which samples each step reads, and what
 goes into a checkpoint's lineage. The loop owns the step: micro-batches with gradient accumulation (the loss of a
 step is the sum of token losses over every micro-batch and rank divided by the step's token count), clipping,
-AdamW, logging, evaluation, checkpoints, and stopping cleanly on SIGTERM / SIGUSR1 (a checkpoint is written at
-the end of the current step).
+AdamW through the engine (slm.train.engine: single, ddp, fsdp, deepspeed), logging, evaluation and checkpoints.
+
+Faults it survives:
+- SIGTERM / SIGUSR1 (a scheduler's preemption or time limit): the current step finishes, a checkpoint is saved
+  and the run exits with code 75 ("run the same command again"); with `requeue`, under SLURM, it first asks
+  `scontrol requeue $SLURM_JOB_ID`.
+- A step whose loss or gradient norm is not finite is skipped (weights and AdamW moments stay as they were) and
+  counted in metrics.jsonl; train.max_bad_steps of them in a row stop the run, naming the last good checkpoint.
+- A checkpoint that cannot be written (a full disk) stops every process with one line; the previous ones stay.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,39 +28,27 @@ from typing import Callable
 
 import torch
 
-from slm.console import Heartbeat, err, info, progress
-from slm.errors import SlmError
-from slm.formats.checkpoint import write_checkpoint
+from slm.console import Heartbeat, err, info, progress, warn
+from slm.errors import SlmError, Stopped
+from slm.formats.checkpoint import latest_checkpoint, write_checkpoint
 from slm.model.transformer import ModelConfig, Transformer
 from slm.train import engine
 from slm.train.batches import Batches, ValidSet
 from slm.train.config import TrainSettings
 from slm.train.metrics import MetricsLog, memory_gib, peak_flops
 
-
-class Stopped(SlmError):
-    """The run was asked to stop (SIGTERM / SIGUSR1) and saved a checkpoint first."""
+__all__ = ["Run", "Stopped", "train", "autocast_for", "rng_state", "set_rng_state"]
 
 
-def make_optimizer(model: Transformer, t: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices and embeddings, none on biases and norms (GPT-NeoX, nanotron)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = {"lr": t.lr_peak, "betas": tuple(t.betas), "eps": t.eps}
-    try:  # one fused kernel per step (CUDA; CPUs since torch 2.4): about 5x faster than the foreach version on a CPU
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+def compute_dtype(t: TrainSettings, device: torch.device) -> str:
+    """fp32 or bf16: what train.dtype resolves to on DEVICE."""
+    if t.dtype != "auto":
+        return t.dtype
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
 def autocast_for(t: TrainSettings, device: torch.device):
-    dtype = t.dtype
-    if dtype == "auto":
-        dtype = "bf16" if device.type == "cuda" else "fp32"
-    if dtype == "bf16":
+    if compute_dtype(t, device) == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -78,7 +75,7 @@ class Run:
     model: Transformer  # the unwrapped model
     model_cfg: ModelConfig
     train: TrainSettings
-    optimizer: torch.optim.Optimizer
+    engine: engine.Engine  # owns the optimizer and the wrapped model
     batches: Batches
     dist: engine.Dist
     lr_at: Callable[[int], float]
@@ -93,14 +90,17 @@ class Run:
     state: dict = field(default_factory=dict)  # tokens_seen etc., carried into train_state/state.json
     valid: ValidSet | None = None
     unigram_loss: float | None = None
+    requeue: bool = False
+    """After a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
 
 
-def evaluate(run: Run, model: torch.nn.Module) -> float:
+def evaluate(run: Run) -> float:
+    model = run.engine.forward_model
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=run.dist.device)
     with torch.no_grad(), autocast_for(run.train, run.dist.device)():
         for mb in run.valid.batches(run.train.micro_batch_size, run.dist.rank, run.dist.world, run.dist.device):
-            s, n = run.model(mb.input_ids, segment_ids=mb.segment_ids, targets=mb.targets)
+            s, n = model(mb.input_ids, segment_ids=mb.segment_ids, targets=mb.targets)
             total += torch.stack([s.double(), n.double()])
     engine.all_reduce_sum(total, run.dist)
     model.train()
@@ -108,38 +108,69 @@ def evaluate(run: Run, model: torch.nn.Module) -> float:
 
 
 def save(run: Run, step_done: int, lr: float) -> Path:
-    """Checkpoint after STEP_DONE steps (rank 0 writes; everyone waits)."""
-    path = None
-    if run.dist.main:
-        state = dict(run.state, step=step_done, stage=run.stage, lr=lr,
-                     samples_seen=run.first_sample_of(step_done))
-        path = write_checkpoint(
-            run.run_dir, step_done, model_cfg=run.model_cfg, state_dict=run.model.state_dict(),
-            tokenizer_dir=run.tokenizer_dir, lineage=dict(run.lineage, step=step_done,
-                                                         tokens_seen=state.get("tokens_seen")),
-            train_state=state, optimizer_state=run.optimizer.state_dict(), rng_state=rng_state(run.dist.device),
-            keep=run.train.keep, bos_id=run.bos_id, eos_id=run.eos_id)
-    engine.barrier(run.dist)
+    """Checkpoint after STEP_DONE steps: every rank helps gather the full state, rank 0 writes it. A failure on
+    rank 0 (a full disk) becomes the same one-line error on every rank."""
+    d = run.dist
+    weights = run.engine.full_weights()
+    optimizer = run.engine.full_optimizer_state()
+    path, error = None, None
+    if d.main:
+        state = dict(run.state, step=step_done, stage=run.stage, lr=lr, samples_seen=run.first_sample_of(step_done),
+                     engine=run.engine.describe(), world_size=d.world)
+        try:
+            path = write_checkpoint(
+                run.run_dir, step_done, model_cfg=run.model_cfg, state_dict=weights,
+                tokenizer_dir=run.tokenizer_dir, lineage=dict(run.lineage, step=step_done,
+                                                             tokens_seen=state.get("tokens_seen")),
+                train_state=state, optimizer=optimizer, rng_state=rng_state(d.device), keep=run.train.keep,
+                bos_id=run.bos_id, eos_id=run.eos_id,
+                on_replace=lambda old, new: warn(f"{old} did not verify when this run resumed; kept as {new}"))
+        except SlmError as e:
+            error = str(e)
+    error = engine.broadcast_object(error, d)
+    if error is not None:
+        raise SlmError(error if d.main else f"rank 0 could not save the checkpoint: {error}")
     return path or run.run_dir / "checkpoints" / f"step-{step_done:08d}"
+
+
+def requeue_job() -> None:
+    """Ask SLURM to requeue this job (it will then stop this one and start it again, which resumes)."""
+    env = os.environ
+    job = env.get("SLURM_JOB_ID")
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):  # an array task is named JOB_TASK
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        warn("--requeue: not running under SLURM (no SLURM_JOB_ID); not requeued")
+        return
+    info(f"requeueing SLURM job {job}")
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        warn(f"--requeue: scontrol requeue {job} failed ({e})")
+        return
+    if proc.returncode != 0:
+        warn(f"--requeue: scontrol requeue {job} failed: {proc.stderr.strip() or proc.returncode}")
 
 
 def train(run: Run) -> Path:
     """Run steps [start_step, end_step); returns the last checkpoint."""
-    d, t = run.dist, run.train
-    model = engine.wrap(run.model, d)
+    d, t, eng = run.dist, run.train, run.engine
+    model = eng.forward_model
     if t.compile:
         model = torch.compile(model)
     run.model.attention_backend = t.attention
     run.model.activation_checkpointing = t.activation_checkpointing
     model.train()
     autocast = autocast_for(t, d.device)
-    params = [p for p in run.model.parameters() if p.requires_grad]
     flops_per_token = run.model.flops_per_token(run.seq_len)
     peak = peak_flops(d.device)
     resumed = run.state.pop("resumed", False)
     log = MetricsLog(run.run_dir, run.start_step if resumed else None, d.main)
     tokens_per_step = run.batches.samples_per_step * run.seq_len
     run.state.setdefault("tokens_seen", 0)
+    run.state.setdefault("bad_steps_total", 0)
+    run.state.setdefault("bad_steps_in_a_row", 0)
+    poison = getattr(eng, "poison", None)
 
     stop = {"signal": None}
     previous = {}
@@ -162,46 +193,67 @@ def train(run: Run) -> Path:
             for step in range(run.start_step, run.end_step):
                 t0 = time.perf_counter()
                 lr = run.lr_at(step)
-                for g in run.optimizer.param_groups:
-                    g["lr"] = lr
+                eng.set_lr(lr)
                 mbs = run.batches.step(run.first_sample_of(step))
                 n_local = torch.tensor(float(sum(mb.n_tokens for mb in mbs)), device=d.device)
                 n_global = engine.all_reduce_sum(n_local.clone(), d)
                 loss_sum = torch.zeros((), device=d.device, dtype=torch.float32)
+                loss = float("nan")
                 for i, mb in enumerate(mbs):
-                    with engine.no_sync(model, i == len(mbs) - 1), autocast():
-                        s, _ = model(mb.input_ids, segment_ids=mb.segment_ids, targets=mb.targets)
-                    # DDP averages gradients over ranks: scale so the step's gradient is of sum / global tokens.
-                    (s * (d.world / n_global)).backward()
-                    loss_sum += s.detach().float()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                loss = float(engine.all_reduce_sum(loss_sum, d) / n_global)
-                if not math.isfinite(loss):
-                    raise SlmError(f"step {step}: the loss is {loss}; lower train.lr_peak or check the data")
+                    last = i == len(mbs) - 1
+                    with eng.accumulating(last):
+                        with autocast():
+                            s, _ = model(mb.input_ids, segment_ids=mb.segment_ids, targets=mb.targets)
+                        loss_sum += s.detach().float()
+                        if last:  # the step's loss, known before its last backward
+                            loss = float(engine.all_reduce_sum(loss_sum.clone(), d) / n_global)
+                            if not math.isfinite(loss) and poison is not None:
+                                s = poison(s)  # DeepSpeed then sees a non-finite gradient and skips the update
+                        # DDP averages gradients over ranks: scale so the step's gradient is of sum / global tokens.
+                        eng.backward(s * (d.world / n_global), last)
+                grad_norm, applied = eng.finish_step(math.isfinite(loss))
                 if d.device.type == "cuda":
                     torch.cuda.synchronize(d.device)
                 dt = time.perf_counter() - t0
                 run.state["tokens_seen"] += tokens_per_step
                 tps = tokens_per_step / dt
-                record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
-                          "tokens_seen": run.state["tokens_seen"], "tokens_per_s": round(tps, 1),
-                          "step_seconds": round(dt, 4), "memory_gib": round(memory_gib(d.device), 3)}
-                if peak:
-                    record["mfu"] = round(flops_per_token * tps / (peak * d.world), 4)
+                done = step + 1
+                if applied:
+                    run.state["bad_steps_in_a_row"] = 0
+                    record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
+                              "tokens_seen": run.state["tokens_seen"], "tokens_per_s": round(tps, 1),
+                              "step_seconds": round(dt, 4), "memory_gib": round(memory_gib(d.device), 3)}
+                    if peak:
+                        record["mfu"] = round(flops_per_token * tps / (peak * d.world), 4)
+                    status = (f"{run.stage} step {done}/{run.end_step} loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
+                              + (f" MFU {record['mfu']:.1%}" if peak else ""))
+                else:
+                    run.state["bad_steps_in_a_row"] += 1
+                    run.state["bad_steps_total"] += 1
+                    why = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+                    record = {"step": step, "skipped": True, "reason": why, "lr": lr,
+                              "tokens_seen": run.state["tokens_seen"],
+                              "bad_steps_in_a_row": run.state["bad_steps_in_a_row"],
+                              "bad_steps_total": run.state["bad_steps_total"]}
+                    status = f"{run.stage} step {done}/{run.end_step} skipped ({why})"
+                    if d.main:
+                        warn(f"step {step}: {why}; the update is skipped ({run.state['bad_steps_in_a_row']} in a "
+                             f"row, train.max_bad_steps {t.max_bad_steps})")
                 log.write(record)
-                status = (f"{run.stage} step {step + 1}/{run.end_step} loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
-                          + (f" MFU {record['mfu']:.1%}" if peak else ""))
+                if not applied and run.state["bad_steps_in_a_row"] >= t.max_bad_steps:
+                    good = last_ckpt or latest_checkpoint(run.run_dir)
+                    raise SlmError(f"{run.state['bad_steps_in_a_row']} steps in a row (up to step {step}) had a "
+                                   f"non-finite loss or gradient; the last good checkpoint is "
+                                   f"{good or 'none (no checkpoint was saved)'}: lower train.lr_peak or check the "
+                                   "data, then resume from it")
                 if bar:
                     bar.update(task, advance=1, description=status)
-                done = step + 1
                 if d.main:
                     left = (time.perf_counter() - started) / (done - run.start_step) * (run.end_step - done)
                     heartbeat(f"{status} ETA {left / 60:.1f} min", force=done == run.start_step + 1)
                 last = done == run.end_step
                 if run.valid is not None and (last or (t.eval_every and done % t.eval_every == 0)):
-                    vl = evaluate(run, model)
+                    vl = evaluate(run)
                     rec = {"step": step, "valid_loss": round(vl, 6), "tokens_seen": run.state["tokens_seen"]}
                     if run.unigram_loss is not None:
                         rec["unigram_loss"] = round(run.unigram_loss, 6)
@@ -213,14 +265,14 @@ def train(run: Run) -> Path:
                 if last or stopping or (t.save_every and done % t.save_every == 0):
                     last_ckpt = save(run, done, lr)
                 if stopping and not last:
-                    raise Stopped(f"stopped by {stop['signal'] or 'a signal'} after step {done}; checkpoint "
-                                  f"{last_ckpt} saved; run the same command again to resume")
+                    if run.requeue and d.main:
+                        requeue_job()
+                    raise Stopped(f"stopped by {stop['signal'] or 'a signal'} after step {done}; checkpoint {last_ckpt} "
+                                  "saved; run the same command again to resume")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if last_ckpt is None:  # nothing to do: already at end_step
-        from slm.formats.checkpoint import latest_checkpoint
-
         last_ckpt = latest_checkpoint(run.run_dir)
     if d.main:
         err.print(f"{run.stage}: {run.end_step - run.start_step} steps done; checkpoint {last_ckpt}")

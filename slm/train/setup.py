@@ -9,8 +9,9 @@ import torch
 import yaml
 
 from slm.errors import SlmError
-from slm.formats.checkpoint import Checkpoint, latest_checkpoint
-from slm.formats.manifest import sha256_file
+from slm.console import warn
+from slm.formats.checkpoint import Checkpoint, list_checkpoints, newest_verified
+from slm.formats.manifest import read_json, sha256_file
 from slm.formats.mixplan import MixReader
 from slm.formats.tokenizer import Tokenizer, padded_vocab_size
 from slm.model.transformer import ModelConfig, Transformer, build
@@ -75,16 +76,27 @@ def load_weights(model: Transformer, ckpt: Checkpoint) -> None:
         raise SlmError(f"{ckpt.dir}: weights do not match the model (missing {missing[:2]}, unexpected {unexpected[:2]})")
 
 
-def resume_point(run_dir: Path, stage: str, required: bool = False) -> Checkpoint | None:
-    """The checkpoint a STAGE run directory resumes from, or None for a fresh run."""
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
+def resume_point(run_dir: Path, stage: str, d: engine.Dist, required: bool = False) -> Checkpoint | None:
+    """The checkpoint a STAGE run directory resumes from, or None for a fresh run: the newest one whose files all
+    match its manifest (size and sha256). Rank 0 checks, every rank gets its answer. Newer ones that do not verify
+    are named on stderr and left as they are."""
+    found = None
+    if d.main:
+        found = newest_verified(run_dir, on_skip=lambda p, why: warn(f"{p}: skipped, it does not verify ({why}); "
+                                                                      "resuming from an older checkpoint"))
+        found = str(found) if found else None
+    found = engine.broadcast_object(found, d)
+    if found is None:
+        existing = list_checkpoints(run_dir, complete_only=False)
+        if existing:
+            raise SlmError(f"{run_dir}: none of its {len(existing)} checkpoint(s) verifies (see above); move "
+                           "checkpoints/ aside to start over")
         if required:
             raise SlmError(f"--resume: {run_dir} has no checkpoint to resume from")
         return None
-    ckpt = Checkpoint(latest)
+    ckpt = Checkpoint(Path(found))
     if ckpt.train_state is None:
-        raise SlmError(f"{latest}: no train_state/: cannot resume from it")
+        raise SlmError(f"{found}: no train_state/: cannot resume from it")
     if ckpt.train_state.get("stage") != stage:
         raise SlmError(f"{run_dir}: its checkpoints come from `slm {ckpt.train_state.get('stage')}`, not {stage}")
     return ckpt
@@ -103,14 +115,26 @@ def steps_from(steps: int | None, tokens: int | None, tokens_per_step: int) -> i
     return steps or (math.ceil(tokens / tokens_per_step) if tokens else None)
 
 
-def restore(ckpt: Checkpoint, optimizer: torch.optim.Optimizer, d: engine.Dist) -> None:
-    opt = ckpt.optimizer_state()
+def make_engine(d: engine.Dist, model: Transformer, t, accumulation: int) -> engine.Engine:
+    """The engine train.engine names, around MODEL (whose weights are already loaded), with its optimizer;
+    ACCUMULATION micro-batches per step and process."""
+    name = engine.resolve_engine(t.engine, d)
+    user, where = None, ""
+    if name == "deepspeed" and t.deepspeed_config:
+        where = t.deepspeed_config
+        user = read_json(Path(where), "DeepSpeed config")
+        if not isinstance(user, dict):
+            raise SlmError(f"{where}: expected a JSON object (a DeepSpeed config)")
+    return engine.build(name, d, model, t, accumulation=accumulation,
+                        micro_batch_size=t.micro_batch_size, deepspeed_user_config=user, deepspeed_where=where)
+
+
+def restore(ckpt: Checkpoint, eng: engine.Engine, d: engine.Dist) -> None:
+    """AdamW's state and the RNG from CKPT, into ENG (any engine, any number of processes)."""
+    opt = ckpt.optimizer_state(legacy_order=engine.optimizer_order(eng.model))
     if opt is None:
-        raise SlmError(f"{ckpt.dir}: no train_state/optimizer.pt: cannot resume exactly")
-    try:
-        optimizer.load_state_dict(opt)
-    except (ValueError, KeyError) as e:
-        raise SlmError(f"{ckpt.dir}: the optimizer state does not fit this model ({e})") from None
+        raise SlmError(f"{ckpt.dir}: no train_state/optimizer.safetensors: cannot resume exactly")
+    eng.load_optimizer_state(opt, str(ckpt.dir))
     rng = ckpt.rng_state()
     if rng is not None:
         set_rng_state(rng, d.device)

@@ -1,0 +1,172 @@
+"""Engines on 2 CPU processes (gloo): DDP, FSDP and DeepSpeed ZeRO-1/2/3 compute the step one process computes,
+and a run moves between engines and numbers of processes with the same samples in the same order."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from slm.formats.checkpoint import Checkpoint, read_metrics
+from slm.stages.pretrain import PretrainConfig, run as pretrain
+from slm.train.config import TrainSettings
+from slm.train.engine import deepspeed_config
+from slm.errors import SlmError
+
+HAS_DEEPSPEED = True
+try:
+    import deepspeed  # noqa: F401
+except ImportError:  # pragma: no cover - the test extra installs it
+    HAS_DEEPSPEED = False
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed (pip install slm[deepspeed])")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def one_process(data, out, steps, *sets):
+    return pretrain(PretrainConfig(data=data / "mix", out=out, config_file=data / "model.yaml", steps=steps,
+                                   device="cpu", sets=list(sets)))
+
+
+def two_processes(data, out, steps, *args, nproc=2):
+    """`torchrun --nproc_per_node 2 -m slm pretrain ...` (each process gets one of the two cores)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), "-m", "slm", "pretrain", "--config", str(data / "model.yaml"), "--data",
+           str(data / "mix"), "--out", str(out), "--steps", str(steps), "--device", "cpu", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def weights(ckpt):
+    return Checkpoint.open(ckpt).hf_state_dict()
+
+
+def assert_weights_close(a, b):
+    """Within what float32 reduction order leaves after a few AdamW steps. Adam turns gradients that are zero in
+    exact arithmetic (the key bias: softmax ignores a constant shift) but 1e-10 in floats into updates of about
+    lr: hence an absolute tolerance of a few lr x 1e-2 (a wrong gradient moves weights by about lr a step)."""
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def assert_moments_close(a, b):
+    a, b = Checkpoint.open(a).optimizer_state(), Checkpoint.open(b).optimizer_state()
+    assert a.step == b.step and a.moments.keys() == b.moments.keys()
+    for name in a.moments:
+        for key in ("exp_avg", "exp_avg_sq"):
+            x, y = a.moments[name][key], b.moments[name][key]
+            torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-3 * float(y.abs().max()),
+                                       msg=lambda m: f"{name} {key}: {m}")
+
+
+ENGINES = [
+    pytest.param(["--engine", "ddp"], id="ddp"),
+    pytest.param(["--engine", "fsdp"], id="fsdp"),
+    pytest.param(["--engine", "deepspeed", "--zero-stage", "1"], id="zero1", marks=needs_deepspeed),
+    pytest.param(["--engine", "deepspeed", "--zero-stage", "2"], id="zero2", marks=needs_deepspeed),
+    pytest.param(["--engine", "deepspeed", "--zero-stage", "3"], id="zero3", marks=needs_deepspeed),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, train_data):
+    """One process, 6 steps of 8 samples (2 micro-batches of 4: gradient accumulation)."""
+    out = tmp_path_factory.mktemp("ref") / "one"
+    one_process(train_data, out, 6)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine_args", ENGINES)
+def test_two_processes_compute_what_one_computes(tmp_path, train_data, reference, engine_args):
+    """The same global batch on 2 processes (1 micro-batch each) gives one process's losses, gradient norms and
+    weights, within float32 reduction-order noise; the checkpoint is the standard one whatever the engine."""
+    out = tmp_path / "two"
+    proc = two_processes(train_data, out, 6, *engine_args)
+    assert proc.stdout.strip() == str(out / "checkpoints" / "step-00000006")  # printed once, by rank 0
+    np.testing.assert_allclose(losses(out), losses(reference), rtol=2e-5)
+    got = [r["grad_norm"] for r in read_metrics(out) if "grad_norm" in r]
+    want = [r["grad_norm"] for r in read_metrics(reference) if "grad_norm" in r]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert_weights_close(out, reference)
+    state = json.loads((out / "checkpoints" / "step-00000006" / "train_state" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["samples_seen"] == 6 * 8
+    assert Checkpoint.open(out).optimizer_state().step == 6
+    assert_moments_close(out, reference)
+
+
+@pytest.mark.slow
+def test_elastic_two_processes_to_one_and_back(tmp_path, train_data):
+    """Checkpointed by 2 DDP processes, resumed by 1; checkpointed by 1, resumed by 2: the same samples in the
+    same order (the losses of an uninterrupted run), the same weights within tolerance."""
+    whole = tmp_path / "whole"
+    one_process(train_data, whole, 8)
+    down = tmp_path / "down"
+    two_processes(train_data, down, 4)
+    one_process(train_data, down, 8)
+    up = tmp_path / "up"
+    one_process(train_data, up, 4)
+    two_processes(train_data, up, 8)
+    for run in (down, up):
+        np.testing.assert_allclose(losses(run), losses(whole), rtol=2e-5)
+        assert_weights_close(run, whole)
+        assert json.loads((run / "checkpoints" / "step-00000008" / "train_state" / "state.json").read_text())[
+            "samples_seen"] == 8 * 8
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_resume_across_engines(tmp_path, train_data):
+    """ddp (2) -> DeepSpeed ZeRO-2 (2) -> FSDP (2) -> ZeRO-3 (1) -> single: one run, four engines, two sizes."""
+    whole = tmp_path / "whole"
+    one_process(train_data, whole, 10)
+    run = tmp_path / "run"
+    two_processes(train_data, run, 2, "--engine", "ddp")
+    two_processes(train_data, run, 4, "--engine", "deepspeed", "--zero-stage", "2")
+    two_processes(train_data, run, 6, "--engine", "fsdp")
+    two_processes(train_data, run, 8, "--engine", "deepspeed", "--zero-stage", "3", nproc=1)
+    one_process(train_data, run, 10, "train.engine=single")
+    np.testing.assert_allclose(losses(run), losses(whole), rtol=3e-5)
+    assert_weights_close(run, whole)
+    engines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in engines if "loss" in r]) == 10
+
+
+def test_deepspeed_config_from_train_settings_and_a_users_file():
+    t = TrainSettings(tokens_per_step=256, micro_batch_size=4, grad_clip=1.0, zero_stage=2)
+    c = deepspeed_config(t, 4, 2, 2, None, "x.json")
+    assert c["train_micro_batch_size_per_gpu"] == 4 and c["gradient_accumulation_steps"] == 2
+    assert c["train_batch_size"] == 16 and c["gradient_clipping"] == 1.0 and c["zero_optimization"] == {"stage": 2}
+    user = {"train_batch_size": "auto", "zero_optimization": {"stage": 3, "reduce_bucket_size": 1000},
+            "communication_data_type": "fp32"}
+    c = deepspeed_config(t, 4, 2, 2, user, "x.json")
+    assert c["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000} and c["train_batch_size"] == 16
+    assert c["communication_data_type"] == "fp32"
+    for bad, message in (({"optimizer": {"type": "Adam"}}, "x.json: optimizer: the optimizer comes from train.*"),
+                         ({"bf16": {"enabled": True}}, "x.json: bf16: bf16 comes from train.dtype"),
+                         ({"fp16": {"enabled": True}}, "x.json: fp16: slm trains in bf16 or fp32"),
+                         ({"scheduler": {}}, "x.json: scheduler:"),
+                         ({"train_batch_size": 64}, "x.json: train_batch_size is 64, train.* gives 16"),
+                         ({"gradient_accumulation_steps": 1}, "x.json: gradient_accumulation_steps is 1"),
+                         ({"zero_optimization": {"stage": 0}}, "zero_optimization.stage: expected 1, 2 or 3")):
+        with pytest.raises(SlmError, match=message.replace("*", r"\*")):
+            deepspeed_config(t, 4, 2, 2, bad, "x.json")
+    assert deepspeed_config(t, 4, 2, 2, {"bf16": {"enabled": False}}, "x.json")["bf16"] == {"enabled": False}
