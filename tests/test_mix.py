@@ -229,3 +229,20 @@ def test_changed_source_is_detected(tmp_path, small_tok):
                         workers=1))
     with pytest.raises(SlmError, match="changed since the mix was planned"):
         MixReader(out)
+
+
+def test_refuses_a_truncated_shard_before_planning(tmp_path, sources):
+    """A .bin cut short after encoding (a copy that stopped, a full disk) is found by `slm mix`, not by training."""
+    import shutil
+
+    broken = tmp_path / "a"
+    shutil.copytree(sources["a"], broken)
+    bin_path = next((broken / "shards").glob("*.bin"))
+    size = bin_path.stat().st_size
+    with open(bin_path, "r+b") as f:
+        f.truncate(size - 6)
+    m = write_mix(tmp_path / "m.yaml", {"a": broken, "b": sources["b"]}, PHASES)
+    proc = run_cli("mix", m, "--out", tmp_path / "mix")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"source 'a': {bin_path}: {size - 6} bytes, the index says {size}" in proc.stderr
+    assert not (tmp_path / "mix").exists()

@@ -187,6 +187,10 @@ def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir]]:
         if d.tokenizer_sha256 != first.tokenizer_sha256:
             raise SlmError(f"sources disagree on the tokenizer: {used[0]!r} ({first.dir}) was encoded with "
                            f"{first.tokenizer_sha256[:12]}, {name!r} ({d.dir}) with {d.tokenizer_sha256[:12]}")
+        try:
+            d.shards  # opens every shard: each .bin must have the size its .idx and the manifest give
+        except SlmError as e:
+            raise SlmError(f"source {name!r}: {e} (truncated or damaged: encode it again)") from None
         if (d.n_tokens - 1) // seq_len < 1:
             raise SlmError(f"source {name!r} ({d.dir}): {d.n_tokens} tokens, fewer than one sample of "
                            f"seq_len + 1 = {seq_len + 1}")
