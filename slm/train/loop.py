@@ -275,5 +275,5 @@ def train(run: Run) -> Path:
     if last_ckpt is None:  # nothing to do: already at end_step
         last_ckpt = latest_checkpoint(run.run_dir)
     if d.main:
-        err.print(f"{run.stage}: {run.end_step - run.start_step} steps done; checkpoint {last_ckpt}")
+        err.print(f"{run.stage}: {run.end_step - run.start_step} steps done; checkpoint {last_ckpt}", soft_wrap=True)
     return last_ckpt
