@@ -29,6 +29,20 @@ ZeroStage = Annotated[Optional[int], typer.Option("--zero-stage", help="DeepSpee
                                                                        "(train.zero_stage; default 1).")]
 DeepSpeedConfig = Annotated[Optional[Path], typer.Option("--deepspeed-config", help="A DeepSpeed JSON merged over "
                                                          "train.* (implies --engine deepspeed).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (parameters, tokens, FLOPs, memory per "
+                                                         "process, time, GPU-hours) and train nothing.",
+                                         rich_help_panel="Planning (--dry-run)")]
+Gpu = Annotated[str, typer.Option("--gpu", help="Plan for this GPU: h200, h100, h100-pcie, a100-80gb, a100-40gb, l40s, "
+                                                "a10, l4, rtx-4090, rtx-3090.", rich_help_panel="Planning (--dry-run)")]
+Gpus = Annotated[Optional[int], typer.Option("--gpus", help="Plan for this many GPUs (processes); default "
+                                                            "WORLD_SIZE or 1.", rich_help_panel="Planning (--dry-run)")]
+Mfu = Annotated[float, typer.Option("--mfu", help="Model FLOPs utilisation to assume.",
+                                    rich_help_panel="Planning (--dry-run)")]
+GpuHours = Annotated[Optional[float], typer.Option("--gpu-hours", help="Also print the MFU that this many GPU-hours "
+                                                                       "imply (a budget, or a reported figure).",
+                                                   rich_help_panel="Planning (--dry-run)")]
+JsonOut = Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON on stdout.",
+                                       rich_help_panel="Planning (--dry-run)")]
 Requeue = Annotated[bool, typer.Option("--requeue", help="Under SLURM: after SIGTERM / SIGUSR1 and the save, run "
                                                          "`scontrol requeue $SLURM_JOB_ID`.")]
 
@@ -57,6 +71,16 @@ def _tokens(value: str | None) -> int | None:
     return parse_budget(value, "--tokens")
 
 
+def _print_plan(plan: dict, json_out: bool) -> None:
+    import json
+
+    from slm.train.cost import print_plan
+
+    print_plan(plan)
+    if json_out:
+        print(json.dumps(plan, indent=2))
+
+
 def _print_main(path: Path) -> None:
     import os
 
@@ -66,9 +90,10 @@ def _print_main(path: Path) -> None:
 
 @app.command("pretrain", rich_help_panel="Training")
 def pretrain(
-    data: Annotated[Path, typer.Option("--data", help="The mix directory (from `slm mix`).", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The run directory (resumes if it has checkpoints).",
-                                      show_default=False)],
+    data: Annotated[Optional[Path], typer.Option("--data", help="The mix directory (from `slm mix`).",
+                                                 show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The run directory (resumes if it has "
+                                                                    "checkpoints).", show_default=False)] = None,
     recipe: Annotated[Optional[str], typer.Option(help="tiny, smollm2-135m, smollm2-360m, smollm2-1_7b, "
                                                        "stablelm-2-1_6b.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A YAML file with model: and train: "
@@ -86,26 +111,36 @@ def pretrain(
     deepspeed_config: DeepSpeedConfig = None,
     requeue: Requeue = False,
     device: Device = "auto",
+    dry_run: DryRunOpt = False,
+    gpu: Gpu = "h100",
+    gpus: Gpus = None,
+    mfu: Mfu = 0.4,
+    gpu_hours: GpuHours = None,
+    json_out: JsonOut = False,
 ) -> None:
     """Pretrain a StableLM 2 or SmolLM2 model on a mix; prints the last checkpoint.
 
-    Run under torchrun, srun or the deepspeed launcher for several processes (--engine ddp, fsdp or deepspeed).
-    Re-running the same command resumes exactly where it stopped, on any number of processes; a run stopped by
-    SIGTERM / SIGUSR1 saves first and exits with code 75."""
-    from slm.stages.pretrain import PretrainConfig, run
+    Run under torchrun, srun or the deepspeed launcher for several processes (--engine ddp, fsdp or deepspeed). Re-running the same command resumes where it stopped, on any number of processes; SIGTERM / SIGUSR1 save first and exit with code 75. --dry-run prints what the run will cost."""
+    from slm.stages.pretrain import PretrainConfig, dry_run as plan, run
+    from slm.train.setup import DryRun
 
-    _print_main(run(PretrainConfig(data=data, out=out, recipe=recipe, config_file=config,
-                                   sets=_with_flags(set_, keep, engine, zero_stage, deepspeed_config), steps=steps,
-                                   tokens=_tokens(tokens), init=init, valid=valid, tokenizer=tokenizer,
-                                   device=device, require_resume=resume, requeue=requeue)))
+    cfg = PretrainConfig(data=data, out=out, recipe=recipe, config_file=config,
+                         sets=_with_flags(set_, keep, engine, zero_stage, deepspeed_config), steps=steps,
+                         tokens=_tokens(tokens), init=init, valid=valid, tokenizer=tokenizer, device=device,
+                         require_resume=resume, requeue=requeue)
+    if dry_run:
+        _print_plan(plan(cfg, DryRun(gpu=gpu, gpus=gpus, mfu=mfu, gpu_hours=gpu_hours)), json_out)
+    else:
+        _print_main(run(cfg))
 
 
 @app.command("cooldown", rich_help_panel="Training")
 def cooldown(
     source: Annotated[Path, typer.Option("--from", help="The checkpoint (or run directory) to cool down.",
                                          show_default=False)],
-    data: Annotated[Path, typer.Option("--data", help="The mix to cool down on.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The cooldown's run directory.", show_default=False)],
+    data: Annotated[Optional[Path], typer.Option("--data", help="The mix to cool down on.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The cooldown's run directory.",
+                                                show_default=False)] = None,
     steps: Steps = None,
     tokens: Tokens = None,
     lr_start: Annotated[Optional[float], typer.Option(help="Start here instead of the checkpoint's learning rate.")] = None,
@@ -120,16 +155,26 @@ def cooldown(
     deepspeed_config: DeepSpeedConfig = None,
     requeue: Requeue = False,
     device: Device = "auto",
+    dry_run: DryRunOpt = False,
+    gpu: Gpu = "h100",
+    gpus: Gpus = None,
+    mfu: Mfu = 0.4,
+    gpu_hours: GpuHours = None,
+    json_out: JsonOut = False,
 ) -> None:
     """Cool a checkpoint down: the learning rate decays linearly to 0; prints the last checkpoint.
 
     StableLM 2's cooldown and SmolLM2's decay phase. Weights and AdamW moments continue from the checkpoint."""
-    from slm.stages.cooldown import CooldownConfig, run
+    from slm.stages.cooldown import CooldownConfig, dry_run as plan, run
+    from slm.train.setup import DryRun
 
-    _print_main(run(CooldownConfig(source=source, data=data, out=out, steps=steps, tokens=_tokens(tokens),
-                                   lr_start=lr_start, phase=phase,
-                                   sets=_with_flags(set_, keep, engine, zero_stage, deepspeed_config), valid=valid,
-                                   tokenizer=tokenizer, device=device, require_resume=resume, requeue=requeue)))
+    cfg = CooldownConfig(source=source, data=data, out=out, steps=steps, tokens=_tokens(tokens), lr_start=lr_start,
+                         phase=phase, sets=_with_flags(set_, keep, engine, zero_stage, deepspeed_config),
+                         valid=valid, tokenizer=tokenizer, device=device, require_resume=resume, requeue=requeue)
+    if dry_run:
+        _print_plan(plan(cfg, DryRun(gpu=gpu, gpus=gpus, mfu=mfu, gpu_hours=gpu_hours)), json_out)
+    else:
+        _print_main(run(cfg))
 
 
 @app.command("generate", rich_help_panel="Models")

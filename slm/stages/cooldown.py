@@ -27,8 +27,8 @@ from slm.train.schedules import linear_to_zero
 class CooldownConfig:
     source: Path
     """The checkpoint (or run directory) to cool down."""
-    data: Path
-    out: Path
+    data: Path | None
+    out: Path | None
     steps: int | None = None
     tokens: int | None = None
     lr_start: float | None = None
@@ -43,6 +43,24 @@ class CooldownConfig:
     """--requeue: after a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
 
 
+def dry_run(cfg: CooldownConfig, dry: setup.DryRun) -> dict:
+    """The plan of the cooldown (the checkpoint's model and its run's training settings); writes nothing."""
+    source = Checkpoint.open(cfg.source)
+    parent_cfg = setup.saved_config(source.dir.parent.parent) or {}
+    resolved = resolve(None, None, cfg.sets, base={"recipe": parent_cfg.get("recipe"),
+                                                   "model": source.model_config.to_dict(),
+                                                   "train": parent_cfg.get("train", {})})
+    t = train_settings(resolved)
+    reader, tok = setup.open_data(cfg.data, cfg.tokenizer) if cfg.data else (None, None)
+    seq_len = reader.seq_len if reader else setup.recipe_seq_len(resolved.get("recipe"))
+    if not seq_len:
+        raise SlmError("--data: missing (the plan needs the mix's seq_len)")
+    steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step)
+    if not steps:
+        raise SlmError("how long to cool down: give --steps or --tokens")
+    return setup.plan(resolved["model"], tok, t, seq_len, steps, dry)
+
+
 def run(cfg: CooldownConfig) -> Path:
     d = engine.setup(cfg.device)
     try:
@@ -52,6 +70,8 @@ def run(cfg: CooldownConfig) -> Path:
 
 
 def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
+    if cfg.data is None or cfg.out is None:
+        raise SlmError(f"--{'data' if cfg.data is None else 'out'}: missing")
     out = Path(cfg.out)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer)
     resume = setup.resume_point(out, "cooldown", d, cfg.require_resume)

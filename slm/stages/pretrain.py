@@ -24,9 +24,9 @@ CHANGEABLE = {"steps", "keep", "save_every", "eval_every", "eval_samples", "micr
 
 @dataclass
 class PretrainConfig:
-    data: Path
+    data: Path | None
     """The mix directory (from `slm mix`)."""
-    out: Path
+    out: Path | None
     """The run directory: config.yaml, metrics.jsonl, loss.png, checkpoints/."""
     recipe: str | None = None
     config_file: Path | None = None
@@ -45,6 +45,29 @@ class PretrainConfig:
     """--requeue: after a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
 
 
+def dry_run(cfg: PretrainConfig, dry: setup.DryRun) -> dict:
+    """Resolve the configuration as a run would and return its plan (parameters, tokens, FLOPs, memory per
+    process, time and GPU-hours); reads the mix when given, writes nothing."""
+    saved = setup.saved_config(cfg.out) if cfg.out else None
+    if saved is None and cfg.recipe is None and cfg.config_file is None and cfg.init is None:
+        raise SlmError("--recipe: missing (or --config FILE, or --init CKPT)")
+    resolved = resolve(None, None, cfg.sets, base=saved) if saved is not None else \
+        resolve(cfg.recipe, cfg.config_file, cfg.sets)
+    t = train_settings(resolved)
+    reader, tok = setup.open_data(cfg.data, cfg.tokenizer) if cfg.data else (None, None)
+    seq_len = reader.seq_len if reader else setup.recipe_seq_len(resolved.get("recipe"))
+    if not seq_len:
+        raise SlmError("--data: missing (the plan needs the mix's seq_len; recipes carry one)")
+    model_values = Checkpoint.open(cfg.init).model_config.to_dict() if cfg.init else resolved["model"]
+    steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step) or t.steps or t.total_steps
+    if not steps:
+        raise SlmError("how long to train: give --steps or --tokens (or train.steps / train.total_steps)")
+    p = setup.plan(model_values, tok, t, seq_len, steps, dry)
+    if reader is not None and steps * p["samples_per_step"] > len(reader):
+        warn(f"{cfg.data}: the mix plans {len(reader)} samples; {steps} steps need {steps * p['samples_per_step']}")
+    return p
+
+
 def run(cfg: PretrainConfig) -> Path:
     d = engine.setup(cfg.device)
     try:
@@ -54,6 +77,10 @@ def run(cfg: PretrainConfig) -> Path:
 
 
 def _run(cfg: PretrainConfig, d: engine.Dist) -> Path:
+    if cfg.data is None:
+        raise SlmError("--data: missing (the mix directory from `slm mix`)")
+    if cfg.out is None:
+        raise SlmError("--out: missing (the run directory)")
     out = Path(cfg.out)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer)
     resume = setup.resume_point(out, "pretrain", d, cfg.require_resume)

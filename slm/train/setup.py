@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -154,3 +155,52 @@ def valid_set(path: Path | None, seq_len: int, n: int, reader: MixReader, tok: T
     if vs.tokens.tokenizer_sha256 != tok.hash:
         raise SlmError(f"{path}: encoded with another tokenizer than the training data")
     return vs, vs.unigram_loss(reader.sources, tok.n_vocab)
+
+
+@dataclass
+class DryRun:
+    """--dry-run: resolve the configuration and print the plan (slm.train.cost) without training."""
+
+    gpu: str = "h100"
+    """The GPU to plan for (a name in slm.train.metrics.GPUS)."""
+    gpus: int | None = None
+    """How many processes (one per GPU); default WORLD_SIZE, else 1."""
+    mfu: float = 0.4
+    """The model FLOPs utilisation to assume."""
+    gpu_hours: float | None = None
+    """A budget (or a reported figure): the plan then also gives the MFU it implies."""
+
+
+def recipe_seq_len(recipe: str | None) -> int | None:
+    """The sequence length of a recipe's mix, for a plan made before the data exists."""
+    if not recipe:
+        return None
+    from slm.recipes import find_recipe, load_recipe
+
+    if find_recipe(recipe) is None:
+        return None
+    return (load_recipe(recipe).get("mix") or {}).get("seq_len")
+
+
+def plan(model_values: dict, tok: Tokenizer | None, t, seq_len: int, steps: int, dry: DryRun) -> dict:
+    """The plan of a run: model from MODEL_VALUES (vocab from TOK unless fixed), STEPS of train.tokens_per_step."""
+    import os
+
+    from slm.train.cost import plan as cost_plan
+
+    values = dict(model_values)
+    if "vocab_size" not in values:
+        if tok is None:
+            raise SlmError("model.vocab_size: the recipe takes it from the data's tokenizer; give --data, or "
+                           "--set model.vocab_size=N")
+        values["vocab_size"] = padded_vocab_size(tok.n_vocab)
+    try:
+        model_cfg = ModelConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise SlmError(str(e)) from None
+    world = dry.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise SlmError(f"--gpus {world}: expected a positive number")
+    name = engine.resolve_engine(t.engine, engine.Dist(world=world))
+    dtype = t.dtype if t.dtype != "auto" else "bf16"  # a plan is for GPUs: auto is bf16 there
+    return cost_plan(model_cfg, t, seq_len, steps, world, name, dry.gpu, dry.mfu, dtype, dry.gpu_hours)

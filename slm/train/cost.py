@@ -1,0 +1,161 @@
+"""What a training run will cost, before it starts (`--dry-run`): FLOPs, memory per process, time and GPU-hours.
+
+FLOPs per token for training: 6N + 12 x layers x hidden x sequence (PaLM, arXiv 2204.02311, appendix B), N the
+parameters that multiply (the input embedding is a lookup; a tied output matrix still multiplies). Time = FLOPs /
+(GPUs x peak bf16 FLOP/s x MFU).
+
+Memory per process, in bytes, P parameters, W processes (the engine's own layout; activation memory an estimate
+within about a third, the allocator's slack and CUDA's context left out):
+    weights       fp32 master weights: 4P (fsdp: 4P / W; ZeRO-3: 4P / W and ZeRO's fp32 partition 4P / W)
+    gradients     fp32: 4P (ddp, ZeRO-1); 4P / W (fsdp, ZeRO-2, ZeRO-3)
+    optimizer     AdamW's two fp32 moments: 8P (single, ddp); 8P / W (fsdp); ZeRO-1/2 also keep an fp32 copy of
+                  their partition: 12P / W
+    buffers       fsdp: two blocks gathered at once (in the compute dtype); ZeRO-2/3: the reduce bucket
+                  (DeepSpeed's default 5e8 elements, or P) in fp32; ZeRO-3 also its prefetch bucket
+    activations   per micro-batch token and block, kept for the backward pass, c bytes per element of the compute
+                  dtype, h hidden, k the key/value width, i the SwiGLU width: 8h (the fp32 residual stream at both
+                  norms) + c(5h + 3k + 4i) (norm outputs, q/k/v, rotated q/k, attention output, gate/up, SwiGLU);
+                  flash attention keeps no (T x T) scores. Plus the fused output-layer loss: the gradient of the
+                  output matrix (4 V h) and of the last hidden states (c h per token). With activation checkpointing:
+                  each block's fp32 input (4h per token) plus one block's full activations at a time.
+"""
+
+from __future__ import annotations
+
+from slm.errors import SlmError
+from slm.model.transformer import ModelConfig, build
+from slm.train.metrics import GPUS
+
+DEEPSPEED_BUCKET = 5e8  # DeepSpeed's default reduce_bucket_size (elements)
+DEEPSPEED_PREFETCH = 5e7  # ZeRO-3's default stage3_prefetch_bucket_size (elements)
+
+
+def gib(n: float) -> float:
+    return n / 2**30
+
+
+def plan(model_cfg: ModelConfig, t, seq_len: int, steps: int, world: int, engine: str, gpu: str, mfu: float,
+         compute_dtype: str, gpu_hours: float | None = None) -> dict:
+    """The plan of a run of STEPS steps of train.tokens_per_step on WORLD processes of GPU at MFU."""
+    if gpu not in GPUS:
+        raise SlmError(f"--gpu {gpu!r}: expected one of {', '.join(GPUS)}")
+    if not 0 < mfu <= 1:
+        raise SlmError(f"--mfu {mfu}: expected a fraction in (0, 1], e.g. 0.4")
+    if t.tokens_per_step % seq_len:
+        raise SlmError(f"train.tokens_per_step {t.tokens_per_step} is not a multiple of seq_len {seq_len}")
+    samples = t.tokens_per_step // seq_len
+    if samples % world:
+        raise SlmError(f"train.tokens_per_step gives {samples} samples per step, not divisible by {world} processes")
+    per_rank = samples // world
+    if per_rank % t.micro_batch_size:
+        raise SlmError(f"{per_rank} samples per process per step is not a multiple of train.micro_batch_size "
+                       f"{t.micro_batch_size}")
+    model = build(model_cfg, "meta")
+    P = model.num_parameters()
+    flops_per_token = model.flops_per_token(seq_len)
+    tokens = steps * t.tokens_per_step
+    total_flops = flops_per_token * tokens
+    peak, memory_gib = GPUS[gpu]
+    seconds = total_flops / (world * peak * mfu)
+
+    c = 2 if compute_dtype == "bf16" else 4
+    W = world
+    zero = t.zero_stage if engine == "deepspeed" else None
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    mem = {"weights": 4 * P, "gradients": 4 * P, "optimizer": 8 * P, "buffers": 0}
+    if engine == "fsdp":
+        mem = {"weights": 4 * P / W, "gradients": 4 * P / W, "optimizer": 8 * P / W, "buffers": 2 * block * c}
+    elif zero in (1, 2):
+        mem["optimizer"] = 12 * P / W
+        if zero == 2:
+            mem["gradients"] = 4 * P / W
+            mem["buffers"] = 4 * min(DEEPSPEED_BUCKET, P)
+    elif zero == 3:
+        mem = {"weights": 8 * P / W, "gradients": 4 * P / W, "optimizer": 8 * P / W,
+               "buffers": 4 * min(DEEPSPEED_BUCKET, P) + 4 * min(DEEPSPEED_PREFETCH, P) + 2 * block * 4}
+    h, L, i = model_cfg.hidden_size, model_cfg.num_layers, model_cfg.intermediate_size
+    k = model_cfg.num_kv_heads * model_cfg.head_dim
+    tokens_micro = t.micro_batch_size * seq_len
+    per_block_token = 8 * h + c * (5 * h + 3 * k + 4 * i)
+    if t.activation_checkpointing:
+        act = tokens_micro * (L * 4 * h + per_block_token)
+    else:
+        act = tokens_micro * L * per_block_token
+    act += 4 * model_cfg.vocab_size * h + tokens_micro * (c + 4) * h
+    mem["activations"] = act
+    total = sum(mem.values())
+    out = {
+        "parameters": P,
+        "seq_len": seq_len,
+        "steps": steps,
+        "tokens_per_step": t.tokens_per_step,
+        "tokens": tokens,
+        "samples_per_step": samples,
+        "processes": world,
+        "micro_batch_size": t.micro_batch_size,
+        "accumulation_steps": per_rank // t.micro_batch_size,
+        "engine": engine + (f" ZeRO-{zero}" if zero else ""),
+        "compute_dtype": compute_dtype,
+        "activation_checkpointing": t.activation_checkpointing,
+        "flops_per_token": flops_per_token,
+        "flops": total_flops,
+        "memory_gib_per_process": {key: round(gib(v), 3) for key, v in mem.items()} | {"total": round(gib(total), 3)},
+        "gpu": gpu,
+        "gpu_peak_tflops": peak / 1e12,
+        "gpu_memory_gib": memory_gib,
+        "fits": gib(total) <= memory_gib,
+        "mfu": mfu,
+        "hours": seconds / 3600,
+        "gpu_hours": seconds * world / 3600,
+    }
+    if gpu_hours:
+        out["given_gpu_hours"] = gpu_hours
+        out["implied_mfu"] = total_flops / (gpu_hours * 3600 * peak)
+    return out
+
+
+def human(n: float) -> str:
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f}{unit}"
+    return f"{n:,.0f}"
+
+
+def print_plan(p: dict) -> None:
+    from rich.table import Table
+
+    from slm.console import err, warn
+
+    table = Table(title="the plan (--dry-run: nothing was trained or written)", title_style="bold",
+                  show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    m = p["memory_gib_per_process"]
+    rows = [
+        ("parameters", f"{p['parameters']:,}"),
+        ("tokens", f"{human(p['tokens'])} ({p['steps']:,} steps x {p['tokens_per_step']:,} tokens)"),
+        ("a step", f"{p['samples_per_step']:,} x {p['seq_len']:,} tokens = {p['processes']:,} process(es) x "
+                   f"{p['accumulation_steps']} micro-batch(es) of {p['micro_batch_size']}"),
+        ("engine", f"{p['engine']}, {p['compute_dtype']}"
+                   + (", activation checkpointing" if p["activation_checkpointing"] else "")),
+        ("FLOPs per token", f"{human(p['flops_per_token'])} (6N + 12 L H T)"),
+        ("FLOPs", f"{p['flops']:.3e}"),
+        ("memory per process", f"{m['total']:,.1f} GiB of {p['gpu_memory_gib']} "
+                               f"({'fits' if p['fits'] else 'does NOT fit'})"),
+        ("  weights / gradients", f"{m['weights']:,.2f} / {m['gradients']:,.2f} GiB"),
+        ("  optimizer / buffers", f"{m['optimizer']:,.2f} / {m['buffers']:,.2f} GiB"),
+        ("  activations", f"{m['activations']:,.2f} GiB"),
+        ("GPU", f"{p['processes']:,} x {p['gpu']} ({p['gpu_peak_tflops']:,.0f} TFLOP/s bf16) at {p['mfu']:.1%} MFU"),
+        ("time", f"{p['hours']:,.1f} hours ({p['hours'] / 24:,.1f} days)"),
+        ("GPU-hours", f"{p['gpu_hours']:,.0f}"),
+    ]
+    if "implied_mfu" in p:
+        rows.append((f"MFU that {p['given_gpu_hours']:,.0f} GPU-hours imply", f"{p['implied_mfu']:.1%}"))
+    for r in rows:
+        table.add_row(*r)
+    err.print(table)
+    if not p["fits"]:
+        warn(f"about {m['total']:,.1f} GiB per process does not fit in one {p['gpu']} ({p['gpu_memory_gib']} GiB): "
+             "lower train.micro_batch_size, set train.activation_checkpointing=true, or shard more (--engine fsdp, "
+             "--zero-stage 3)")
+

@@ -1,0 +1,100 @@
+"""--dry-run: the plan's numbers against hand arithmetic, and the StableLM 2 report's compute."""
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from slm.errors import SlmError
+from slm.model.transformer import ModelConfig
+from slm.train.config import TrainSettings
+from slm.train.cost import plan
+
+GiB = 2**30
+
+
+def test_stablelm_2_at_4T_tokens_on_512_a100s_by_hand():
+    """2T tokens seen twice on 512 A100-40GB: the report gives about 92,000 GPU-hours (seed summary)."""
+    proc = run_cli("pretrain", "--recipe", "stablelm-2-1_6b", "--dry-run", "--tokens", "4T", "--gpu", "a100-40gb",
+                   "--gpus", "512", "--mfu", "0.545", "--gpu-hours", "92000", "--engine", "deepspeed",
+                   "--zero-stage", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    p = json.loads(proc.stdout)
+    P, V, h, L, T = 1_644_515_328, 100_352, 2048, 24, 4096
+    assert p["parameters"] == P
+    per_token = 6 * (P - V * h) + 12 * L * h * T  # the input embedding is a lookup
+    assert p["flops_per_token"] == per_token == 11_049_885_696
+    steps = -(-4 * 10**12 // 2**23)  # --tokens rounds up to whole steps of 2^23 tokens
+    assert p["steps"] == steps == 476_838 and p["tokens"] == steps * 2**23
+    assert p["flops"] == pytest.approx(per_token * steps * 2**23, rel=1e-12)
+    assert p["gpu_hours"] == pytest.approx(p["flops"] / (312e12 * 0.545) / 3600, rel=1e-9)
+    assert 72_000 < p["gpu_hours"] < 72_500
+    assert p["implied_mfu"] == pytest.approx(p["flops"] / (92_000 * 3600 * 312e12), rel=1e-9)
+    assert 0.42 < p["implied_mfu"] < 0.435
+    assert p["samples_per_step"] == 2048 and p["accumulation_steps"] == 1 and p["engine"] == "deepspeed ZeRO-1"
+    m = p["memory_gib_per_process"]
+    assert m["weights"] == pytest.approx(4 * P / GiB, abs=1e-3) and m["gradients"] == pytest.approx(4 * P / GiB, abs=1e-3)
+    assert m["optimizer"] == pytest.approx(12 * P / 512 / GiB, abs=1e-3)  # moments + ZeRO's fp32 partition, / 512
+    # micro-batch 4 x 4096 tokens, bf16: 8h + 2(5h + 3k + 4i) bytes per token and block, + the output layer's
+    per_block = 8 * h + 2 * (5 * h + 3 * 2048 + 4 * 5632)
+    act = 4 * T * L * per_block + 4 * V * h + 4 * T * 6 * h
+    assert m["activations"] == pytest.approx(act / GiB, abs=1e-3)
+    assert not p["fits"] and "does not fit in one a100-40gb (40 GiB)" in proc.stderr
+    assert "MFU that 92,000 GPU-hours imply" in proc.stderr and "72,2" in proc.stderr
+
+
+@pytest.mark.parametrize("engine,zero,weights,grads,opt", [
+    ("ddp", None, 4, 4, 8),
+    ("fsdp", None, 4 / 8, 4 / 8, 8 / 8),
+    ("deepspeed", 1, 4, 4, 12 / 8),
+    ("deepspeed", 2, 4, 4 / 8, 12 / 8),
+    ("deepspeed", 3, 8 / 8, 4 / 8, 8 / 8),
+])
+def test_memory_per_engine_by_hand(engine, zero, weights, grads, opt):
+    cfg = ModelConfig(family="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                      intermediate_size=1536, max_seq_len=2048, tie_embeddings=True)
+    t = TrainSettings(tokens_per_step=2048 * 64, micro_batch_size=4, zero_stage=zero or 1,
+                      activation_checkpointing=True)
+    p = plan(cfg, t, 2048, 10, 8, engine, "h100", 0.4, "bf16")
+    P = p["parameters"]
+    assert P == 134_515_008  # SmolLM2-135M
+    m = p["memory_gib_per_process"]
+    assert (m["weights"], m["gradients"], m["optimizer"]) == pytest.approx(
+        (weights * P / GiB, grads * P / GiB, opt * P / GiB), abs=1e-3)
+    assert p["accumulation_steps"] == 2
+    h, k, i, L, tok = 576, 192, 1536, 30, 4 * 2048
+    act = tok * (L * 4 * h + 8 * h + 2 * (5 * h + 3 * k + 4 * i)) + 4 * 49152 * h + tok * 6 * h  # checkpointing
+    assert m["activations"] == pytest.approx(act / GiB, abs=1e-3)
+    assert (m["buffers"] > 0) == (engine == "fsdp" or zero in (2, 3))
+
+
+def test_plan_refusals():
+    cfg = ModelConfig(family="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+                      intermediate_size=128, max_seq_len=64)
+    t = TrainSettings(tokens_per_step=256, micro_batch_size=4)
+    with pytest.raises(SlmError, match="--gpu 'b200': expected one of h200, h100"):
+        plan(cfg, t, 32, 10, 1, "single", "b200", 0.4, "bf16")
+    with pytest.raises(SlmError, match="8 samples per step, not divisible by 3 processes"):
+        plan(cfg, t, 32, 10, 3, "ddp", "h100", 0.4, "bf16")
+    with pytest.raises(SlmError, match=r"--mfu 1.5: expected a fraction"):
+        plan(cfg, t, 32, 10, 1, "single", "h100", 1.5, "bf16")
+
+
+def test_dry_run_reads_the_mix_and_writes_nothing(tmp_path, train_data):
+    out = tmp_path / "run"
+    proc = run_cli("pretrain", "--config", train_data / "model.yaml", "--data", train_data / "mix", "--out", out,
+                   "--steps", "7", "--dry-run", "--gpus", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    p = json.loads(proc.stdout)
+    assert p["seq_len"] == 32 and p["steps"] == 7 and p["processes"] == 2 and p["engine"] == "ddp"
+    assert p["parameters"] == 214_016 and not out.exists()
+    proc = run_cli("pretrain", "--config", train_data / "model.yaml", "--dry-run", "--steps", "7")
+    assert proc.returncode == 1 and "--data: missing (the plan needs the mix's seq_len" in proc.stderr
+    proc = run_cli("pretrain", "--recipe", "tiny", "--dry-run", "--steps", "7")
+    assert proc.returncode == 1 and "model.vocab_size: the recipe takes it from the data's tokenizer" in proc.stderr
+    last = run_cli("pretrain", "--config", train_data / "model.yaml", "--data", train_data / "mix", "--out", out,
+                   "--steps", "2", "--device", "cpu")
+    assert last.returncode == 0
+    proc = run_cli("cooldown", "--from", out, "--data", train_data / "mix", "--steps", "5", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["steps"] == 5 and json.loads(proc.stdout)["parameters"] == 214_016
