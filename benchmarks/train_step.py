@@ -1,10 +1,20 @@
 """Benchmark: tokens/s of a training step, slm's model against transformers' with the same config, in one run.
 
     python benchmarks/train_step.py [--threads N] [--rounds 5] [--steps 3] [--device cpu|cuda] [--shapes ...]
+                                    [--bf16] [--engines]
 
 A step is forward, backward, AdamW (torch's fused implementation, as slm's loop uses, for both) and zero_grad, on the same batch of
 random tokens, from the same weights. slm and transformers alternate round by round so that both see the same
 machine; the median round counts. Prints tokens/s of each and the ratio (target on a CPU: >= 1.3x).
+
+--bf16 (CPU): slm's step in fp32 against bf16 autocast (what train.dtype auto picks on CPUs with avx512_bf16 or
+AMX), after a bf16 against fp32 matrix-product measurement; on a CPU without bf16 units torch emulates bf16, many
+times slower, and the step comparison is skipped unless --bf16-step forces it.
+
+--engines (CPU): the tiny recipe's step (16 x 256 tokens) on 1 process (gradient accumulation 2) against 2 processes
+under torchrun with DDP, FSDP and DeepSpeed ZeRO-1 (8 sequences each), the same global batch. On one 2-core machine
+the processes share the cores (1 thread each against 2 for the single process) and talk over gloo: the ratio shows
+the engines' overhead, not a speed-up, which needs more devices.
 
 Shapes: tiny (the tiny recipe: StableLM 2 architecture, 7.6M parameters, vocab 8192) and ~50M (StableLM 2 and
 SmolLM2/Llama architectures). On a GPU (--device cuda) it also reports MFU for the smollm2-360m and stablelm-2-1_6b
@@ -20,8 +30,10 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)  # this folder holds tokenize.py, which must not shadow the standard library's tokenize
 
 import argparse
+import contextlib
 import json
 import statistics
+import subprocess
 import time
 
 import torch
@@ -103,6 +115,128 @@ def timed(fn, steps, device) -> float:
     return (time.perf_counter() - t) / steps
 
 
+def matmul_gflops(dtype: torch.dtype, n: int = 1024) -> float:
+    """GFLOP/s of an n x n matrix product in DTYPE (as many repeats as fit in about a second)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    t = time.perf_counter()
+    a @ b
+    reps = max(1, min(20, int(1.0 / max(time.perf_counter() - t, 1e-6))))
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def bf16_rows(args, results: dict) -> None:
+    """slm's CPU step in fp32 against bf16 autocast, alternating round by round, from the same weights."""
+    from slm.train.engine import cpu_has_bf16
+
+    fast = cpu_has_bf16()
+    f32, b16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    results["matmul_gflops"] = {"fp32": round(f32, 1), "bf16": round(b16, 1), "cpu_has_bf16": fast}
+    print(f"\nmatrix product 1024^2, {torch.get_num_threads()} threads: fp32 {f32:,.1f} GFLOP/s, bf16 {b16:,.1f} "
+          f"GFLOP/s ({b16 / f32:.2f}x); bf16 units (avx512_bf16 / AMX): {'yes' if fast else 'no'}, so train.dtype "
+          f"auto trains in {'bf16' if fast else 'fp32'} here")
+    if not fast and not args.bf16_step:
+        print("(no bf16 units: the step comparison would take minutes of emulated bf16; --bf16-step runs it anyway)")
+        return
+    print("\n| shape | params | batch x seq | fp32 tok/s | bf16 autocast tok/s | ratio |\n|---|---:|---:|---:|---:|---:|")
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    for name in args.shapes:
+        cfg, batch, seq = SHAPES[name]
+        steps = {}
+        for label, autocast in (("fp32", contextlib.nullcontext), ("bf16", bf16)):
+            model = build(cfg, "cpu", seed=0)
+            tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            steps[label] = _mfu_step(model, tokens, opt, autocast)
+            steps[label]()  # warm up
+        times = {k: [] for k in steps}
+        for _ in range(args.rounds):
+            for k, fn in steps.items():
+                times[k].append(timed(fn, args.steps, torch.device("cpu")))
+        a, b = (batch * seq / statistics.median(times[k]) for k in ("fp32", "bf16"))
+        results[name + "-bf16"] = {"fp32_tokens_per_s": round(a, 1), "bf16_tokens_per_s": round(b, 1),
+                                   "ratio": round(b / a, 3)}
+        print(f"| {name} | {cfg_params(cfg) / 1e6:.1f}M | {batch} x {seq} | {a:,.0f} | {b:,.0f} | {b / a:.2f}x |")
+
+
+def cfg_params(cfg: ModelConfig) -> int:
+    return build(cfg, "meta", seed=0).num_parameters()
+
+
+ENGINE_RUNS = (("single", 1), ("ddp", 2), ("fsdp", 2), ("deepspeed", 2))
+ENGINE_GLOBAL_BATCH = 16  # sequences of the tiny shape's 256 tokens: the tiny recipe's step
+
+
+def engine_worker(name: str, rounds: int, steps: int) -> None:
+    """One process of an --engines measurement (under torchrun for 2): slm's engine API, as the training loop uses
+    it, on random tokens; rank 0 prints tokens/s as JSON."""
+    from slm.train import engine
+    from slm.train.config import TrainSettings
+
+    d = engine.setup("cpu")
+    cfg, micro, seq = SHAPES["tiny"][0], ENGINE_GLOBAL_BATCH // 2, SHAPES["tiny"][2]
+    accumulation = ENGINE_GLOBAL_BATCH // (micro * d.world)
+    t = TrainSettings(tokens_per_step=ENGINE_GLOBAL_BATCH * seq, micro_batch_size=micro, dtype="fp32", engine=name)
+    model = build(cfg, "cpu", seed=0)
+    eng = engine.build(engine.resolve_engine(name, d), d, model, t, accumulation, micro)
+    eng.set_lr(1e-4)
+    g = torch.Generator().manual_seed(d.rank)
+    batches = [torch.randint(0, cfg.vocab_size, (micro, seq + 1), generator=g) for _ in range(accumulation)]
+    n_global = float(ENGINE_GLOBAL_BATCH * seq)
+
+    def step():
+        loss_sum = torch.zeros(())
+        for i, tokens in enumerate(batches):
+            last = i == accumulation - 1
+            with eng.accumulating(last):
+                s, _ = eng.forward_model(tokens[:, :-1], targets=tokens[:, 1:])
+                loss_sum += s.detach()
+                if last:
+                    engine.all_reduce_sum(loss_sum, d)
+                eng.backward(s * (d.world / n_global), last)
+        eng.finish_step(True)
+
+    step()
+    step()
+    times = []
+    for _ in range(rounds):
+        engine.barrier(d)
+        times.append(timed(step, steps, torch.device("cpu")))
+    if d.main:
+        print(json.dumps({"engine": eng.describe(), "processes": d.world, "threads": torch.get_num_threads(),
+                          "tokens_per_s": round(ENGINE_GLOBAL_BATCH * seq / statistics.median(times), 1)}))
+    engine.teardown(d)
+
+
+def engines_rows(args, results: dict) -> None:
+    print(f"\n| engine | processes x threads | tokens/s | vs 1 process |\n|---|---:|---:|---:|")
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    base = None
+    for name, nproc in ENGINE_RUNS:
+        worker = [os.path.abspath(__file__), "--engine-worker", name, "--rounds", str(args.rounds), "--steps",
+                  str(args.steps)]
+        if nproc == 1:
+            cmd, run_env = [sys.executable, *worker], {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
+        else:
+            cmd, run_env = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={nproc}", *worker], env
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"| {name} | {nproc} | failed: {tail} | - |")
+            continue
+        r = json.loads(lines[-1])
+        base = base or r["tokens_per_s"]
+        results["engine-" + name] = r
+        print(f"| {r['engine']} | {r['processes']} x {r['threads']} | {r['tokens_per_s']:,.0f} | "
+              f"{r['tokens_per_s'] / base:.2f}x |")
+    print("(one machine's cores shared by the processes: this is the engines' overhead, not a speed-up)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None)
@@ -111,21 +245,27 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--compile", action="store_true", help="torch.compile slm's model (train.compile: true)")
+    ap.add_argument("--bf16", action="store_true", help="CPU: fp32 against bf16 autocast (train.dtype auto)")
+    ap.add_argument("--bf16-step", action="store_true", help="run the bf16 step even without bf16 units")
+    ap.add_argument("--engines", action="store_true", help="CPU: 1 process against DDP, FSDP, DeepSpeed ZeRO-1 on 2")
+    ap.add_argument("--only", action="store_true", help="with --bf16 / --engines: skip the slm vs transformers table")
+    ap.add_argument("--engine-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.engine_worker:
+        return engine_worker(args.engine_worker, args.rounds, args.steps)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
         autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
     else:
-        import contextlib
-
         autocast = contextlib.nullcontext
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
           f"{', slm compiled' if args.compile else ''}", file=sys.stderr)
-    print("| shape | params | batch x seq | slm tok/s | transformers tok/s | ratio |\n|---|---:|---:|---:|---:|---:|")
     results = {}
-    for name in args.shapes:
+    if not args.only:
+        print("| shape | params | batch x seq | slm tok/s | transformers tok/s | ratio |\n|---|---:|---:|---:|---:|---:|")
+    for name in ([] if args.only else args.shapes):
         cfg, batch, seq = SHAPES[name] if name in SHAPES else GPU_SHAPES[name]
         model, step_slm, step_hf = make_steps(cfg, batch, seq, device, autocast, args.compile)
         for fn in (step_slm, step_hf, step_slm, step_hf):  # warm up both
@@ -139,6 +279,10 @@ def main() -> None:
         results[name] = {"slm_tokens_per_s": round(s, 1), "transformers_tokens_per_s": round(h, 1), "ratio": round(s / h, 3)}
         print(f"| {name} | {model.num_parameters() / 1e6:.1f}M | {batch} x {seq} | {s:,.0f} | {h:,.0f} | {s / h:.2f}x |")
         del model
+    if args.bf16 and device.type == "cpu":
+        bf16_rows(args, results)
+    if args.engines and device.type == "cpu":
+        engines_rows(args, results)
     if device.type == "cuda":
         from slm.train.metrics import peak_flops
 

@@ -113,6 +113,7 @@ model:
   partial_rotary_factor: 0.25
   qkv_bias: true
 train:
+  dtype: fp32            # golden curves and exact comparisons: the same arithmetic on every CPU (auto may pick bf16)
   tokens_per_step: 256
   micro_batch_size: 4
   lr_peak: 3.0e-3

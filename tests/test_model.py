@@ -141,6 +141,26 @@ def test_fused_cross_entropy_equals_pytorch():
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_cross_entropy_under_bf16_autocast():
+    """Under autocast (bf16 training on a GPU, or a CPU with bf16 units) the fused loss and its gradients follow
+    F.cross_entropy of the autocast logits, across several chunks, with an fp32 gradient for the fp32 weight."""
+    torch.manual_seed(0)
+    h = torch.randn(300, 64, requires_grad=True)
+    w = (torch.randn(1000, 64) * 0.1).requires_grad_()
+    t = torch.randint(0, 1000, (300,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t, chunk_elements=1000 * 64)
+    loss.backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = h2 @ w2.T
+    F.cross_entropy(logits.float(), t, reduction="sum").backward()
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, F.cross_entropy(logits.float(), t, reduction="sum"), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("cfg", [STABLELM, LLAMA], ids=["stablelm", "llama"])
 def test_training_loss_equals_transformers(cfg):
     model = random_model(cfg)

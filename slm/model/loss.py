@@ -23,6 +23,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Pre-training has no ignored targets: skip the masking pass then (checked once, and never on a GPU,
         # where it would cost a host sync).
         mask_needed = targets.is_cuda or bool((targets == -100).any())
+        # Under torch.autocast the products below run in bf16 (and come out in bf16): fast, as autocast means them
+        # to be; the gradient of the output matrix is then summed over chunks in fp32.
+        autocast = torch.is_autocast_enabled(h.device.type)
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
             logits = (hc @ w.t()).float()
@@ -42,7 +45,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = g.to(h.dtype)
                 if need_h:
                     grad_h[s:s + chunk] = g @ w
-                if need_w:  # the first chunk allocates, the others accumulate (no zero fill)
+                if need_w and autocast:  # bf16 products (autocast), accumulated in fp32
+                    part = g.t() @ hc
+                    grad_w = part.float() if grad_w is None else grad_w.add_(part)
+                elif need_w:  # the first chunk allocates, the others accumulate (no zero fill)
                     part = g.t().float() @ hc.float() if grad_w is None else None
                     grad_w = part if grad_w is None else grad_w.addmm_(g.t().float(), hc.float())
         ctx.save_for_backward(grad_h, grad_w)

@@ -51,7 +51,8 @@ class TrainSettings:
     seed: int = 1234
     """Seeds the initialisation; the data order comes from the mix's seed."""
     dtype: str = "auto"
-    """auto (bf16 autocast on a GPU, fp32 on a CPU) | fp32 | bf16."""
+    """auto (bf16 autocast on a GPU and on CPUs with bf16 units, avx512_bf16 or AMX; fp32 on other CPUs) | fp32 |
+    bf16. Weights, gradients and optimizer state stay fp32 either way."""
     compile: bool = False
     """torch.compile the model."""
     attention: str = "auto"

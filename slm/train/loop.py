@@ -33,18 +33,12 @@ from slm.errors import SlmError, Stopped
 from slm.formats.checkpoint import latest_checkpoint, write_checkpoint
 from slm.model.transformer import ModelConfig, Transformer
 from slm.train import engine
+from slm.train.engine import compute_dtype, cpu_has_bf16  # noqa: F401 (part of this module's interface)
 from slm.train.batches import Batches, ValidSet
 from slm.train.config import TrainSettings
 from slm.train.metrics import MetricsLog, memory_gib, peak_flops
 
-__all__ = ["Run", "Stopped", "train", "autocast_for", "rng_state", "set_rng_state"]
-
-
-def compute_dtype(t: TrainSettings, device: torch.device) -> str:
-    """fp32 or bf16: what train.dtype resolves to on DEVICE."""
-    if t.dtype != "auto":
-        return t.dtype
-    return "bf16" if device.type == "cuda" else "fp32"
+__all__ = ["Run", "Stopped", "train", "autocast_for", "compute_dtype", "cpu_has_bf16", "rng_state", "set_rng_state"]
 
 
 def autocast_for(t: TrainSettings, device: torch.device):
