@@ -114,6 +114,27 @@ def test_two_processes_compute_what_one_computes(tmp_path, train_data, reference
 
 
 @pytest.mark.slow
+@needs_deepspeed
+def test_the_deepspeed_launcher(tmp_path, train_data, reference):
+    """`deepspeed --num_gpus 2 --module slm pretrain ... --engine deepspeed`: the launcher's own environment and its
+    --local_rank argument (on a CPU, LOCAL_SIZE says how many processes), the same run as one process."""
+    out = tmp_path / "ds"
+    env = dict(os.environ, LOCAL_SIZE="2", OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions")))
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "slm",
+                           "pretrain", "--config", str(train_data / "model.yaml"), "--data", str(train_data / "mix"),
+                           "--out", str(out), "--steps", "6", "--device", "cpu", "--engine", "deepspeed"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # the launcher logs to stdout too; slm's rank 0 prints the checkpoint there once
+    assert proc.stdout.splitlines().count(str(out / "checkpoints" / "step-00000006")) == 1
+    assert "[rank 0/2]" in proc.stderr and "deepspeed ZeRO-1" in proc.stderr
+    np.testing.assert_allclose(losses(out), losses(reference), rtol=2e-5)
+    assert_weights_close(out, reference)
+
+
+@pytest.mark.slow
 def test_elastic_two_processes_to_one_and_back(tmp_path, train_data):
     """Checkpointed by 2 DDP processes, resumed by 1; checkpointed by 1, resumed by 2: the same samples in the
     same order (the losses of an uninterrupted run), the same weights within tolerance."""
