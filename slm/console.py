@@ -44,6 +44,18 @@ def info(message: str) -> None:
         err.print(escape(_rank_prefix) + message, soft_wrap=True)
 
 
+def table(title: str, rows: list[tuple[str, str]]) -> None:
+    """A two-column table (what, how many) on stderr."""
+    from rich.table import Table
+
+    t = Table(title=title, title_style="bold", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    for k, v in rows:
+        t.add_row(escape(str(k)), escape(str(v)))
+    err.print(t)
+
+
 class RateColumn(ProgressColumn):
     """Shows a rate of a task field (e.g. bytes or tokens) per second, with a unit."""
 

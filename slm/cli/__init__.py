@@ -42,6 +42,7 @@ from slm.cli import tokenize as _tokenize  # noqa: E402
 app.add_typer(_tokenize.app, name="tokenize", rich_help_panel="Data")
 from slm.cli import mix as _mix  # noqa: E402,F401
 from slm.cli import train as _train  # noqa: E402,F401
+from slm.cli import post as _post  # noqa: E402,F401
 
 
 def main() -> None:

@@ -36,7 +36,8 @@ MANIFEST = "manifest.json"
 # The format version each kind is written with; readers accept only these.
 # checkpoint 2: the manifest lists every file with its size and sha256; train_state/optimizer.safetensors
 # holds AdamW's moments by parameter name (1: train_state/optimizer.pt, torch's state_dict by index).
-FORMAT_VERSIONS = {"tokenizer": 1, "corpus": 1, "tokens": 1, "mix": 1, "checkpoint": 2}
+FORMAT_VERSIONS = {"tokenizer": 1, "corpus": 1, "tokens": 1, "mix": 1, "checkpoint": 2, "chatdata": 1,
+                   "reference_logprobs": 1}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -375,13 +375,36 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
+def with_special_tokens(tok: Tokenizer, directory: Path, needed: list[str],
+                        chat_template: str | None) -> tuple[list[str], str]:
+    """Write TOK into DIRECTORY with the special tokens of NEEDED that it lacks (new ids after its n_vocab) and
+    CHAT_TEMPLATE; returns the tokens added and the new tokenizer's hash. The caller writes the manifest."""
+    import dataclasses
+
+    specials = dict(tok.spec.special_tokens)
+    added = [t for t in dict.fromkeys(needed) if t not in specials]
+    n_vocab = tok.spec.n_vocab
+    for t in added:
+        specials[t] = n_vocab
+        n_vocab += 1
+    spec = dataclasses.replace(tok.spec, special_tokens=specials, placeholders=dict(tok.spec.placeholders),
+                               n_vocab=n_vocab, padded_vocab_size=max(tok.spec.padded_vocab_size,
+                                                                      padded_vocab_size(n_vocab)))
+    config = read_json(tok.dir / "tokenizer_config.json") if (tok.dir / "tokenizer_config.json").is_file() else {}
+    digest = write_tokenizer(directory, tok.ranks, spec, model_max_length=config.get("model_max_length", 4096),
+                             chat_template=chat_template)
+    return added, digest
+
+
 def token_dtype(n_vocab: int) -> np.dtype:
     """uint16 when every id fits, int32 otherwise (the Megatron index has no uint32)."""
     return np.dtype(np.uint16) if n_vocab <= 1 << 16 else np.dtype(np.int32)
 
 
-def write_tokenizer(directory: Path, ranks: dict[bytes, int], spec: EncodingSpec, model_max_length: int = 4096) -> str:
-    """Write every tokenizer file but manifest.json into DIRECTORY; check parity; return the tokenizer hash."""
+def write_tokenizer(directory: Path, ranks: dict[bytes, int], spec: EncodingSpec, model_max_length: int = 4096,
+                    chat_template: str | None = None) -> str:
+    """Write every tokenizer file but manifest.json into DIRECTORY; check parity; return the tokenizer hash.
+    CHAT_TEMPLATE (Jinja) goes into tokenizer_config.json, where transformers' apply_chat_template finds it."""
     directory = Path(directory)
     ranks_text = ranks_to_text(ranks)
     (directory / spec.ranks_file).write_bytes(ranks_text)
@@ -404,6 +427,7 @@ def write_tokenizer(directory: Path, ranks: dict[bytes, int], spec: EncodingSpec
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
         "added_tokens_decoder": added,
+        **({"chat_template": chat_template} if chat_template else {}),
     })
     write_json(directory / "special_tokens_map.json", {
         "bos_token": spec.bos_token, "eos_token": spec.eos_token, "pad_token": spec.eos_token,

@@ -70,3 +70,57 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     h [N, H], weight [V, H], targets [N]; chunks of about CHUNK_ELEMENTS logits at a time."""
     chunk = max(16, chunk_elements // weight.shape[0])
     return _LinearCrossEntropy.apply(h, weight, targets, chunk)
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """log softmax(h_i W^T)[t_i] for each row, chunked; the backward recomputes each chunk's logits instead of
+    keeping them (the output's gradient is per token, so it cannot be folded in ahead as for the summed loss)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        w = weight.to(h.dtype)
+        out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        lse_all = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            logits = (hc @ w.t()).float()
+            valid = tc != -100
+            tgt = torch.where(valid, tc, torch.zeros_like(tc))
+            lse = torch.logsumexp(logits, dim=-1)
+            lse_all[s:s + chunk] = lse
+            out[s:s + chunk] = torch.where(valid, logits.gather(1, tgt[:, None]).squeeze(1) - lse,
+                                           torch.zeros_like(lse))
+        ctx.save_for_backward(h, weight, targets, lse_all)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h, weight, targets, lse_all = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(h.dtype)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = None
+        for s in range(0, h.shape[0], ctx.chunk):
+            hc, tc = h[s:s + ctx.chunk], targets[s:s + ctx.chunk]
+            valid = tc != -100
+            tgt = torch.where(valid, tc, torch.zeros_like(tc))
+            # d logp_t / d logits = onehot(t) - softmax, scaled by the incoming gradient of each token
+            g = ((hc @ w.t()).float() - lse_all[s:s + ctx.chunk, None]).exp_().neg_()
+            g[torch.arange(g.shape[0], device=g.device), tgt] += 1.0
+            g.mul_((grad_out[s:s + ctx.chunk] * valid)[:, None])
+            g = g.to(h.dtype)
+            if need_h:
+                grad_h[s:s + ctx.chunk] = g @ w
+            if need_w:
+                part = (g.t() @ hc).float()
+                grad_w = part if grad_w is None else grad_w.add_(part)
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None
+
+
+def linear_token_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_elements: int = 1 << 23) -> torch.Tensor:
+    """Per row of h [N, H]: log softmax(h @ weight.T)[target], 0 where the target is -100; differentiable,
+    never holding more than CHUNK_ELEMENTS logits (DPO's sequence log-probabilities)."""
+    chunk = max(16, chunk_elements // weight.shape[0])
+    return _LinearTokenLogprobs.apply(h, weight, targets, chunk)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slm.model.loss import linear_cross_entropy
+from slm.model.loss import linear_cross_entropy, linear_token_logprobs
 
 FAMILIES = ("stablelm", "llama")
 
@@ -302,8 +302,9 @@ class Transformer(nn.Module):
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                targets: torch.Tensor | None = None):
-        """Logits [B, T, V]; or, with TARGETS ([B, T], -100 = ignore), (sum of token losses, number of tokens)."""
+                targets: torch.Tensor | None = None, token_logprobs: bool = False):
+        """Logits [B, T, V]; or, with TARGETS ([B, T], -100 = ignore), (sum of token losses, number of tokens);
+        with TOKEN_LOGPROBS too, the log-probability of each target [B, T] (0 where ignored)."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -339,6 +340,9 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
+        if token_logprobs:
+            return linear_token_logprobs(x.reshape(-1, x.shape[-1]), self.lm_head.weight,
+                                         targets.reshape(-1)).view(B, T)
         loss_sum = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
         return loss_sum, (targets != -100).sum()
 

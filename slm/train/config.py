@@ -80,7 +80,65 @@ class TrainSettings:
     """Windows of the validation tokens the validation loss averages over."""
 
 
-SECTIONS = {"model": ModelConfig, "train": TrainSettings}
+@dataclass
+class SftSettings:
+    """Supervised fine-tuning on chat data (`slm sft`); optimizer details (betas, weight decay, clipping, dtype,
+    engine, saving) come from the train: section."""
+
+    template: str = "chatml"
+    """chatml (SmolLM2-Instruct) | zephyr (StableLM 2 Zephyr) | a Jinja template file."""
+    system_prompt: str | None = None
+    """chatml: the system prompt of conversations that have none (SmolLM2-Instruct has one)."""
+    epochs: int = 2
+    """Passes over the data (StableLM 2: 3; SmolLM2: 2)."""
+    lr: float = 1e-4
+    """Peak learning rate (SmolLM2: 3e-4 for 1.7B, 1e-3 for 135M and 360M)."""
+    lr_min: float = 0.0
+    schedule: str = "cosine"
+    """cosine | wsd | constant, after a linear warmup of warmup_ratio of the steps."""
+    warmup_ratio: float = 0.1
+    batch_size: int = 128
+    """Sequences per optimizer step, all processes together (SmolLM2: 128)."""
+    micro_batch_size: int = 4
+    """Sequences per process per forward/backward."""
+    max_length: int = 2048
+    """Tokens per sequence (SmolLM2: 8192); longer conversations are truncated or dropped (overlong)."""
+    max_turns: int | None = None
+    """Drop conversations with more user turns than this (StableLM 2: 8)."""
+    overlong: str = "truncate"
+    """truncate | drop: what happens to a conversation longer than max_length."""
+    packing: bool = True
+    """Pack several conversations into one sequence (attention and positions restart at each)."""
+
+
+@dataclass
+class DpoSettings:
+    """Direct Preference Optimization (`slm dpo`)."""
+
+    beta: float = 0.1
+    """Strength of the KL constraint (SmolLM2: 0.5; Zephyr: 0.01)."""
+    loss: str = "sigmoid"
+    """sigmoid (DPO) | ipo | hinge."""
+    epochs: int = 1
+    lr: float = 5e-7
+    lr_min: float = 0.0
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.1
+    batch_size: int = 128
+    """Pairs per optimizer step, all processes together (SmolLM2: 128)."""
+    micro_batch_size: int = 2
+    """Pairs per process per forward/backward (each is two sequences)."""
+    max_length: int = 1024
+    """Tokens of prompt and answer together (SmolLM2: 1024); the answer is cut to fit."""
+    max_prompt_length: int = 512
+    """Tokens of the prompt (SmolLM2: 512); longer prompts keep their end."""
+    min_chosen_score: float | None = None
+    """Drop pairs whose chosen answer scored below this (StableLM 2: 8 of 10)."""
+    template: str | None = None
+    """The chat template; default: the one the model was fine-tuned with (its tokenizer_config.json)."""
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainSettings, "sft": SftSettings, "dpo": DpoSettings}
 
 
 def _coerce(value, annotation, where: str):
@@ -197,7 +255,7 @@ def resolve(recipe: str | None, config_file: Path | None = None, sets: list[str]
         layers.append((str(config_file), data))
     if sets:
         layers.append(("--set", parse_set(sets)))
-    merged = {"recipe": recipe, "model": {}, "train": {}}
+    merged = {"recipe": recipe, **{section: {} for section in SECTIONS}}
     for where, layer in layers:
         for section in SECTIONS:
             values = layer.get(section) or {}
@@ -229,6 +287,37 @@ def train_settings(resolved: dict) -> TrainSettings:
     return t
 
 
+def sft_settings(resolved: dict) -> SftSettings:
+    s = SftSettings(**resolved.get("sft", {}))
+    if s.overlong not in ("truncate", "drop"):
+        raise SlmError(f"sft.overlong: expected truncate or drop, got {s.overlong!r}")
+    if s.schedule not in ("cosine", "wsd", "constant"):
+        raise SlmError(f"sft.schedule: expected cosine, wsd or constant, got {s.schedule!r}")
+    for name in ("epochs", "batch_size", "micro_batch_size", "max_length"):
+        if getattr(s, name) < 1:
+            raise SlmError(f"sft.{name}: expected a positive integer, got {getattr(s, name)}")
+    if s.max_turns is not None and s.max_turns < 1:
+        raise SlmError(f"sft.max_turns: expected a positive integer, got {s.max_turns}")
+    return s
+
+
+def dpo_settings(resolved: dict) -> DpoSettings:
+    s = DpoSettings(**resolved.get("dpo", {}))
+    if s.loss not in ("sigmoid", "ipo", "hinge"):
+        raise SlmError(f"dpo.loss: expected sigmoid, ipo or hinge, got {s.loss!r}")
+    if s.schedule not in ("cosine", "wsd", "constant"):
+        raise SlmError(f"dpo.schedule: expected cosine, wsd or constant, got {s.schedule!r}")
+    if s.beta <= 0:
+        raise SlmError(f"dpo.beta: expected a positive number, got {s.beta}")
+    for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "max_prompt_length"):
+        if getattr(s, name) < 1:
+            raise SlmError(f"dpo.{name}: expected a positive integer, got {getattr(s, name)}")
+    if s.max_prompt_length >= s.max_length:
+        raise SlmError(f"dpo.max_prompt_length {s.max_prompt_length}: must be less than dpo.max_length "
+                       f"{s.max_length}")
+    return s
+
+
 def to_yaml(resolved: dict) -> str:
     def plain(v):
         if isinstance(v, tuple):
@@ -236,6 +325,6 @@ def to_yaml(resolved: dict) -> str:
         return v
 
     out = {"recipe": resolved.get("recipe"),
-           "model": {k: plain(v) for k, v in resolved["model"].items()},
-           "train": {k: plain(v) for k, v in resolved["train"].items()}}
+           **{section: {k: plain(v) for k, v in resolved[section].items()}
+              for section in SECTIONS if resolved.get(section) or section in ("model", "train")}}
     return yaml.safe_dump(out, sort_keys=False)

@@ -86,19 +86,36 @@ class Run:
     unigram_loss: float | None = None
     requeue: bool = False
     """After a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
+    loss_fn: Callable | None = None
+    """(model, micro-batch) -> (the loss summed over the micro-batch's units, {name: sum} to log); default: the
+    language-model loss summed over target tokens. The step's loss is the sum over all processes' micro-batches
+    divided by the step's units (mb.n_tokens: target tokens, or pairs for dpo); so are the logged sums."""
 
 
-def evaluate(run: Run) -> float:
+def lm_loss(model, mb):
+    s, _ = model(mb.input_ids, segment_ids=mb.segment_ids, targets=mb.targets)
+    return s, {}
+
+
+def evaluate(run: Run) -> tuple[float, dict]:
     model = run.engine.forward_model
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=run.dist.device)
+    compute = run.loss_fn or lm_loss
+    names: list[str] = []
+    total = None
     with torch.no_grad(), autocast_for(run.train, run.dist.device)():
         for mb in run.valid.batches(run.train.micro_batch_size, run.dist.rank, run.dist.world, run.dist.device):
-            s, n = model(mb.input_ids, segment_ids=mb.segment_ids, targets=mb.targets)
-            total += torch.stack([s.double(), n.double()])
+            s, stats = compute(model, mb)
+            names = sorted(stats)
+            part = torch.stack([s.double(), torch.tensor(float(mb.n_tokens), dtype=torch.float64, device=s.device)]
+                               + [stats[k].double() for k in names])
+            total = part if total is None else total + part
+    if total is None:  # this process had no validation batch; the others may
+        total = torch.zeros(2 + len(names), dtype=torch.float64, device=run.dist.device)
     engine.all_reduce_sum(total, run.dist)
     model.train()
-    return float(total[0] / total[1].clamp(min=1))
+    n = total[1].clamp(min=1)
+    return float(total[0] / n), {k: float(total[2 + i] / n) for i, k in enumerate(names)}
 
 
 def save(run: Run, step_done: int, lr: float) -> Path:
@@ -165,6 +182,7 @@ def train(run: Run) -> Path:
     run.state.setdefault("bad_steps_total", 0)
     run.state.setdefault("bad_steps_in_a_row", 0)
     poison = getattr(eng, "poison", None)
+    compute = run.loss_fn or lm_loss
 
     stop = {"signal": None}
     previous = {}
@@ -192,15 +210,21 @@ def train(run: Run) -> Path:
                 n_local = torch.tensor(float(sum(mb.n_tokens for mb in mbs)), device=d.device)
                 n_global = engine.all_reduce_sum(n_local.clone(), d)
                 loss_sum = torch.zeros((), device=d.device, dtype=torch.float32)
+                stat_sums: dict[str, torch.Tensor] = {}
                 loss = float("nan")
                 for i, mb in enumerate(mbs):
                     last = i == len(mbs) - 1
                     with eng.accumulating(last):
                         with autocast():
-                            s, _ = model(mb.input_ids, segment_ids=mb.segment_ids, targets=mb.targets)
+                            s, stats = compute(model, mb)
                         loss_sum += s.detach().float()
+                        for k, v in stats.items():
+                            stat_sums[k] = stat_sums.get(k, 0) + v.detach().float()
                         if last:  # the step's loss, known before its last backward
-                            loss = float(engine.all_reduce_sum(loss_sum.clone(), d) / n_global)
+                            names = sorted(stat_sums)
+                            sums = engine.all_reduce_sum(torch.stack([loss_sum] + [stat_sums[k] for k in names]), d)
+                            loss = float(sums[0] / n_global)
+                            step_stats = {k: round(float(sums[1 + j] / n_global), 6) for j, k in enumerate(names)}
                             if not math.isfinite(loss) and poison is not None:
                                 s = poison(s)  # DeepSpeed then sees a non-finite gradient and skips the update
                         # DDP averages gradients over ranks: scale so the step's gradient is of sum / global tokens.
@@ -216,7 +240,8 @@ def train(run: Run) -> Path:
                     run.state["bad_steps_in_a_row"] = 0
                     record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
                               "tokens_seen": run.state["tokens_seen"], "tokens_per_s": round(tps, 1),
-                              "step_seconds": round(dt, 4), "memory_gib": round(memory_gib(d.device), 3)}
+                              "step_seconds": round(dt, 4), "memory_gib": round(memory_gib(d.device), 3),
+                              **step_stats}
                     if peak:
                         record["mfu"] = round(flops_per_token * tps / (peak * d.world), 4)
                     status = (f"{run.stage} step {done}/{run.end_step} loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
@@ -247,8 +272,9 @@ def train(run: Run) -> Path:
                     heartbeat(f"{status} ETA {left / 60:.1f} min", force=done == run.start_step + 1)
                 last = done == run.end_step
                 if run.valid is not None and (last or (t.eval_every and done % t.eval_every == 0)):
-                    vl = evaluate(run)
-                    rec = {"step": step, "valid_loss": round(vl, 6), "tokens_seen": run.state["tokens_seen"]}
+                    vl, vstats = evaluate(run)
+                    rec = {"step": step, "valid_loss": round(vl, 6), "tokens_seen": run.state["tokens_seen"],
+                           **{f"valid_{k}": round(v, 6) for k, v in vstats.items()}}
                     if run.unigram_loss is not None:
                         rec["unigram_loss"] = round(run.unigram_loss, 6)
                     log.write(rec)

@@ -1,0 +1,126 @@
+"""`slm sft | dpo | chat-data`: post-training on chat and preference data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from slm.cli import app
+from slm.cli.train import (Device, DeepSpeedConfig, EngineOpt, Keep, Requeue, Resume, Sets, ZeroStage, _print_main,
+                           _with_flags)
+
+Data = Annotated[list[str], typer.Option("--data", help="Input files (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, saved "
+                                                      "datasets, directories), or - for standard input; repeatable.",
+                                         show_default=False)]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip records that do not parse, and count them.")]
+
+
+def _set(sets: list[str], section: str, **values) -> list[str]:
+    return sets + [f"{section}.{k}={v}" for k, v in values.items() if v is not None]
+
+
+@app.command("sft", rich_help_panel="Post-training")
+def sft(
+    model: Annotated[Optional[Path], typer.Option("--model", help="The checkpoint (or run directory) to fine-tune.",
+                                                  show_default=False)] = None,
+    data: Data = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The run directory.", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Take sft: settings from this recipe (default: "
+                                                                  "the model's).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A YAML with sft: / train: sections.")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="chatml, zephyr or a Jinja file "
+                                                                       "(sft.template).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the data (sft.epochs).")] = None,
+    max_turns: Annotated[Optional[int], typer.Option("--max-turns", help="Drop conversations with more user turns "
+                                                                          "(sft.max_turns; StableLM 2: 8).")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per sequence "
+                                                                            "(sft.max_length).")] = None,
+    overlong: Annotated[Optional[str], typer.Option("--overlong", help="truncate or drop conversations longer than "
+                                                                       "max_length (sft.overlong).")] = None,
+    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Pack conversations into "
+                                                    "sequences (sft.packing).", show_default=False)] = None,
+    valid: Annotated[Optional[list[str]], typer.Option("--valid", help="Held-out chat files: validation loss on "
+                                                                       "assistant tokens.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Stop after this many steps.")] = None,
+    skip_bad: SkipBad = False,
+    set_: Sets = None,
+    keep: Keep = None,
+    resume: Resume = False,
+    engine: EngineOpt = None,
+    zero_stage: ZeroStage = None,
+    deepspeed_config: DeepSpeedConfig = None,
+    requeue: Requeue = False,
+    device: Device = "auto",
+) -> None:
+    """Fine-tune a checkpoint on conversations (loss on the assistant's tokens); prints the last checkpoint.
+
+    Chat records: {"messages": [{"role", "content"}...]} or ShareGPT's {"conversations": [{"from", "value"}...]}.
+    The chat template goes into the checkpoint's tokenizer, so transformers' apply_chat_template and
+    `slm generate --chat` use it. Resumes like pretrain; SIGTERM / SIGUSR1 save and exit 75."""
+    from slm.stages.sft import SftConfig, run
+
+    sets = _set(_with_flags(set_, keep, engine, zero_stage, deepspeed_config), "sft", template=template,
+                epochs=epochs, max_turns=max_turns, max_length=max_length, overlong=overlong,
+                packing=None if packing is None else str(packing).lower())
+    _print_main(run(SftConfig(model=model, data=list(data or []), out=out, recipe=recipe, config_file=config,
+                              sets=sets, valid=list(valid or []), skip_bad=skip_bad, steps=steps, device=device,
+                              require_resume=resume, requeue=requeue)))
+
+
+@app.command("chat-data", rich_help_panel="Post-training")
+def chat_data(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)],
+    n: Annotated[int, typer.Option("--n", help="Questions in the training split.")] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed.")] = 0,
+) -> None:
+    """Make small chat and preference sets (arithmetic, unit conversions, this machine's Python code) with
+    held-out splits: OUT/chat/{train,valid}.jsonl, OUT/pairs/{train,valid}.jsonl. For the quickstart and tests."""
+    from slm.stages.chatdata import ChatDataConfig, run
+
+    _print_main(run(ChatDataConfig(out=out, n=n, seed=seed)))
+
+
+@app.command("dpo", rich_help_panel="Post-training")
+def dpo(
+    model: Annotated[Optional[Path], typer.Option("--model", help="The fine-tuned checkpoint (or run directory).",
+                                                  show_default=False)] = None,
+    data: Data = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The run directory.", show_default=False)] = None,
+    ref: Annotated[Optional[Path], typer.Option("--ref", help="The reference checkpoint (default: --model).")] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Take dpo: settings from this recipe (default: "
+                                                                  "the model's).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A YAML with dpo: / train: sections.")] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", help="dpo.beta (SmolLM2: 0.5).")] = None,
+    loss: Annotated[Optional[str], typer.Option("--loss", help="sigmoid, ipo or hinge (dpo.loss).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="dpo.epochs.")] = None,
+    min_chosen_score: Annotated[Optional[float], typer.Option("--min-chosen-score", help="Drop pairs whose chosen "
+                                                              "answer scored below this (StableLM 2: 8).")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="chatml, zephyr or a Jinja file (default: "
+                                                                       "the model's).")] = None,
+    valid: Annotated[Optional[list[str]], typer.Option("--valid", help="Held-out preference files: accuracy and "
+                                                                       "rewards as it trains, before and after.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Stop after this many steps.")] = None,
+    skip_bad: SkipBad = False,
+    set_: Sets = None,
+    keep: Keep = None,
+    resume: Resume = False,
+    engine: EngineOpt = None,
+    zero_stage: ZeroStage = None,
+    deepspeed_config: DeepSpeedConfig = None,
+    requeue: Requeue = False,
+    device: Device = "auto",
+) -> None:
+    """Direct Preference Optimization of a fine-tuned checkpoint; prints the last checkpoint.
+
+    Pairs: {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"} (chosen / rejected as text or as
+    conversations, UltraFeedback's shape) or Intel Orca pairs' {"system", "question", "chosen", "rejected"}. The
+    reference's log-probabilities are computed once into OUT/reference_logprobs/ and reused."""
+    from slm.stages.dpo import DpoConfig, run
+
+    sets = _set(_with_flags(set_, keep, engine, zero_stage, deepspeed_config), "dpo", beta=beta, loss=loss,
+                epochs=epochs, min_chosen_score=min_chosen_score, template=template)
+    _print_main(run(DpoConfig(model=model, data=list(data or []), out=out, ref=ref, recipe=recipe, config_file=config,
+                              sets=sets, valid=list(valid or []), skip_bad=skip_bad, steps=steps, device=device,
+                              require_resume=resume, requeue=requeue)))

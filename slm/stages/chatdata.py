@@ -1,0 +1,152 @@
+"""`slm chat-data`: small, honest, learnable chat and preference sets, made locally (no download).
+
+Three kinds of task, each with a correct answer and a plausible wrong one:
+
+    arithmetic       "What is 17 + 25?"                       "17 + 25 = 42."  /  "17 + 25 = 43."
+    units            "How many centimetres are in 3 metres?"  "3 metres are 300 centimetres."  /  "... 30 ..."
+    code             "Which function does this code define?" + a function from this machine's Python standard
+                     library                                   "It defines `name`."  /  another function's name
+
+The chat set (messages, some with two turns) teaches the format and the answers; the preference set pairs each
+correct answer (chosen, score 9-10) with a wrong one (rejected, score 2-5), with a few ties and low-scored pairs so
+that dpo's filters have something to filter. Held-out splits use other questions.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from slm.errors import SlmError
+from slm.formats.manifest import atomic_dir, new_manifest, write_json
+
+UNITS = [("metres", "centimetres", 100), ("kilometres", "metres", 1000), ("kilograms", "grams", 1000),
+         ("hours", "minutes", 60), ("minutes", "seconds", 60), ("litres", "millilitres", 1000),
+         ("days", "hours", 24), ("weeks", "days", 7)]
+
+
+@dataclass
+class ChatDataConfig:
+    out: Path
+    n: int = 2000
+    """Questions in the training split (the held-out split has a tenth as many, at least 50)."""
+    seed: int = 0
+
+
+def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    op = rng.choice("+-*")
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    wrong = value + rng.choice([-10, -2, -1, 1, 2, 10])
+    q = rng.choice(["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "How much is {a} {op} {b}?"])
+    return q.format(a=a, op=op, b=b), f"{a} {op} {b} = {value}.", f"{a} {op} {b} = {wrong}."
+
+
+def _units(rng: random.Random) -> tuple[str, str, str]:
+    big, small, factor = rng.choice(UNITS)
+    k = rng.randint(2, 12)
+    wrong = k * factor * rng.choice([10, 2]) if rng.random() < 0.5 else k * factor // rng.choice([10, 2])
+    return (f"How many {small} are in {k} {big}?", f"{k} {big} are {k * factor} {small}.",
+            f"{k} {big} are {wrong} {small}.")
+
+
+def stdlib_functions(limit: int = 1000) -> list[tuple[str, str]]:
+    """(name, source) of short top-level functions of this machine's Python standard library."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in sorted(root.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+            tree = ast.parse(text)
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                src = ast.get_source_segment(text, node) or ""
+                if 2 <= src.count("\n") <= 8 and len(src) < 400:
+                    out.append((node.name, src))
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _code(rng: random.Random, functions: list[tuple[str, str]]) -> tuple[str, str, str]:
+    name, src = rng.choice(functions)
+    other = rng.choice([f for f, _ in functions if f != name] or ["main"])
+    return (f"Which function does this code define?\n\n{src}", f"It defines `{name}`.", f"It defines `{other}`.")
+
+
+def make(n: int, seed: int, functions: list[tuple[str, str]], exclude: set[str]) -> list[tuple[str, str, str]]:
+    rng = random.Random(seed)
+    items, seen = [], set(exclude)
+    tries = 0
+    while len(items) < n and tries < n * 50:
+        tries += 1
+        kind = rng.random()
+        item = _arithmetic(rng) if kind < 0.5 else _units(rng) if kind < 0.75 or not functions else \
+            _code(rng, functions)
+        if item[0] in seen or item[1] == item[2]:
+            continue
+        seen.add(item[0])
+        items.append(item)
+    return items
+
+
+def chat_records(items, rng: random.Random) -> list[dict]:
+    out = []
+    for i, (q, a, _) in enumerate(items):
+        messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        if i % 5 == 4 and i > 0:  # a second turn now and then
+            q2, a2, _ = items[i - 1]
+            messages += [{"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
+        if i % 7 == 3:
+            messages.insert(0, {"role": "system", "content": "You answer briefly and exactly."})
+        out.append({"messages": messages})
+    return out
+
+
+def pair_records(items, rng: random.Random, with_noise: bool) -> list[dict]:
+    out = []
+    for i, (q, a, wrong) in enumerate(items):
+        rec = {"prompt": q, "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+               "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": wrong}],
+               "score_chosen": float(rng.choice([9, 10])), "score_rejected": float(rng.choice([2, 3, 4, 5]))}
+        if with_noise and i % 50 == 7:
+            rec["score_rejected"] = rec["score_chosen"]  # a tie: dpo drops it
+        if with_noise and i % 50 == 19:
+            rec["score_chosen"] = 6.0  # a weak chosen answer: dropped under --min-chosen-score 8
+        out.append(rec)
+    if with_noise and len(out) > 10:
+        out.append(dict(out[3]))  # an exact duplicate: dpo drops it
+    return out
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def run(cfg: ChatDataConfig) -> Path:
+    if cfg.n < 10:
+        raise SlmError(f"--n {cfg.n}: expected at least 10 questions")
+    functions = stdlib_functions()
+    n_valid = max(50, cfg.n // 10)
+    valid = make(n_valid, cfg.seed + 1, functions, set())
+    train = make(cfg.n, cfg.seed, functions, {q for q, _, _ in valid})
+    rng = random.Random(cfg.seed)
+    out = Path(cfg.out)
+    with atomic_dir(out) as tmp:
+        _write_jsonl(tmp / "chat" / "train.jsonl", chat_records(train, rng))
+        _write_jsonl(tmp / "chat" / "valid.jsonl", chat_records(valid, rng))
+        _write_jsonl(tmp / "pairs" / "train.jsonl", pair_records(train, rng, True))
+        _write_jsonl(tmp / "pairs" / "valid.jsonl", pair_records(valid, rng, False))
+        write_json(tmp / "manifest.json", new_manifest(
+            "chatdata", {"n": cfg.n, "seed": cfg.seed}, counts={"train": len(train), "valid": len(valid),
+                                                                 "stdlib_functions": len(functions)}))
+    return out
