@@ -3,6 +3,8 @@ hand computation, the reference cache, resuming exactly."""
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -240,6 +242,26 @@ def test_sft_writes_a_chat_checkpoint_and_resumes_exactly(tmp_path, base_ckpt, p
     AutoModelForCausalLM.from_pretrained(str(whole))
     gen = json.loads((whole / "generation_config.json").read_text())
     assert hf_tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
+
+    # slm generate --chat: greedy, the tokens transformers generates from apply_chat_template's prompt
+    from slm.stages.generate import GenerateConfig, generate_ids
+
+    messages = [{"role": "user", "content": "What is 3 plus 2?"}]
+    ids = generate_ids(GenerateConfig(checkpoint=whole, prompt="", chat=messages, max_new_tokens=12, temperature=0,
+                                      device="cpu"))
+    hf = AutoModelForCausalLM.from_pretrained(str(whole))
+    prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    want = hf.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
+    stops = set(gen["eos_token_id"])
+    if any(t in stops for t in want):
+        want = want[:min(i for i, t in enumerate(want) if t in stops)]
+    assert ids == want
+    proc = subprocess.run([sys.executable, "-m", "slm", "generate", str(whole), "--chat", "-", "--temperature", "0",
+                           "--max-new-tokens", "12", "--device", "cpu"], input=json.dumps({"messages": messages}) + "\n",
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)["messages"][-1]
+    assert answer["role"] == "assistant" and answer["content"] == hf_tok.decode(want)
 
 
 def test_sft_zephyr_adds_its_tokens_to_the_tokenizer_and_the_embedding(tmp_path, base_ckpt, post_data):

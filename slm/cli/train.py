@@ -180,7 +180,12 @@ def cooldown(
 @app.command("generate", rich_help_panel="Models")
 def generate(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
-    prompt: Annotated[str, typer.Argument(help="The text to continue.", show_default=False)],
+    prompt: Annotated[Optional[str], typer.Argument(help="The text to continue.", show_default=False)] = None,
+    chat: Annotated[Optional[str], typer.Option("--chat", help="Answer this user message with the checkpoint's chat "
+                                                "template, stopping at its end of turn; - reads conversations from "
+                                                "standard input, one JSON per line ({\"messages\": [...]}), and "
+                                                "prints each continued conversation as a JSON line.",
+                                                show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
@@ -188,11 +193,35 @@ def generate(
     seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 1234,
     device: Device = "auto",
 ) -> None:
-    """Continue PROMPT with a KV cache, streaming tokens to stdout."""
+    """Continue PROMPT (or answer --chat) with a KV cache, streaming tokens to stdout."""
+    import json
+
+    from slm.errors import SlmError
     from slm.stages.generate import GenerateConfig, generate as run
 
-    for piece in run(GenerateConfig(checkpoint=checkpoint, prompt=prompt, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, device=device)):
+    def config(**kw):
+        return GenerateConfig(checkpoint=checkpoint, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, top_k=top_k, seed=seed, device=device, **kw)
+
+    if chat == "-":
+        for i, line in enumerate(sys.stdin, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                messages = record["messages"] if isinstance(record, dict) else None
+            except (json.JSONDecodeError, KeyError):
+                messages = None
+            if not isinstance(messages, list):
+                raise SlmError(f"<stdin>:{i}: expected {{\"messages\": [...]}}")
+            answer = "".join(run(config(prompt="", chat=messages)))
+            print(json.dumps({"messages": messages + [{"role": "assistant", "content": answer}]},
+                             ensure_ascii=False), flush=True)
+        return
+    if chat is None and prompt is None:
+        raise SlmError("give a PROMPT to continue, or --chat MESSAGE")
+    cfg = config(prompt=prompt or "", chat=[{"role": "user", "content": chat}] if chat is not None else None)
+    for piece in run(cfg):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -308,6 +308,21 @@ class ChatTemplate:
         specials = sorted(set(re.findall(r"<\|[A-Za-z0-9_]+\|>", source)))
         return cls(str(path), source, specials, "<|im_end|>" if "<|im_end|>" in specials else None)
 
+    @classmethod
+    def of_checkpoint(cls, directory: Path) -> "ChatTemplate":
+        """The template in a checkpoint's (or tokenizer's) tokenizer_config.json, as `slm sft` writes it."""
+        import re
+
+        from slm.formats.manifest import read_json
+
+        cfg = Path(directory) / "tokenizer_config.json"
+        source = read_json(cfg).get("chat_template") if cfg.is_file() else None
+        if not isinstance(source, str) or not source:
+            raise SlmError(f"{directory}: no chat template in its tokenizer_config.json (fine-tune it with `slm sft` "
+                           "first, or give --template)")
+        specials = sorted(set(re.findall(r"<\|[A-Za-z0-9_]+\|>", source)))
+        return cls(f"{directory}'s", source, specials, "<|im_end|>" if "<|im_end|>" in specials else None)
+
     def __post_init__(self):
         import jinja2
 

@@ -23,7 +23,7 @@ from slm.console import info, table
 from slm.errors import SlmError
 from slm.formats.chat import ChatTemplate, Pair, iter_objects, parse_pair
 from slm.formats.checkpoint import Checkpoint
-from slm.formats.manifest import atomic_dir, new_manifest, read_json, read_manifest, sha256_file, write_json
+from slm.formats.manifest import atomic_dir, new_manifest, read_manifest, sha256_file, write_json
 from slm.formats.records import BadRecord
 from slm.formats.tokenizer import Tokenizer
 from slm.recipes import find_recipe, load_recipe
@@ -135,17 +135,7 @@ def weights_sha256(ckpt: Checkpoint) -> str:
 
 
 def template_of(ckpt: Checkpoint, spec: str | None) -> ChatTemplate:
-    if spec:
-        return ChatTemplate.load(spec)
-    cfg = ckpt.dir / "tokenizer_config.json"
-    source = read_json(cfg).get("chat_template") if cfg.is_file() else None
-    if not source:
-        raise SlmError(f"--model {ckpt.dir}: no chat template in its tokenizer_config.json (fine-tune it with "
-                       "`slm sft` first, or give --template)")
-    import re
-
-    specials = sorted(set(re.findall(r"<\|[A-Za-z0-9_]+\|>", source)))
-    return ChatTemplate("the model's", source, specials, "<|im_end|>" if "<|im_end|>" in specials else None)
+    return ChatTemplate.load(spec) if spec else ChatTemplate.of_checkpoint(ckpt.dir)
 
 
 def cached_reference(out: Path, ref_ckpt: Checkpoint, ref_hash: str, data_hash: str, compute, d) -> torch.Tensor:

@@ -29,6 +29,9 @@ class GenerateConfig:
     seed: int = 1234
     device: str = "auto"
     stop_at_eos: bool = True
+    chat: list[dict] | None = None
+    """A conversation (messages) to answer: rendered with the checkpoint's chat template, generation stops at
+    its end of turn. PROMPT is then unused."""
 
 
 class _Text:
@@ -52,10 +55,11 @@ class _Text:
         if isinstance(self.eos, list):
             self.eos = self.eos[0]
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str, special: bool = False) -> list[int]:
+        """Ids of PROMPT; SPECIAL: special tokens written in it (by a chat template) become their ids."""
         if self.tok is not None:
-            return self.tok.encode(prompt)
-        return self.hf.encode(prompt).ids
+            return self.tok.encode(prompt, allowed_special="all" if special else ())
+        return self.hf.encode(prompt, add_special_tokens=False).ids
 
     def piece(self, token: int) -> str:
         if self.tok is not None:
@@ -104,7 +108,22 @@ def _device(name: str) -> torch.device:
 def token_stream(cfg: GenerateConfig, ckpt: Checkpoint, text: _Text) -> Iterator[int]:
     """New token ids, one at a time (the end-of-text token ends the stream and is not yielded)."""
     device = _device(cfg.device)
-    ids = text.encode(cfg.prompt)
+    stops = {text.eos}
+    if cfg.chat is not None:
+        from slm.formats.chat import ChatTemplate, parse_messages
+
+        template = ChatTemplate.of_checkpoint(ckpt.dir)
+        spec = getattr(text.tok, "spec", None)
+        bos, eos = (spec.bos_token, spec.eos_token) if spec is not None else ("", "")
+        ids = text.encode(template.render(parse_messages(cfg.chat, "--chat"), True, bos, eos), special=True)
+        gen = ckpt.dir / "generation_config.json"
+        if gen.is_file():
+            from slm.formats.manifest import read_json
+
+            e = read_json(gen).get("eos_token_id")
+            stops |= set(e if isinstance(e, list) else [e])
+    else:
+        ids = text.encode(cfg.prompt)
     if not ids:
         raise SlmError("the prompt is empty: give some text to continue")
     model = load_model(ckpt, device)
@@ -118,7 +137,7 @@ def token_stream(cfg: GenerateConfig, ckpt: Checkpoint, text: _Text) -> Iterator
         logits = model(torch.tensor([ids], device=device), cache=cache)[0, -1]
         for _ in range(new):
             token = sample_next(logits.cpu(), cfg.temperature, cfg.top_k, cfg.top_p, generator)
-            if cfg.stop_at_eos and token == text.eos:
+            if cfg.stop_at_eos and token in stops:
                 return
             yield token
             logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
