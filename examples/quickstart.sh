@@ -37,4 +37,21 @@ slm cooldown --from runs/pretrain --data mix --phase decay --steps 30 --out runs
 # 7. Generate from the result (a transformers model directory: AutoModelForCausalLM opens it as it is).
 slm generate runs/cooldown "def fibonacci(n):" --max-new-tokens 64 --temperature 0.8
 
-echo "quickstart: done; outputs in $(pwd) (loss curves: runs/pretrain/loss.png, runs/cooldown/loss.png)" >&2
+# 8. Chat and preference data made here (arithmetic, unit conversions, this machine's Python functions), with
+#    held-out splits. Your own: {"messages": [...]} per line for sft; {"prompt", "chosen", "rejected"} for dpo.
+slm chat-data --out chatdata --n 1000
+
+# 9. Supervised fine-tuning with SmolLM2's ChatML template: loss on the assistant's answers only, conversations
+#    packed into sequences; the template goes into the checkpoint's tokenizer_config.json.
+slm sft --model runs/cooldown --recipe tiny --data chatdata/chat/train.jsonl --valid chatdata/chat/valid.jsonl \
+  --out runs/sft
+
+# 10. DPO on the preference pairs (ties, duplicates and weak chosen answers are dropped and counted); the
+#     reference's log-probabilities are computed once and kept; held-out preference accuracy before and after.
+slm dpo --model runs/sft --recipe tiny --data chatdata/pairs/train.jsonl --valid chatdata/pairs/valid.jsonl \
+  --out runs/dpo
+
+# 11. Talk to it: the chat template is applied, and generation stops at the end of the turn.
+slm generate runs/dpo --chat "What is 12 + 30?" --temperature 0 --max-new-tokens 32
+
+echo "quickstart: done; outputs in $(pwd) (loss curves: runs/*/loss.png; dpo's summary: runs/dpo/dpo.json)" >&2

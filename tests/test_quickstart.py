@@ -24,7 +24,9 @@ def test_quickstart_runs_every_stage(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[:8] == ["corpus", "tokenizer", "tokens/code", "tokens/prose", "tokens/valid", "mix",
                          "runs/pretrain/checkpoints/step-00000150", "runs/cooldown/checkpoints/step-00000180"]
-    assert "".join(lines[8:]).strip()  # the generated text
+    i = lines.index("chatdata")  # after the generated text (which may span lines)
+    assert lines[i + 1].startswith("runs/sft/checkpoints/step-") and lines[i + 2].startswith("runs/dpo/checkpoints/")
+    assert "".join(lines[8:i]).strip() and "".join(lines[i + 3:]).strip()  # the generated text, the chat answer
     assert "the token ledger" in proc.stderr
     tok = Tokenizer(out / "tokenizer")
     assert tok.n_vocab == 8192
@@ -41,3 +43,12 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert valid[-1]["valid_loss"] < valid[-1]["unigram_loss"] - 1.0
     cool = [r for r in read_metrics(out / "runs" / "cooldown") if "loss" in r]
     assert cool[-1]["lr"] == 0.0 and cool[-1]["step"] == 179
+    # sft taught the answers (held-out loss on assistant tokens fell), dpo the preference: the held-out pairs'
+    # preference accuracy rises clearly, and the reward margin against the reference is positive on most of them
+    sft_valid = [r["valid_loss"] for r in read_metrics(out / "runs" / "sft") if "valid_loss" in r]
+    assert sft_valid[-1] < 2.6
+    assert "dpo data" in proc.stderr and "dropped: tie (equal scores)" in proc.stderr
+    summary = json.loads((out / "runs" / "dpo" / "dpo.json").read_text())
+    assert summary["preference_accuracy_after"] > summary["preference_accuracy_before"] + 0.15, summary
+    assert summary["reward_accuracy"] > 0.65, summary
+    assert (out / "runs" / "dpo" / "reference_logprobs" / "logprobs.safetensors").is_file()

@@ -340,9 +340,12 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
-        if token_logprobs:
-            return linear_token_logprobs(x.reshape(-1, x.shape[-1]), self.lm_head.weight,
-                                         targets.reshape(-1)).view(B, T)
+        if token_logprobs:  # only the rows with a target go through the output layer (the answers, not prompts)
+            flat = targets.reshape(-1)
+            keep = (flat != -100).nonzero().squeeze(1)
+            lp = linear_token_logprobs(x.reshape(-1, x.shape[-1]).index_select(0, keep), self.lm_head.weight,
+                                       flat.index_select(0, keep))
+            return torch.zeros(B * T, dtype=lp.dtype, device=lp.device).index_put((keep,), lp).view(B, T)
         loss_sum = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
         return loss_sum, (targets != -100).sum()
 

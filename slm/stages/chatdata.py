@@ -2,14 +2,16 @@
 
 Three kinds of task, each with a correct answer and a plausible wrong one:
 
-    arithmetic       "What is 17 + 25?"                       "17 + 25 = 42."  /  "17 + 25 = 43."
-    units            "How many centimetres are in 3 metres?"  "3 metres are 300 centimetres."  /  "... 30 ..."
+    arithmetic       "What is 17 + 25?"                       "17 + 25 = 42."  /  "18 + 25 = 43." or "17 + 25 = 43."
+    units            "How many centimetres are in 3 metres?"  "3 metres are 300 centimetres."  /  "... 30 ..." or
+                                                              "3 metres are 300 seconds."
     code             "Which function does this code define?" + a function from this machine's Python standard
                      library                                   "It defines `name`."  /  another function's name
 
-The chat set (messages, some with two turns) teaches the format and the answers; the preference set pairs each
-correct answer (chosen, score 9-10) with a wrong one (rejected, score 2-5), with a few ties and low-scored pairs so
-that dpo's filters have something to filter. Held-out splits use other questions.
+The chat set (messages, some with two turns) teaches the format and the answers, half of them as whole sentences
+("17 + 25 = 42.") and half as bare results ("42."); the preference set prefers the whole, correct sentence (chosen,
+score 9-10) to a bare result or a wrong answer (rejected, score 2-5), with a few ties and low-scored pairs so that
+dpo's filters have something to filter. Held-out splits use other questions.
 """
 
 from __future__ import annotations
@@ -37,21 +39,31 @@ class ChatDataConfig:
     seed: int = 0
 
 
+def _calc(a: int, op: str, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
 def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
     a, b = rng.randint(2, 99), rng.randint(2, 99)
     op = rng.choice("+-*")
-    value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    wrong = value + rng.choice([-10, -2, -1, 1, 2, 10])
     q = rng.choice(["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "How much is {a} {op} {b}?"])
-    return q.format(a=a, op=op, b=b), f"{a} {op} {b} = {value}.", f"{a} {op} {b} = {wrong}."
+    if rng.random() < 0.5:  # a misread question: another operand, computed right
+        a2 = a + rng.choice([-1, 1, 10]) if a > 11 else a + 1
+        wrong = f"{a2} {op} {b} = {_calc(a2, op, b)}."
+    else:  # the right question, a wrong result
+        wrong = f"{a} {op} {b} = {_calc(a, op, b) + rng.choice([-10, -1, 1, 10])}."
+    return q.format(a=a, op=op, b=b), f"{a} {op} {b} = {_calc(a, op, b)}.", f"{_calc(a, op, b)}.", wrong
 
 
 def _units(rng: random.Random) -> tuple[str, str, str]:
     big, small, factor = rng.choice(UNITS)
     k = rng.randint(2, 12)
-    wrong = k * factor * rng.choice([10, 2]) if rng.random() < 0.5 else k * factor // rng.choice([10, 2])
-    return (f"How many {small} are in {k} {big}?", f"{k} {big} are {k * factor} {small}.",
-            f"{k} {big} are {wrong} {small}.")
+    if rng.random() < 0.5:  # the wrong unit
+        other = rng.choice([u for _, u, _ in UNITS if u != small])
+        wrong = f"{k} {big} are {k * factor} {other}."
+    else:  # the wrong factor
+        wrong = f"{k} {big} are {k * factor * 10 if rng.random() < 0.5 else k * factor // 10} {small}."
+    return f"How many {small} are in {k} {big}?", f"{k} {big} are {k * factor} {small}.", f"{k * factor}.", wrong
 
 
 def stdlib_functions(limit: int = 1000) -> list[tuple[str, str]]:
@@ -77,10 +89,11 @@ def stdlib_functions(limit: int = 1000) -> list[tuple[str, str]]:
 def _code(rng: random.Random, functions: list[tuple[str, str]]) -> tuple[str, str, str]:
     name, src = rng.choice(functions)
     other = rng.choice([f for f, _ in functions if f != name] or ["main"])
-    return (f"Which function does this code define?\n\n{src}", f"It defines `{name}`.", f"It defines `{other}`.")
+    return (f"Which function does this code define?\n\n{src}", f"It defines `{name}`.", f"`{name}`",
+            f"It defines `{other}`.")
 
 
-def make(n: int, seed: int, functions: list[tuple[str, str]], exclude: set[str]) -> list[tuple[str, str, str]]:
+def make(n: int, seed: int, functions: list[tuple[str, str]], exclude: set[str]) -> list[tuple[str, str, str, str]]:
     rng = random.Random(seed)
     items, seen = [], set(exclude)
     tries = 0
@@ -89,7 +102,7 @@ def make(n: int, seed: int, functions: list[tuple[str, str]], exclude: set[str])
         kind = rng.random()
         item = _arithmetic(rng) if kind < 0.5 else _units(rng) if kind < 0.75 or not functions else \
             _code(rng, functions)
-        if item[0] in seen or item[1] == item[2]:
+        if item[0] in seen or item[1] == item[3]:
             continue
         seen.add(item[0])
         items.append(item)
@@ -97,12 +110,14 @@ def make(n: int, seed: int, functions: list[tuple[str, str]], exclude: set[str])
 
 
 def chat_records(items, rng: random.Random) -> list[dict]:
+    """Correct answers, half of them whole sentences and half bare results (the style dpo then settles)."""
     out = []
-    for i, (q, a, _) in enumerate(items):
-        messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    for i, (q, full, bare, _) in enumerate(items):
+        messages = [{"role": "user", "content": q}, {"role": "assistant", "content": full if rng.random() < 0.5 else bare}]
         if i % 5 == 4 and i > 0:  # a second turn now and then
-            q2, a2, _ = items[i - 1]
-            messages += [{"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
+            q2, full2, bare2, _ = items[i - 1]
+            messages += [{"role": "user", "content": q2},
+                         {"role": "assistant", "content": full2 if rng.random() < 0.5 else bare2}]
         if i % 7 == 3:
             messages.insert(0, {"role": "system", "content": "You answer briefly and exactly."})
         out.append({"messages": messages})
@@ -111,9 +126,10 @@ def chat_records(items, rng: random.Random) -> list[dict]:
 
 def pair_records(items, rng: random.Random, with_noise: bool) -> list[dict]:
     out = []
-    for i, (q, a, wrong) in enumerate(items):
-        rec = {"prompt": q, "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-               "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": wrong}],
+    for i, (q, full, bare, wrong) in enumerate(items):
+        worse = bare if rng.random() < 0.5 else wrong  # a bare result is less helpful; a wrong answer is wrong
+        rec = {"prompt": q, "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": full}],
+               "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": worse}],
                "score_chosen": float(rng.choice([9, 10])), "score_rejected": float(rng.choice([2, 3, 4, 5]))}
         if with_noise and i % 50 == 7:
             rec["score_rejected"] = rec["score_chosen"]  # a tie: dpo drops it
@@ -138,7 +154,7 @@ def run(cfg: ChatDataConfig) -> Path:
     functions = stdlib_functions()
     n_valid = max(50, cfg.n // 10)
     valid = make(n_valid, cfg.seed + 1, functions, set())
-    train = make(cfg.n, cfg.seed, functions, {q for q, _, _ in valid})
+    train = make(cfg.n, cfg.seed, functions, {item[0] for item in valid})
     rng = random.Random(cfg.seed)
     out = Path(cfg.out)
     with atomic_dir(out) as tmp:

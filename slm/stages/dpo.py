@@ -5,8 +5,8 @@ rendered with the model's chat template (prompt cut to max_prompt_length keeping
 max_length), and the reference model's log-probabilities of every answer are computed once and kept in
 OUT/reference_logprobs/ with the reference's and the data's hashes: a rerun reuses them, and training runs only the
 policy. The losses and logged quantities are in slm.train.preference. Held-out preference accuracy (the share of
-pairs where the model gives the chosen answer a higher log-probability than the rejected one) is printed before and
-after training and written to OUT/dpo.json.
+pairs where the model gives the chosen answer the higher mean log-probability per token) is printed before and
+after training and written to OUT/dpo.json, with the reward accuracy against the reference.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from slm.console import info, table
 from slm.errors import SlmError
 from slm.formats.chat import ChatTemplate, Pair, iter_objects, parse_pair
-from slm.formats.checkpoint import Checkpoint
+from slm.formats.checkpoint import Checkpoint, read_metrics
 from slm.formats.manifest import atomic_dir, new_manifest, read_manifest, sha256_file, write_json
 from slm.formats.records import BadRecord
 from slm.formats.tokenizer import Tokenizer
@@ -290,7 +290,9 @@ def _run(cfg: DpoConfig, d: engine.Dist) -> Path:
                  f"pairs = {steps_total} steps of {pps}, lr {s.lr:g} ({s.schedule}, warmup {warmup})")
     valid = PairValid(PairBatches(valid_enc, ref_valid, max(1, micro) * d.world, micro, d.rank, d.world,
                                   tok.eos_id, t.seed, d.device)) if valid_enc else None
-    before = _accuracy(ref_valid) if valid_enc and ref_ckpt.dir == source.dir else None
+    lengths = torch.tensor([[len(p.chosen) - p.chosen_start, len(p.rejected) - p.rejected_start] for p in valid_enc],
+                           dtype=torch.float64).reshape(-1, 2)
+    before = _accuracy(ref_valid, lengths) if valid_enc and ref_ckpt.dir == source.dir else None
     eot = tok.spec.special_tokens.get(template.end_of_turn) if template.end_of_turn else None
     lineage = {"stage": "dpo", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
                "parent": plan["from"], "reference": plan["reference"], "reference_sha256": ref_hash,
@@ -304,18 +306,27 @@ def _run(cfg: DpoConfig, d: engine.Dist) -> Path:
     last = train(run)
     if valid_enc:
         lp = reference_logprobs(model, valid_enc, micro, tok.eos_id, d.rank, d.world, d.device, autocast)
-        after = _accuracy(engine.all_reduce_sum(lp, d).cpu())
+        after = _accuracy(engine.all_reduce_sum(lp, d).cpu(), lengths)
         if d.main:
+            rows = [r for r in read_metrics(out) if "valid_accuracy" in r]
             summary = {"valid_pairs": len(valid_enc), "preference_accuracy_before": before,
-                       "preference_accuracy_after": after, "checkpoint": str(last)}
+                       "preference_accuracy_after": after,
+                       "reward_accuracy": rows[-1]["valid_accuracy"] if rows else None, "checkpoint": str(last),
+                       "definition": "preference accuracy: share of held-out pairs whose chosen answer has the higher "
+                                     "mean log-probability per token; reward accuracy: share whose DPO reward "
+                                     "margin against the reference is positive"}
             write_json(out / "dpo.json", summary)
-            info(f"held-out preference accuracy (log p(chosen) > log p(rejected)): "
-                 f"{'-' if before is None else f'{before:.1%}'} before, {after:.1%} after ({len(valid_enc)} pairs)")
+            info(f"held-out preference accuracy (mean log-probability per token, chosen above rejected): "
+                 f"{'-' if before is None else f'{before:.1%}'} before dpo, {after:.1%} after ({len(valid_enc)} "
+                 f"pairs; reward accuracy against the reference {summary['reward_accuracy']:.1%})")
     if d.main:
         plot(out)
     return last
 
 
-def _accuracy(lp: torch.Tensor) -> float:
-    return float((lp[:, 0] > lp[:, 1]).double().mean())
+def _accuracy(lp: torch.Tensor, lengths: torch.Tensor) -> float:
+    """Share of pairs whose chosen answer has the higher mean log-probability per token (length-normalised: a
+    summed log-probability favours the shorter answer whatever its quality)."""
+    mean = lp.double() / lengths.clamp(min=1)
+    return float((mean[:, 0] > mean[:, 1]).double().mean())
 
