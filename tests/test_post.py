@@ -324,3 +324,50 @@ def test_dpo_reference_cache_and_exact_resume(tmp_path, base_ckpt, post_data):
     assert isinstance(template_of(ref, None), ChatTemplate)
     summary = json.loads((tmp_path / "whole" / "dpo.json").read_text())
     assert 0 <= summary["preference_accuracy_before"] <= 1 and 0 <= summary["preference_accuracy_after"] <= 1
+
+
+def test_dpo_losses_equal_trls_on_the_same_model_and_pairs(tmp_path, base_ckpt, post_data):
+    """TRL's DPOTrainer (the reference users know) computes the loss slm computes, for the sigmoid and IPO
+    losses, with a policy that moved away from its reference."""
+    pytest.importorskip("trl")
+    import contextlib
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from slm.stages.dpo import encode_pairs, template_of
+    from slm.train.preference import reference_logprobs
+    from slm.train.setup import load_weights, new_model
+
+    ref_ckpt = _sft(base_ckpt, post_data, tmp_path / "sft", 3)
+    policy_ckpt = _sft(ref_ckpt, post_data, tmp_path / "more", 2)  # another model with the same tokenizer
+    pairs = read_pairs([str(post_data / "pairs.jsonl")], False, None, {})[:6]
+    ds = Dataset.from_list([{"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
+                             "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs])
+    ref = Checkpoint.open(ref_ckpt)
+    enc = encode_pairs(pairs, ref.tokenizer(), template_of(ref, None), 10 ** 6, 10 ** 6 - 1, {})
+
+    def logprobs(ckpt):
+        model = new_model(Checkpoint.open(ckpt).model_config, torch.device("cpu"), 0)
+        load_weights(model, Checkpoint.open(ckpt))
+        return reference_logprobs(model, enc, 8, ref.tokenizer().eos_id, 0, 1, torch.device("cpu"),
+                                  contextlib.nullcontext)
+
+    p, r = logprobs(policy_ckpt), logprobs(ref_ckpt)
+    lengths = torch.tensor([[len(e.chosen) - e.chosen_start, len(e.rejected) - e.rejected_start] for e in enc])
+    for kind in ("sigmoid", "ipo"):
+        args = DPOConfig(output_dir=str(tmp_path / f"trl-{kind}"), beta=0.5, loss_type=[kind],
+                         per_device_train_batch_size=len(pairs), report_to=[], use_cpu=True, max_length=None,
+                         bf16=False)
+        trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(str(policy_ckpt)),
+                             ref_model=AutoModelForCausalLM.from_pretrained(str(ref_ckpt)), args=args,
+                             train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(str(ref_ckpt)))
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.eval()
+        with torch.no_grad():
+            want = float(trainer.compute_loss(trainer.model, batch))
+        pp, rr = (p, r) if kind == "sigmoid" else (p / lengths, r / lengths)
+        losses, _, _ = dpo_losses(pp[:, 0], pp[:, 1], rr[:, 0], rr[:, 1], 0.5, kind)
+        assert float(losses.mean()) == pytest.approx(want, rel=1e-5, abs=1e-7)
+        assert abs(want - (math.log(2) if kind == "sigmoid" else 1.0)) > 1e-4  # the policy did move
