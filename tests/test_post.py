@@ -371,3 +371,98 @@ def test_dpo_losses_equal_trls_on_the_same_model_and_pairs(tmp_path, base_ckpt, 
         losses, _, _ = dpo_losses(pp[:, 0], pp[:, 1], rr[:, 0], rr[:, 1], 0.5, kind)
         assert float(losses.mean()) == pytest.approx(want, rel=1e-5, abs=1e-7)
         assert abs(want - (math.log(2) if kind == "sigmoid" else 1.0)) > 1e-4  # the policy did move
+
+
+def test_dpo_stopped_by_a_signal_resumes_exactly(tmp_path, base_ckpt, post_data, monkeypatch):
+    import os
+    import signal
+
+    from slm.errors import Stopped
+    from slm.train.metrics import MetricsLog
+
+    sft_ckpt = _sft(base_ckpt, post_data, tmp_path / "sft", 2)
+    sets = ["dpo.batch_size=8", "dpo.micro_batch_size=4", "dpo.lr=1e-3", "dpo.max_length=48",
+            "dpo.max_prompt_length=24", "train.save_every=100", "train.dtype=fp32"]
+
+    def run(out):
+        return dpo(DpoConfig(model=sft_ckpt, data=[str(post_data / "pairs.jsonl")], out=out, sets=sets, steps=4,
+                             device="cpu"))
+
+    run(tmp_path / "whole")
+    write, seen = MetricsLog.write, []
+
+    def write_then_signal(self, record):
+        write(self, record)
+        seen.append(record)
+        if len(seen) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLog, "write", write_then_signal)
+    with pytest.raises(Stopped, match="stopped by SIGTERM after step 2"):
+        run(tmp_path / "split")
+    monkeypatch.setattr(MetricsLog, "write", write)
+    last = run(tmp_path / "split")
+    a, b = Checkpoint.open(tmp_path / "whole").state_dict(), Checkpoint.open(last).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in read_metrics(tmp_path / "split")] == [r["loss"] for r in read_metrics(tmp_path / "whole")]
+
+
+def test_chat_records_from_parquet_a_saved_dataset_and_stdin(tmp_path, monkeypatch):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    from slm.stages.sft import read_conversations
+
+    rows = CHAT[:5]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("".join(json.dumps(r) + "\n" for r in rows).encode())))
+    got = read_conversations([str(tmp_path / "chat.parquet"), str(tmp_path / "saved"), "-"], False, {})
+    assert got == [r["messages"] for r in rows] * 3
+
+
+def test_a_jinja_template_file(tmp_path, small_tok):
+    from slm.formats.chat import CHATML
+
+    f = tmp_path / "mine.jinja"
+    f.write_text(CHATML.replace("default_system", '""'))
+    t = ChatTemplate.load(str(f))
+    assert t.special_tokens == ["<|im_end|>", "<|im_start|>"] and t.end_of_turn == "<|im_end|>"
+    assert t.render(CONV[1:3], False, "", "") == ("<|im_start|>user\nWhat is 2+3?<|im_end|>\n"
+                                                   "<|im_start|>assistant\n2 + 3 = 5.<|im_end|>\n")
+    with pytest.raises(SlmError, match="--template 'nope': expected chatml, zephyr or a Jinja template file"):
+        ChatTemplate.load("nope")
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}")
+    with pytest.raises(SlmError, match="not a valid Jinja template"):
+        ChatTemplate.load(str(bad))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_two_processes_post_train_as_one(tmp_path, base_ckpt, post_data, stage):
+    """sft and dpo under torchrun with DDP: the same losses as one process on the same global batch."""
+    import os
+
+    from test_engine import free_port
+
+    sft_ckpt = _sft(base_ckpt, post_data, tmp_path / "sft0", 2)
+    if stage == "sft":
+        args = ["--model", str(base_ckpt), "--data", str(post_data / "chat.jsonl"), "--steps", "3"] + POST
+    else:
+        args = ["--model", str(sft_ckpt), "--data", str(post_data / "pairs.jsonl"), "--steps", "3",
+                "--set", "dpo.batch_size=8", "--set", "dpo.micro_batch_size=2", "--set", "dpo.lr=1e-3",
+                "--set", "dpo.max_length=48", "--set", "dpo.max_prompt_length=24", "--set", "train.dtype=fp32"]
+    one = run_cli(stage, *args, "--out", tmp_path / "one", "--device", "cpu", check=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "slm", stage, *args, "--out", str(tmp_path / "two"), "--device",
+                           "cpu"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == one.stdout.strip().replace("/one/", "/two/")
+    a = [r["loss"] for r in read_metrics(tmp_path / "one") if "loss" in r]
+    b = [r["loss"] for r in read_metrics(tmp_path / "two") if "loss" in r]
+    np.testing.assert_allclose(b, a, rtol=2e-5)
