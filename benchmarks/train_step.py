@@ -211,7 +211,7 @@ def engine_worker(name: str, rounds: int, steps: int) -> None:
 
 
 def engines_rows(args, results: dict) -> None:
-    print(f"\n| engine | processes x threads | tokens/s | vs 1 process |\n|---|---:|---:|---:|")
+    print("\n| engine | processes x threads | tokens/s | vs 1 process |\n|---|---:|---:|---:|")
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     base = None

@@ -11,7 +11,7 @@ from slm.cli import app
 from slm.cli.train import (Device, DeepSpeedConfig, EngineOpt, Keep, Requeue, Resume, Sets, ZeroStage, _print_main,
                            _with_flags)
 
-Data = Annotated[list[str], typer.Option("--data", help="Input files (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, saved "
+Data = Annotated[list[str], typer.Option("--data", metavar="FILE", help="Input files (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, saved "
                                                       "datasets, directories), or - for standard input; repeatable.",
                                          show_default=False)]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip records that do not parse, and count them.")]
@@ -41,7 +41,7 @@ def sft(
                                                                        "max_length (sft.overlong).")] = None,
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Pack conversations into "
                                                     "sequences (sft.packing).", show_default=False)] = None,
-    valid: Annotated[Optional[list[str]], typer.Option("--valid", help="Held-out chat files: validation loss on "
+    valid: Annotated[Optional[list[str]], typer.Option("--valid", metavar="FILE", help="Held-out chat files: validation loss on "
                                                                        "assistant tokens.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Stop after this many steps.")] = None,
     skip_bad: SkipBad = False,
@@ -99,7 +99,7 @@ def dpo(
                                                               "answer scored below this (StableLM 2: 8).")] = None,
     template: Annotated[Optional[str], typer.Option("--template", help="chatml, zephyr or a Jinja file (default: "
                                                                        "the model's).")] = None,
-    valid: Annotated[Optional[list[str]], typer.Option("--valid", help="Held-out preference files: accuracy and "
+    valid: Annotated[Optional[list[str]], typer.Option("--valid", metavar="FILE", help="Held-out preference files: accuracy and "
                                                                        "rewards as it trains, before and after.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Stop after this many steps.")] = None,
     skip_bad: SkipBad = False,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm.console import info, table, warn
+from slm.console import info, table
 from slm.errors import SlmError
 from slm.formats.chat import ChatTemplate, iter_objects, parse_chat
 from slm.formats.checkpoint import Checkpoint
