@@ -321,6 +321,18 @@ def test_dpo_reference_cache_and_exact_resume(tmp_path, base_ckpt, post_data):
     fresh = reference_logprobs(model, enc[:10], 3, tok.eos_id, 0, 1, torch.device("cpu"), contextlib.nullcontext)
     torch.testing.assert_close(cache[:10], fresh, rtol=1e-6, atol=1e-6)
     assert isinstance(template_of(ref, None), ChatTemplate)
+    # a reference with another tokenizer is refused in one line, before any work
+    import shutil
+
+    other = tmp_path / "other-ref"
+    shutil.copytree(sft_ckpt, other)
+    enc_json = json.loads((other / "encoding.json").read_text())
+    enc_json["special_tokens"]["<|other|>"] = enc_json["n_vocab"]
+    enc_json["n_vocab"] += 1
+    (other / "encoding.json").write_text(json.dumps(enc_json))
+    proc = run_cli("dpo", "--model", sft_ckpt, "--ref", other, "--data", post_data / "pairs.jsonl", "--out",
+                   tmp_path / "bad", "--device", "cpu")
+    assert proc.returncode == 1 and "is not the policy's" in proc.stderr and "Traceback" not in proc.stderr
     summary = json.loads((tmp_path / "whole" / "dpo.json").read_text())
     assert 0 <= summary["preference_accuracy_before"] <= 1 and 0 <= summary["preference_accuracy_after"] <= 1
 

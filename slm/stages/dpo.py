@@ -243,6 +243,14 @@ def _run(cfg: DpoConfig, d: engine.Dist) -> Path:
     ref_ckpt = Checkpoint.open(cfg.ref) if cfg.ref else source
     if plan is not None:
         ref_ckpt = Checkpoint.open(plan["reference"])
+    if ref_ckpt.dir != source.dir:
+        ref_tok = ref_ckpt.tokenizer()
+        if ref_tok is not None and ref_tok.hash != tok.hash:
+            raise SlmError(f"--ref {ref_ckpt.dir}: its tokenizer ({ref_tok.hash[:12]}) is not the policy's "
+                           f"({tok.hash[:12]}); the reference must score the same token ids")
+        if ref_ckpt.model_config.vocab_size < tok.n_vocab:
+            raise SlmError(f"--ref {ref_ckpt.dir}: vocab_size {ref_ckpt.model_config.vocab_size} is smaller than "
+                           f"the tokenizer's {tok.n_vocab} ids")
     ref_hash = weights_sha256(ref_ckpt)
     micro = s.micro_batch_size
 
