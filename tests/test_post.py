@@ -337,10 +337,12 @@ def test_dpo_reference_cache_and_exact_resume(tmp_path, base_ckpt, post_data):
     assert 0 <= summary["preference_accuracy_before"] <= 1 and 0 <= summary["preference_accuracy_after"] <= 1
 
 
-def test_dpo_losses_equal_trls_on_the_same_model_and_pairs(tmp_path, base_ckpt, post_data):
+def test_dpo_losses_equal_trls_on_the_same_model_and_pairs(tmp_path, base_ckpt, post_data, monkeypatch):
     """TRL's DPOTrainer (the reference users know) computes the loss slm computes, for the sigmoid and IPO
     losses, with a policy that moved away from its reference."""
     pytest.importorskip("trl")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):  # one process, whatever ran before
+        monkeypatch.delenv(var, raising=False)
     import contextlib
 
     from datasets import Dataset

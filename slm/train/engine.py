@@ -396,10 +396,18 @@ class DeepSpeedEngine(Engine):
                 raise SlmError("train.engine deepspeed: DeepSpeed is not installed (pip install 'slm[deepspeed]'; "
                                "DS_BUILD_OPS=0 builds nothing at install time)") from None
             _one_process_group(d)
-            os.environ.setdefault("LOCAL_RANK", str(d.local_rank))  # DeepSpeed asserts it is set
             optimizer = make_optimizer(model, t)
-            self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
-                                                    dist_init_required=False)
+            # DeepSpeed asserts LOCAL_RANK is set; set it for the call only (left behind, it would make other
+            # libraries in this process, accelerate for one, believe they run under a launcher)
+            ours = "LOCAL_RANK" not in os.environ
+            if ours:
+                os.environ["LOCAL_RANK"] = str(d.local_rank)
+            try:
+                self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
+                                                        dist_init_required=False)
+            finally:
+                if ours:
+                    os.environ.pop("LOCAL_RANK", None)
         self.stage = int(self.config["zero_optimization"].get("stage", 0))
         if self.stage == 3:
             # The fused output-layer loss reads lm_head.weight outside lm_head's forward: gather it with the model.
