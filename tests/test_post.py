@@ -479,3 +479,12 @@ def test_two_processes_post_train_as_one(tmp_path, base_ckpt, post_data, stage):
     a = [r["loss"] for r in read_metrics(tmp_path / "one") if "loss" in r]
     b = [r["loss"] for r in read_metrics(tmp_path / "two") if "loss" in r]
     np.testing.assert_allclose(b, a, rtol=2e-5)
+
+
+def test_a_bad_chat_record_stops_sft_before_anything_is_written(tmp_path, base_ckpt):
+    bad = tmp_path / "chat.jsonl"
+    bad.write_text(json.dumps(CHAT[0]) + "\n" + json.dumps({"messages": [{"role": "user", "content": 3}]}) + "\n")
+    proc = run_cli("sft", "--model", base_ckpt, "--data", bad, "--out", tmp_path / "o", "--device", "cpu")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{bad}:2: messages[0].content is int, expected a string" in proc.stderr
+    assert not (tmp_path / "o").exists()

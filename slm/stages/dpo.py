@@ -26,7 +26,6 @@ from slm.formats.checkpoint import Checkpoint, read_metrics
 from slm.formats.manifest import atomic_dir, new_manifest, read_manifest, sha256_file, write_json
 from slm.formats.records import BadRecord
 from slm.formats.tokenizer import Tokenizer
-from slm.recipes import find_recipe, load_recipe
 from slm.train import engine, setup
 from slm.train.chat_data import encode_chat
 from slm.train.config import dpo_settings, resolve, to_yaml, train_settings
@@ -193,18 +192,7 @@ def _run(cfg: DpoConfig, d: engine.Dist) -> Path:
         if cfg.model is None:
             raise SlmError("--model: missing (the fine-tuned checkpoint)")
         source = Checkpoint.open(cfg.model)
-        parent_cfg = setup.saved_config(source.dir.parent.parent) or {}
-        recipe = cfg.recipe or parent_cfg.get("recipe")
-        if cfg.recipe is not None and find_recipe(cfg.recipe) is None:
-            resolve(cfg.recipe)
-        from_recipe = load_recipe(recipe) if recipe and find_recipe(recipe) else {}
-        base = {"recipe": recipe, "model": source.model_config.to_dict(),
-                "train": {**parent_cfg.get("train", {}), **(from_recipe.get("train") or {})},
-                "dpo": from_recipe.get("dpo") or {}}
-        for k in ("steps", "total_steps", "tokens_per_step", "micro_batch_size", "lr_peak", "lr_min", "schedule",
-                  "warmup_steps"):
-            base["train"].pop(k, None)
-        resolved = resolve(None, cfg.config_file, cfg.sets, base=base)
+        resolved = setup.post_training_config(source, "dpo", cfg.recipe, cfg.config_file, cfg.sets)
         plan = None
     s = dpo_settings(resolved)
     t = train_settings(resolved)

@@ -24,7 +24,6 @@ from slm.formats.checkpoint import Checkpoint
 from slm.formats.manifest import atomic_dir, new_manifest, write_json
 from slm.formats.records import BadRecord
 from slm.formats.tokenizer import Tokenizer, padded_vocab_size, with_special_tokens
-from slm.recipes import find_recipe, load_recipe
 from slm.train import engine, setup
 from slm.train.chat_data import ChatBatches, ChatValid, Encoded, Rows, encode_chat, pack, user_turns
 from slm.train.config import resolve, sft_settings, to_yaml, train_settings
@@ -138,22 +137,18 @@ def _run(cfg: SftConfig, d: engine.Dist) -> Path:
         if cfg.model is None:
             raise SlmError("--model: missing (the checkpoint to fine-tune)")
         source = Checkpoint.open(cfg.model)
-        parent_cfg = setup.saved_config(source.dir.parent.parent) or {}
-        recipe = cfg.recipe or parent_cfg.get("recipe")
-        if cfg.recipe is not None and find_recipe(cfg.recipe) is None:
-            resolve(cfg.recipe)  # the one-line error naming the recipes
-        from_recipe = load_recipe(recipe) if recipe and find_recipe(recipe) else {}
-        base = {"recipe": recipe, "model": source.model_config.to_dict(),
-                "train": {**parent_cfg.get("train", {}), **(from_recipe.get("train") or {})},
-                "sft": from_recipe.get("sft") or {}}
-        for k in ("steps", "total_steps", "tokens_per_step", "micro_batch_size", "lr_peak", "lr_min", "schedule",
-                  "warmup_steps"):
-            base["train"].pop(k, None)  # pre-training's; sft: gives these
-        resolved = resolve(None, cfg.config_file, cfg.sets, base=base)
+        resolved = setup.post_training_config(source, "sft", cfg.recipe, cfg.config_file, cfg.sets)
         plan = None
     s = sft_settings(resolved)
     t = train_settings(resolved)
     template = ChatTemplate.load(s.template, s.system_prompt)
+
+    # the records first: a bad one stops the run before anything is written
+    counts: dict = {"read": 0}
+    convs = read_conversations(cfg.data, cfg.skip_bad, counts)
+    counts["read"] = len(convs) + counts.get("bad", 0)
+    if counts.get("bad"):
+        counts["skipped: bad record"] = counts.pop("bad")
 
     # the tokenizer: the base checkpoint's, with the template's special tokens and the template itself
     tok_dir = out / "tokenizer"
@@ -175,11 +170,6 @@ def _run(cfg: SftConfig, d: engine.Dist) -> Path:
         added = engine.broadcast_object(added, d)
     tok = Tokenizer(tok_dir)
 
-    counts: dict = {"read": 0}
-    convs = read_conversations(cfg.data, cfg.skip_bad, counts)
-    counts["read"] = len(convs) + counts.get("bad", 0)
-    if counts.get("bad"):
-        counts["skipped: bad record"] = counts.pop("bad")
     encoded = prepare(convs, tok, template, s.max_length, s.max_turns, s.overlong, counts)
     if not encoded:
         raise SlmError(f"{', '.join(map(str, cfg.data))}: no conversation left to train on "

@@ -43,28 +43,46 @@ def to_micro_batch(tokens: np.ndarray, doc_starts: list[np.ndarray], device: tor
     return MicroBatch(t[:, :-1], t[:, 1:], None if seg is None else torch.from_numpy(seg).to(device))
 
 
-class Batches:
-    def __init__(self, reader: MixReader, samples_per_step: int, micro_batch_size: int, rank: int, world: int,
-                 device: torch.device):
+class StepBatches:
+    """Step s reads the global samples [first, first + samples_per_step); rank r of W takes the r-th contiguous
+    slice and cuts it into micro-batches. Subclasses say how samples become a micro-batch (micro_batch)."""
+
+    unit = "samples"
+
+    def __init__(self, samples_per_step: int, micro_batch_size: int, rank: int, world: int, device: torch.device,
+                 batch_name: str = "the batch", micro_name: str = "micro_batch_size"):
         if samples_per_step % world:
-            raise SlmError(f"train.tokens_per_step gives {samples_per_step} samples per step, not divisible by "
-                           f"the {world} processes")
+            raise SlmError(f"{batch_name} gives {samples_per_step} {self.unit} per step, not divisible by the "
+                           f"{world} processes")
         self.per_rank = samples_per_step // world
         if self.per_rank % micro_batch_size:
-            raise SlmError(f"{self.per_rank} samples per process per step is not a multiple of "
-                           f"train.micro_batch_size {micro_batch_size}")
-        self.reader, self.samples_per_step, self.micro = reader, samples_per_step, micro_batch_size
+            raise SlmError(f"{self.per_rank} {self.unit} per process per step is not a multiple of "
+                           f"{micro_name} {micro_batch_size}")
+        self.samples_per_step, self.micro = samples_per_step, micro_batch_size
         self.rank, self.device = rank, device
         self.accumulation = self.per_rank // micro_batch_size
 
+    def micro_batch(self, samples: np.ndarray) -> MicroBatch:
+        raise NotImplementedError
+
     def step(self, first_sample: int) -> list[MicroBatch]:
         base = first_sample + self.rank * self.per_rank
-        out = []
-        for m in range(self.accumulation):
-            ns = np.arange(base + m * self.micro, base + (m + 1) * self.micro)
-            tokens, starts = self.reader.batch(ns)
-            out.append(to_micro_batch(tokens, starts, self.device))
-        return out
+        return [self.micro_batch(np.arange(base + m * self.micro, base + (m + 1) * self.micro))
+                for m in range(self.accumulation)]
+
+
+class Batches(StepBatches):
+    """A mix's samples."""
+
+    def __init__(self, reader: MixReader, samples_per_step: int, micro_batch_size: int, rank: int, world: int,
+                 device: torch.device):
+        super().__init__(samples_per_step, micro_batch_size, rank, world, device, "train.tokens_per_step",
+                         "train.micro_batch_size")
+        self.reader = reader
+
+    def micro_batch(self, samples: np.ndarray) -> MicroBatch:
+        tokens, starts = self.reader.batch(samples)
+        return to_micro_batch(tokens, starts, self.device)
 
 
 class ValidSet:

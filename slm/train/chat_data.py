@@ -18,7 +18,7 @@ import torch
 
 from slm.formats.chat import ChatTemplate
 from slm.formats.tokenizer import Tokenizer
-from slm.train.batches import MicroBatch
+from slm.train.batches import MicroBatch, StepBatches
 
 
 @dataclass
@@ -125,31 +125,18 @@ class Rows:
         return MicroBatch(t[:, :-1], targets, segment_ids)
 
 
-class ChatBatches:
-    """The loop's batches over Rows: step s reads global samples [first, first + samples_per_step); rank r of W
-    takes its slice and cuts it into micro-batches (as slm.train.batches.Batches does for a mix)."""
+class ChatBatches(StepBatches):
+    """The loop's batches over Rows (slm.train.batches.StepBatches: the same samples whatever the world size)."""
+
+    unit = "sequences"
 
     def __init__(self, rows: Rows, samples_per_step: int, micro_batch_size: int, rank: int, world: int,
                  device: torch.device):
-        from slm.errors import SlmError
+        super().__init__(samples_per_step, micro_batch_size, rank, world, device)
+        self.rows = rows
 
-        if samples_per_step % world:
-            raise SlmError(f"the batch of {samples_per_step} sequences is not divisible by the {world} processes")
-        self.per_rank = samples_per_step // world
-        if self.per_rank % micro_batch_size:
-            raise SlmError(f"{self.per_rank} sequences per process per step is not a multiple of "
-                           f"micro_batch_size {micro_batch_size}")
-        self.rows, self.samples_per_step, self.micro = rows, samples_per_step, micro_batch_size
-        self.rank, self.device = rank, device
-        self.accumulation = self.per_rank // micro_batch_size
-
-    def step(self, first_sample: int) -> list[MicroBatch]:
-        base = first_sample + self.rank * self.per_rank
-        out = []
-        for m in range(self.accumulation):
-            ids = [self.rows.row_of_sample(n) for n in range(base + m * self.micro, base + (m + 1) * self.micro)]
-            out.append(self.rows.micro_batch(ids, self.device))
-        return out
+    def micro_batch(self, samples: np.ndarray) -> MicroBatch:
+        return self.rows.micro_batch([self.rows.row_of_sample(int(n)) for n in samples], self.device)
 
 
 class ChatValid:

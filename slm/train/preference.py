@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slm.train.batches import MicroBatch
+from slm.train.batches import MicroBatch, StepBatches
 
 
 def dpo_losses(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
@@ -114,30 +114,19 @@ class PairOrder:
         return int(self._perm[1][k])
 
 
-class PairBatches:
-    """The loop's batches over pairs (samples are pairs), sliced by rank like slm.train.batches.Batches."""
+class PairBatches(StepBatches):
+    """The loop's batches over pairs (samples are pairs; slm.train.batches.StepBatches slices them by rank)."""
+
+    unit = "pairs"
 
     def __init__(self, pairs: list[EncodedPair], ref: torch.Tensor, pairs_per_step: int, micro: int, rank: int,
                  world: int, pad_id: int, seed: int, device):
-        from slm.errors import SlmError
-
-        if pairs_per_step % world:
-            raise SlmError(f"the batch of {pairs_per_step} pairs is not divisible by the {world} processes")
-        self.per_rank = pairs_per_step // world
-        if self.per_rank % micro:
-            raise SlmError(f"{self.per_rank} pairs per process per step is not a multiple of micro_batch_size {micro}")
-        self.pairs, self.ref, self.samples_per_step, self.micro = pairs, ref, pairs_per_step, micro
-        self.rank, self.pad_id, self.device = rank, pad_id, device
-        self.accumulation = self.per_rank // micro
+        super().__init__(pairs_per_step, micro, rank, world, device)
+        self.pairs, self.ref, self.pad_id = pairs, ref, pad_id
         self.order = PairOrder(len(pairs), seed)
 
-    def step(self, first_sample: int) -> list[PairBatch]:
-        base = first_sample + self.rank * self.per_rank
-        out = []
-        for m in range(self.accumulation):
-            idx = [self.order(n) for n in range(base + m * self.micro, base + (m + 1) * self.micro)]
-            out.append(self.batch(idx))
-        return out
+    def micro_batch(self, samples: np.ndarray) -> PairBatch:
+        return self.batch([self.order(int(n)) for n in samples])
 
     def batch(self, idx: list[int]) -> PairBatch:
         ref = torch.cat([self.ref[idx, 0], self.ref[idx, 1]])

@@ -103,6 +103,28 @@ def resume_point(run_dir: Path, stage: str, d: engine.Dist, required: bool = Fal
     return ckpt
 
 
+def post_training_config(source: Checkpoint, section: str, recipe: str | None, config_file: Path | None,
+                         sets: list[str]) -> dict:
+    """The resolved configuration of a post-training stage (sft, dpo) starting from SOURCE: its architecture, the
+    train: settings of its run and its recipe (less pre-training's batch and schedule, which SECTION: gives), and
+    SECTION: from the recipe (--recipe, else the one SOURCE was trained with), then --config and --set."""
+    from slm.recipes import find_recipe, load_recipe
+    from slm.train.config import resolve
+
+    if recipe is not None and find_recipe(recipe) is None:
+        resolve(recipe)  # the one-line error naming the recipes
+    parent = saved_config(source.dir.parent.parent) or {}
+    recipe = recipe or parent.get("recipe")
+    from_recipe = load_recipe(recipe) if recipe and find_recipe(recipe) else {}
+    train = {**parent.get("train", {}), **(from_recipe.get("train") or {})}
+    for k in ("steps", "total_steps", "tokens_per_step", "micro_batch_size", "lr_peak", "lr_min", "schedule",
+              "warmup_steps"):
+        train.pop(k, None)
+    base = {"recipe": recipe, "model": source.model_config.to_dict(), "train": train,
+            section: from_recipe.get(section) or {}}
+    return resolve(None, config_file, sets, base=base)
+
+
 def samples_per_step(tokens_per_step: int, seq_len: int) -> int:
     if tokens_per_step % seq_len:
         raise SlmError(f"train.tokens_per_step {tokens_per_step} is not a multiple of the mix's seq_len {seq_len}")
