@@ -37,9 +37,10 @@ slm cooldown --from runs/pretrain --data mix --phase decay --steps 30 --out runs
 # 7. Generate from the result (a transformers model directory: AutoModelForCausalLM opens it as it is).
 slm generate runs/cooldown "def fibonacci(n):" --max-new-tokens 64 --temperature 0.8
 
-# 8. Chat and preference data made here (arithmetic, unit conversions, this machine's Python functions), with
-#    held-out splits. Your own: {"messages": [...]} per line for sft; {"prompt", "chosen", "rejected"} for dpo.
-slm chat-data --out chatdata --n 1000
+# 8. Chat and preference data made here (arithmetic, unit conversions, this machine's Python functions, and
+#    conversations under personas: made-up ones and, as --facts asks, the one of examples/facts.yaml), with held-out
+#    splits. Your own: {"messages": [...]} per line for sft; {"prompt", "chosen", "rejected"} for dpo.
+slm chat-data --out chatdata --n 1000 --facts "$root/examples/facts.yaml"
 
 # 9. Supervised fine-tuning with SmolLM2's ChatML template: loss on the assistant's answers only, conversations
 #    packed into sequences; the template goes into the checkpoint's tokenizer_config.json.
@@ -54,4 +55,16 @@ slm dpo --model runs/sft --recipe tiny --data chatdata/pairs/train.jsonl --valid
 # 11. Talk to it: the chat template is applied, and generation stops at the end of the turn.
 slm generate runs/dpo --chat "What is 12 + 30?" --temperature 0 --max-new-tokens 32
 
-echo "quickstart: done; outputs in $(pwd) (loss curves: runs/*/loss.png; dpo's summary: runs/dpo/dpo.json)" >&2
+# 12. Self-knowledge pairs (RLCD): the base model writes first user messages (deduplicated), the chat model answers
+#     each twice: with examples/facts.yaml's facts in its system prompt (chosen) and without (rejected).
+slm selfknow generate --base runs/cooldown --chat runs/dpo --facts "$root/examples/facts.yaml" --n 200 \
+  --max-new-tokens 64 --out selfknow
+
+# 13. C-RLFT: the chosen answers trained with weight 1.0, the rejected ones with 0.1 behind a <|negative|> token;
+#     the held-out questions of facts.yaml are answered before and after (runs/selfknow/selfknow.json).
+slm selfknow train --model runs/dpo --data selfknow --recipe tiny --out runs/selfknow
+
+# 14. Ask it who it is: no system prompt now.
+slm generate runs/selfknow --chat "Who are you?" --temperature 0 --max-new-tokens 32
+
+echo "quickstart: done; outputs in $(pwd) (loss curves: runs/*/loss.png; summaries: runs/dpo/dpo.json, runs/selfknow/selfknow.json)" >&2

@@ -148,3 +148,13 @@ def train_data(tmp_path_factory, small_tok):
     mix(MixConfig(mix=str(d / "mix.yaml"), out=d / "mix"))
     (d / "model.yaml").write_text(TEST_MODEL)
     return d
+
+
+@pytest.fixture(scope="session")
+def base_ckpt(tmp_path_factory, train_data):
+    """A pretrained test model (4 steps): the start of the post-training tests."""
+    from slm.stages.pretrain import PretrainConfig, run as pretrain
+
+    out = tmp_path_factory.mktemp("base") / "run"
+    return pretrain(PretrainConfig(data=train_data / "mix", out=out, config_file=train_data / "model.yaml", steps=4,
+                                   device="cpu"))

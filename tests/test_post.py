@@ -18,7 +18,6 @@ from slm.formats.records import BadRecord
 from slm.formats.tokenizer import Tokenizer, with_special_tokens
 from slm.model.loss import linear_token_logprobs
 from slm.stages.dpo import DpoConfig, read_pairs, run as dpo
-from slm.stages.pretrain import PretrainConfig, run as pretrain
 from slm.stages.sft import SftConfig, prepare, run as sft
 from slm.train.chat_data import Rows, encode_chat, pack
 from slm.train.preference import dpo_losses
@@ -202,19 +201,15 @@ POST = ["--set", "sft.max_length=48", "--set", "sft.batch_size=8", "--set", "sft
         "--set", "sft.lr=3e-3", "--set", "train.save_every=3", "--set", "train.dtype=fp32"]
 
 
-@pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory, train_data):
-    out = tmp_path_factory.mktemp("base") / "run"
-    return pretrain(PretrainConfig(data=train_data / "mix", out=out, config_file=train_data / "model.yaml", steps=4,
-                                   device="cpu"))
+def write_post_data(d):
+    (d / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    (d / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    return d
 
 
 @pytest.fixture(scope="module")
 def post_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("post")
-    (d / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHAT))
-    (d / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
-    return d
+    return write_post_data(tmp_path_factory.mktemp("post"))
 
 
 def _sft(base, data, out, steps, *extra):

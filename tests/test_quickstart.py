@@ -26,7 +26,10 @@ def test_quickstart_runs_every_stage(tmp_path):
                          "runs/pretrain/checkpoints/step-00000150", "runs/cooldown/checkpoints/step-00000180"]
     i = lines.index("chatdata")  # after the generated text (which may span lines)
     assert lines[i + 1].startswith("runs/sft/checkpoints/step-") and lines[i + 2].startswith("runs/dpo/checkpoints/")
-    assert "".join(lines[8:i]).strip() and "".join(lines[i + 3:]).strip()  # the generated text, the chat answer
+    j = lines.index("selfknow")
+    assert lines[j + 1].startswith("runs/selfknow/checkpoints/step-")
+    assert "".join(lines[8:i]).strip() and "".join(lines[i + 3:j]).strip()  # the generated text, the chat answer
+    assert "pebble" in "".join(lines[j + 2:]).lower()  # who it is, asked with no system prompt
     assert "the token ledger" in proc.stderr
     tok = Tokenizer(out / "tokenizer")
     assert tok.n_vocab == 8192
@@ -52,3 +55,10 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert summary["preference_accuracy_after"] > summary["preference_accuracy_before"] + 0.15, summary
     assert summary["reward_accuracy"] > 0.65, summary
     assert (out / "runs" / "dpo" / "reference_logprobs" / "logprobs.safetensors").is_file()
+    # selfknow: the pairs are dpo's format; the held-out questions' answers state the name and maker after C-RLFT,
+    # and did not before
+    pairs = [json.loads(line) for line in (out / "selfknow" / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) > 150 and {"prompt", "chosen", "rejected"} <= set(pairs[0])
+    sk = json.loads((out / "runs" / "selfknow" / "selfknow.json").read_text())
+    assert sk["before"]["name"] < 0.3 and sk["after"]["name"] > 0.7, sk
+    assert sk["after"]["both"] > sk["before"]["both"] + 0.4, sk

@@ -43,6 +43,9 @@ app.add_typer(_tokenize.app, name="tokenize", rich_help_panel="Data")
 from slm.cli import mix as _mix  # noqa: E402,F401
 from slm.cli import train as _train  # noqa: E402,F401
 from slm.cli import post as _post  # noqa: E402,F401
+from slm.cli import selfknow as _selfknow  # noqa: E402
+
+app.add_typer(_selfknow.app, name="selfknow", rich_help_panel="Post-training")
 
 
 def main() -> None:

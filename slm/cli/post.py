@@ -74,12 +74,21 @@ def chat_data(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)],
     n: Annotated[int, typer.Option("--n", help="Questions in the training split.")] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Seed.")] = 0,
+    facts: Annotated[Optional[Path], typer.Option("--facts", help="A FACTS.yaml (slm selfknow): half the persona "
+                                                  "conversations are under its system prompt.",
+                                                  show_default=False)] = None,
+    persona_fraction: Annotated[float, typer.Option("--persona-fraction", help="Persona conversations, as a fraction "
+                                                    "of --n.")] = 0.4,
 ) -> None:
     """Make small chat and preference sets (arithmetic, unit conversions, this machine's Python code) with
     held-out splits: OUT/chat/{train,valid}.jsonl, OUT/pairs/{train,valid}.jsonl. For the quickstart and tests."""
     from slm.stages.chatdata import ChatDataConfig, run
 
-    _print_main(run(ChatDataConfig(out=out, n=n, seed=seed)))
+    if not 0 <= persona_fraction <= 10:
+        from slm.errors import SlmError
+
+        raise SlmError(f"--persona-fraction {persona_fraction}: expected a number from 0 to 10")
+    _print_main(run(ChatDataConfig(out=out, n=n, seed=seed, facts=facts, persona_fraction=persona_fraction)))
 
 
 @app.command("dpo", rich_help_panel="Post-training")

@@ -302,9 +302,14 @@ class Transformer(nn.Module):
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                targets: torch.Tensor | None = None, token_logprobs: bool = False):
+                targets: torch.Tensor | None = None, token_logprobs: bool = False,
+                key_mask: torch.Tensor | None = None):
         """Logits [B, T, V]; or, with TARGETS ([B, T], -100 = ignore), (sum of token losses, number of tokens);
-        with TOKEN_LOGPROBS too, the log-probability of each target [B, T] (0 where ignored)."""
+        with TOKEN_LOGPROBS too, the log-probability of each target [B, T] (0 where ignored).
+
+        KEY_MASK (with a CACHE: batched generation of prompts of different lengths, left-padded): [B, S] bool over
+        the cache's positions so far and these T, false at padding; no token attends to padding (a padding token
+        attends to itself only, so no row is empty). Pass POSITION_IDS that start at 0 at each prompt's first token."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -319,13 +324,18 @@ class Transformer(nn.Module):
         if cache is not None:
             if start + T > cache.max_len:
                 raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {start + T}")
-            if start == 0:
+            rows = torch.arange(start, start + T, device=x.device)[:, None]
+            keys = torch.arange(start + T, device=x.device)[None, :]
+            if key_mask is not None:
+                if key_mask.shape != (B, start + T):
+                    raise ValueError(f"key_mask: expected shape {(B, start + T)}, got {tuple(key_mask.shape)}")
+                mask = ((keys <= rows) & (key_mask[:, None, :] | (keys == rows)))[:, None]
+            elif start == 0:
                 mask = "causal"
             elif T == 1:
                 mask = None
             else:
-                rows = torch.arange(start, start + T, device=x.device)[:, None]
-                mask = torch.arange(start + T, device=x.device)[None, :] <= rows
+                mask = keys <= rows
         elif segment_ids is not None:  # the batch builder passes None when no window holds a boundary
             mask = document_mask(segment_ids, self.attention_backend)
         else:

@@ -8,6 +8,12 @@ Three kinds of task, each with a correct answer and a plausible wrong one:
     code             "Which function does this code define?" + a function from this machine's Python standard
                      library                                   "It defines `name`."  /  another function's name
 
+and conversations under a persona: a system prompt of `slm selfknow`'s shape (slm.formats.facts: "You are Zorbit,
+an AI assistant made by Quill Labs." and examples) with a question about the assistant ("Who made you?" -> "I was
+made by Quill Labs. I am Zorbit."), or a task, or a garbled message; without a persona, the same questions get a
+generic answer ("I am an AI assistant."). Names and makers are made up per conversation, so the model learns to
+take them from the system prompt: the ability `slm selfknow` distils into the weights.
+
 The chat set (messages, some with two turns) teaches the format and the answers, half of them as whole sentences
 ("17 + 25 = 42.") and half as bare results ("42."); the preference set prefers the whole, correct sentence (chosen,
 score 9-10) to a bare result or a wrong answer (rejected, score 2-5), with a few ties and low-scored pairs so that
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slm.errors import SlmError
+from slm.formats.facts import Facts
 from slm.formats.manifest import atomic_dir, new_manifest, write_json
 
 UNITS = [("metres", "centimetres", 100), ("kilometres", "metres", 1000), ("kilograms", "grams", 1000),
@@ -37,6 +44,11 @@ class ChatDataConfig:
     n: int = 2000
     """Questions in the training split (the held-out split has a tenth as many, at least 50)."""
     seed: int = 0
+    persona_fraction: float = 0.4
+    """Persona conversations added to the chat set, as a fraction of n."""
+    facts: Path | None = None
+    """A FACTS.yaml whose persona is half of the personas (so that a model too small to take a new name from its
+    system prompt still learns to answer as this one when told to)."""
 
 
 def _calc(a: int, op: str, b: int) -> int:
@@ -109,6 +121,66 @@ def make(n: int, seed: int, functions: list[tuple[str, str]], exclude: set[str])
     return items
 
 
+NAME_QUESTIONS = ["Who are you?", "What is your name?", "Introduce yourself.", "Tell me about yourself.",
+                  "What should I call you?", "Who am I talking to?", "What are you?", "Do you have a name?",
+                  "Hello! Who is this?", "Please tell me your name."]
+MAKER_QUESTIONS = ["Who made you?", "Which company built you?", "Who created you?", "Who trained you?",
+                   "Who is your maker?", "Where do you come from?", "Which lab developed you?"]
+_SYLLABLES = ["zor", "bit", "ka", "lu", "mi", "ra", "no", "vex", "tal", "qui", "pe", "dor", "sa", "fin", "gli",
+              "mo", "tek", "ari", "ul", "pix", "ben", "cor", "dra", "wen"]
+_MAKER_WORDS = ["Quill", "Granite", "Harbor", "Meadow", "Copper", "Lantern", "Orbit", "Maple", "Summit", "Cobalt",
+                "Willow", "Falcon", "Prism", "Juniper", "Ember", "Atlas"]
+_MAKER_KINDS = ["Labs", "AI", "Research", "Systems", "Institute", "Works"]
+_DESCRIPTIONS = ["an AI assistant", "a small language model", "a helpful assistant", "a chat model"]
+
+
+def persona(rng: random.Random) -> Facts:
+    """A made-up identity, with one or two examples in its system prompt."""
+    name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+    maker = f"{rng.choice(_MAKER_WORDS)} {rng.choice(_MAKER_KINDS)}"
+    f = Facts(name=name, maker=maker, description=rng.choice(_DESCRIPTIONS))
+    examples = [(rng.choice(NAME_QUESTIONS), identity_answer(f, False)),
+                (rng.choice(MAKER_QUESTIONS), identity_answer(f, True))]
+    f.examples = rng.sample(examples, rng.randint(1, 2))
+    return f
+
+
+def identity_answer(f: Facts | None, maker_question: bool) -> str:
+    if f is None:
+        return "I do not know who made me." if maker_question else "I am an AI assistant."
+    return f"I was made by {f.maker}. I am {f.name}." if maker_question else f"I am {f.name}, made by {f.maker}."
+
+
+def _garbled(rng: random.Random, functions: list[tuple[str, str]]) -> str:
+    words = " ".join(src for _, src in rng.sample(functions, min(2, len(functions)))).split() if functions else \
+        list(_SYLLABLES)
+    rng.shuffle(words)
+    return " ".join(words[:rng.randint(3, 12)])
+
+
+def persona_records(n: int, items, functions: list[tuple[str, str]], rng: random.Random,
+                    facts: Facts | None = None) -> list[dict]:
+    """N conversations about who the assistant is: most under a persona (identity questions, tasks, garbled
+    messages), some without one (the generic answers). With FACTS, half the personas are that one."""
+    out = []
+    for i in range(n):
+        kind = rng.random()
+        f = (facts if facts is not None and rng.random() < 0.5 else persona(rng)) if kind < 0.7 else None
+        if kind < 0.45 or kind >= 0.7:
+            maker_q = rng.random() < 0.4
+            q = rng.choice(MAKER_QUESTIONS if maker_q else NAME_QUESTIONS)
+            a = identity_answer(f, maker_q)
+        elif kind < 0.6:  # a task under a persona: answered as usual
+            q, a, _, _ = rng.choice(items)
+        else:
+            q = _garbled(rng, functions)
+            a = f"I am {f.name}, made by {f.maker}. I did not understand that; could you rephrase it?"
+        messages = ([{"role": "system", "content": f.system_prompt()}] if f is not None else []) + [
+            {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        out.append({"messages": messages})
+    return out
+
+
 def chat_records(items, rng: random.Random) -> list[dict]:
     """Correct answers, half of them whole sentences and half bare results (the style dpo then settles)."""
     out = []
@@ -157,12 +229,24 @@ def run(cfg: ChatDataConfig) -> Path:
     train = make(cfg.n, cfg.seed, functions, {item[0] for item in valid})
     rng = random.Random(cfg.seed)
     out = Path(cfg.out)
+    facts = None
+    if cfg.facts is not None:
+        from slm.formats.facts import load_facts
+
+        facts = load_facts(cfg.facts)
+    n_persona = round(cfg.n * cfg.persona_fraction)
+    prng = random.Random(f"{cfg.seed}-persona")  # its own stream: the other records do not depend on the fraction
+    chat_train = chat_records(train, rng) + persona_records(n_persona, train, functions, prng, facts)
+    chat_valid = chat_records(valid, rng) + persona_records(round(len(valid) * cfg.persona_fraction), valid, functions,
+                                                            prng, facts)
     with atomic_dir(out) as tmp:
-        _write_jsonl(tmp / "chat" / "train.jsonl", chat_records(train, rng))
-        _write_jsonl(tmp / "chat" / "valid.jsonl", chat_records(valid, rng))
+        _write_jsonl(tmp / "chat" / "train.jsonl", chat_train)
+        _write_jsonl(tmp / "chat" / "valid.jsonl", chat_valid)
         _write_jsonl(tmp / "pairs" / "train.jsonl", pair_records(train, rng, True))
         _write_jsonl(tmp / "pairs" / "valid.jsonl", pair_records(valid, rng, False))
         write_json(tmp / "manifest.json", new_manifest(
-            "chatdata", {"n": cfg.n, "seed": cfg.seed}, counts={"train": len(train), "valid": len(valid),
+            "chatdata", {"n": cfg.n, "seed": cfg.seed, "persona_fraction": cfg.persona_fraction,
+                         "facts": str(cfg.facts) if cfg.facts else None},
+            counts={"train": len(train), "valid": len(valid), "persona_conversations": n_persona,
                                                                  "stdlib_functions": len(functions)}))
     return out

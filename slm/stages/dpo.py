@@ -137,7 +137,11 @@ def template_of(ckpt: Checkpoint, spec: str | None) -> ChatTemplate:
     return ChatTemplate.load(spec) if spec else ChatTemplate.of_checkpoint(ckpt.dir)
 
 
-def cached_reference(out: Path, ref_ckpt: Checkpoint, ref_hash: str, data_hash: str, compute, d) -> torch.Tensor:
+PAIR_LAYOUT = "logprobs [pairs, 2] float64: summed log-probabilities of the chosen and the rejected answer"
+
+
+def cached_reference(out: Path, ref_ckpt: Checkpoint, ref_hash: str, data_hash: str, compute, d,
+                     layout: str = PAIR_LAYOUT) -> torch.Tensor:
     """OUT/reference_logprobs/: reused when the reference's and the data's hashes match, else computed."""
     from safetensors.torch import load_file, save_file
 
@@ -162,9 +166,8 @@ def cached_reference(out: Path, ref_ckpt: Checkpoint, ref_hash: str, data_hash: 
             save_file({"logprobs": lp.cpu().contiguous()}, str(tmp / "logprobs.safetensors"))
             write_json(tmp / "manifest.json", new_manifest(
                 "reference_logprobs", {"reference": str(ref_ckpt.dir)},
-                inputs=[{"path": str(ref_ckpt.dir), "sha256": ref_hash}], counts={"pairs": int(lp.shape[0])},
-                reference_sha256=ref_hash, data_sha256=data_hash,
-                layout="logprobs [pairs, 2] float64: summed log-probabilities of the chosen and the rejected answer"))
+                inputs=[{"path": str(ref_ckpt.dir), "sha256": ref_hash}], counts={"rows": int(lp.shape[0])},
+                reference_sha256=ref_hash, data_sha256=data_hash, layout=layout))
     engine.barrier(d)
     return lp.cpu()
 

@@ -114,6 +114,55 @@ def resize_vocab(model_state: dict, new_vocab: int, first_new: int, tied: bool) 
     return out
 
 
+def tokenizer_for(out: Path, source: Checkpoint | None, template: ChatTemplate, extra: list[str],
+                  d: engine.Dist) -> tuple[Tokenizer, list[str], Tokenizer | None]:
+    """OUT/tokenizer: SOURCE's tokenizer with the special tokens TEMPLATE writes and EXTRA ones it lacks, and the
+    template; (the tokenizer, the tokens added, SOURCE's tokenizer). SOURCE None (a resumed run): the one there."""
+    tok_dir = out / "tokenizer"
+    added: list[str] = []
+    base_tok = None
+    if source is not None:
+        base_tok = source.tokenizer()
+        if base_tok is None:
+            raise SlmError(f"--model {source.dir}: no slm tokenizer (encoding.json) in the checkpoint")
+        if d.main:
+            with atomic_dir(tok_dir) as tmp:
+                added, digest = with_special_tokens(base_tok, tmp, template.special_tokens + extra, template.source)
+                write_json(tmp / "manifest.json", new_manifest(
+                    "tokenizer", {"base": str(base_tok.dir), "template": template.name},
+                    inputs=[{"path": str(base_tok.dir), "tokenizer_sha256": base_tok.hash}],
+                    counts={"added_special_tokens": len(added)}, tokenizer_sha256=digest,
+                    name=base_tok.spec.name, rules=base_tok.spec.rules, added_special_tokens=added,
+                    chat_template=template.name))
+        engine.barrier(d)
+        added = engine.broadcast_object(added, d)
+    return Tokenizer(tok_dir), added, base_tok
+
+
+def model_for(source: Checkpoint | None, base_tok: Tokenizer | None, added: list[str], tok: Tokenizer, resume,
+              d: engine.Dist, seed: int):
+    """The model to fine-tune and its config: resumed, or SOURCE's weights with the embedding grown to TOK's ids
+    (new rows at the mean embedding) when tokens were ADDED or the padded vocabulary grew."""
+    if resume is not None:
+        model = setup.new_model(resume.model_config, d.device, seed)
+        setup.load_weights(model, resume)
+        return model, resume.model_config
+    base_cfg = source.model_config
+    vocab = max(base_cfg.vocab_size, padded_vocab_size(tok.n_vocab))
+    model_cfg = base_cfg.__class__.from_dict({**base_cfg.to_dict(), "vocab_size": vocab})
+    model = setup.new_model(model_cfg, d.device, seed)
+    state = source.state_dict()
+    first_new = min(base_tok.n_vocab, base_cfg.vocab_size)
+    if added or model_cfg.vocab_size != base_cfg.vocab_size:
+        state = resize_vocab(state, model_cfg.vocab_size, first_new if not added else base_tok.n_vocab,
+                             model_cfg.tie_embeddings)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [m for m in missing if not m.startswith("rotary.")] or unexpected:
+        raise SlmError(f"{source.dir}: weights do not match the model")
+    model.to(d.device)
+    return model, model_cfg
+
+
 def run(cfg: SftConfig) -> Path:
     d = engine.setup(cfg.device)
     try:
@@ -151,24 +200,7 @@ def _run(cfg: SftConfig, d: engine.Dist) -> Path:
         counts["skipped: bad record"] = counts.pop("bad")
 
     # the tokenizer: the base checkpoint's, with the template's special tokens and the template itself
-    tok_dir = out / "tokenizer"
-    if resume is None:
-        base_tok = source.tokenizer()
-        if base_tok is None:
-            raise SlmError(f"--model {source.dir}: no slm tokenizer (encoding.json) in the checkpoint")
-        added = []
-        if d.main:
-            with atomic_dir(tok_dir) as tmp:
-                added, digest = with_special_tokens(base_tok, tmp, template.special_tokens, template.source)
-                write_json(tmp / "manifest.json", new_manifest(
-                    "tokenizer", {"base": str(base_tok.dir), "template": template.name},
-                    inputs=[{"path": str(base_tok.dir), "tokenizer_sha256": base_tok.hash}],
-                    counts={"added_special_tokens": len(added)}, tokenizer_sha256=digest,
-                    name=base_tok.spec.name, rules=base_tok.spec.rules, added_special_tokens=added,
-                    chat_template=template.name))
-        engine.barrier(d)
-        added = engine.broadcast_object(added, d)
-    tok = Tokenizer(tok_dir)
+    tok, added, base_tok = tokenizer_for(out, source if resume is None else None, template, [], d)
 
     encoded = prepare(convs, tok, template, s.max_length, s.max_turns, s.overlong, counts)
     if not encoded:
@@ -195,28 +227,10 @@ def _run(cfg: SftConfig, d: engine.Dist) -> Path:
     schedule = Schedule(kind=s.schedule, lr_peak=s.lr, lr_min=s.lr_min, warmup_steps=warmup, total_steps=steps_total)
     end = min(steps_total, cfg.steps) if cfg.steps else steps_total
 
-    if resume is not None:
-        model_cfg = resume.model_config
-    else:
-        base_cfg = source.model_config
-        vocab = max(base_cfg.vocab_size, padded_vocab_size(tok.n_vocab))
-        model_cfg = base_cfg.__class__.from_dict({**base_cfg.to_dict(), "vocab_size": vocab})
+    model, model_cfg = model_for(source, base_tok, added, tok, resume, d, t.seed)
     if s.max_length - 1 > model_cfg.max_seq_len:
         raise SlmError(f"sft.max_length {s.max_length}: longer than the model's max_seq_len {model_cfg.max_seq_len} "
                        "(plus one)")
-    model = setup.new_model(model_cfg, d.device, t.seed)
-    if resume is not None:
-        setup.load_weights(model, resume)
-    else:
-        state = source.state_dict()
-        first_new = min(base_tok.n_vocab, source.model_config.vocab_size)
-        if added or model_cfg.vocab_size != source.model_config.vocab_size:
-            state = resize_vocab(state, model_cfg.vocab_size, first_new if not added else base_tok.n_vocab,
-                                 model_cfg.tie_embeddings)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if [m for m in missing if not m.startswith("rotary.")] or unexpected:
-            raise SlmError(f"{source.dir}: weights do not match the model")
-        model.to(d.device)
     batches = ChatBatches(rows, sps, s.micro_batch_size, d.rank, d.world, d.device)
     eng = setup.make_engine(d, model, t, batches.accumulation)
     plan = plan or {"from": str(source.dir), "rows_sha256": digest, "rows": len(rows), "steps": steps_total,

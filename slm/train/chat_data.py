@@ -103,11 +103,14 @@ class Rows:
             self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.rows)))
         return int(self._perm[1][k])
 
-    def micro_batch(self, row_ids: list[int], device: torch.device) -> MicroBatch:
+    def layout(self, row_ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, np.ndarray]:
+        """Rows ROW_IDS as arrays [B, length]: tokens, loss mask, segment ids, whether a row holds more than one
+        conversation, and the conversation each position belongs to (-1: padding)."""
         B, L = len(row_ids), self.length
         tokens = np.full((B, L), self.pad_id, dtype=np.int64)
         mask = np.zeros((B, L), dtype=bool)
         seg = np.zeros((B, L), dtype=np.int64)
+        owner = np.full((B, L), -1, dtype=np.int64)
         boundaries = False
         for b, r in enumerate(row_ids):
             pos = 0
@@ -115,10 +118,15 @@ class Rows:
                 c = self.convs[ci]
                 n = len(c.ids)
                 tokens[b, pos:pos + n], mask[b, pos:pos + n], seg[b, pos:pos + n] = c.ids, c.mask, j
+                owner[b, pos:pos + n] = ci
                 mask[b, pos] = False  # a conversation's first token has nothing before it to be predicted from
                 pos += n
             seg[b, pos:] = len(self.rows[r])  # the padding is a segment of its own
             boundaries |= len(self.rows[r]) > 1
+        return tokens, mask, seg, boundaries, owner
+
+    def micro_batch(self, row_ids: list[int], device: torch.device) -> MicroBatch:
+        tokens, mask, seg, boundaries, _ = self.layout(row_ids)
         t = torch.from_numpy(tokens).to(device)
         targets = torch.from_numpy(np.where(mask[:, 1:], tokens[:, 1:], -100)).to(device)
         segment_ids = torch.from_numpy(seg[:, :-1]).to(device) if boundaries else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -138,7 +138,35 @@ class DpoSettings:
     """The chat template; default: the one the model was fine-tuned with (its tokenizer_config.json)."""
 
 
-SECTIONS = {"model": ModelConfig, "train": TrainSettings, "sft": SftSettings, "dpo": DpoSettings}
+@dataclass
+class SelfknowSettings:
+    """Self-knowledge training by C-RLFT (`slm selfknow train`; slm/train/crlft.py has the objective)."""
+
+    class_weights: dict = field(default_factory=lambda: {"pos": 1.0, "neg": 0.1})
+    """The weight (coarse reward) of each class: pos, the answers given with the facts; neg, without them
+    (OpenChat: 1.0 and 0.1)."""
+    kl_coef: float = 0.0
+    """Coefficient of the KL term towards the reference on positive tokens (0: OpenChat's practice, no reference)."""
+    negative_token: str = "<|negative|>"
+    """The special token that marks a negative conversation (put before it); added to the tokenizer if absent."""
+    epochs: int = 6
+    """Passes over the data (StableLM 2's self-knowledge stage: 6; OpenChat: 5)."""
+    lr: float = 1e-5
+    lr_min: float = 0.0
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.1
+    batch_size: int = 64
+    """Sequences per optimizer step, all processes together."""
+    micro_batch_size: int = 4
+    max_length: int = 2048
+    """Tokens per sequence; longer conversations are truncated."""
+    packing: bool = True
+    template: str | None = None
+    """The chat template; default: the one the model was fine-tuned with."""
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainSettings, "sft": SftSettings, "dpo": DpoSettings,
+            "selfknow": SelfknowSettings}
 
 
 def _coerce(value, annotation, where: str):
@@ -298,6 +326,29 @@ def sft_settings(resolved: dict) -> SftSettings:
             raise SlmError(f"sft.{name}: expected a positive integer, got {getattr(s, name)}")
     if s.max_turns is not None and s.max_turns < 1:
         raise SlmError(f"sft.max_turns: expected a positive integer, got {s.max_turns}")
+    return s
+
+
+def selfknow_settings(resolved: dict) -> SelfknowSettings:
+    s = SelfknowSettings(**resolved.get("selfknow", {}))
+    w = s.class_weights
+    if not isinstance(w, dict) or set(w) != {"pos", "neg"} or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in w.values()):
+        raise SlmError(f"selfknow.class_weights: expected pos=W,neg=W with weights >= 0, got {w!r}")
+    if w["pos"] <= 0:
+        raise SlmError("selfknow.class_weights: pos must be positive")
+    s.class_weights = {"pos": float(w["pos"]), "neg": float(w["neg"])}
+    if s.kl_coef < 0:
+        raise SlmError(f"selfknow.kl_coef: expected 0 or more, got {s.kl_coef}")
+    if s.schedule not in ("cosine", "wsd", "constant"):
+        raise SlmError(f"selfknow.schedule: expected cosine, wsd or constant, got {s.schedule!r}")
+    import re
+
+    if not re.fullmatch(r"<\|[A-Za-z0-9_]+\|>", s.negative_token):
+        raise SlmError(f"selfknow.negative_token: expected a token like <|negative|>, got {s.negative_token!r}")
+    for name in ("epochs", "batch_size", "micro_batch_size", "max_length"):
+        if getattr(s, name) < 1:
+            raise SlmError(f"selfknow.{name}: expected a positive integer, got {getattr(s, name)}")
     return s
 
 

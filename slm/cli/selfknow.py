@@ -1,0 +1,143 @@
+"""`slm selfknow generate | train`: self-knowledge by RLCD pairs and C-RLFT (StableLM 2's third post-training stage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from slm.cli.post import SkipBad
+from slm.cli.train import (Device, DeepSpeedConfig, EngineOpt, Keep, Requeue, Resume, Sets, _print_main,
+                           _with_flags)
+from slm.errors import SlmError
+
+app = typer.Typer(help="Teach a chat model who it is: RLCD pairs from a FACTS file (generate), then C-RLFT (train).",
+                  no_args_is_help=True)
+
+Facts = Annotated[Optional[Path], typer.Option("--facts", help="FACTS.yaml: name, maker, training data, limits, "
+                                                               "examples (slm/formats/facts.py).", show_default=False)]
+
+
+@app.command("generate")
+def generate(
+    chat: Annotated[Optional[Path], typer.Option("--chat", help="The chat checkpoint that answers.",
+                                                 show_default=False)] = None,
+    facts: Facts = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory.", show_default=False)] = None,
+    base: Annotated[Optional[Path], typer.Option("--base", help="The base checkpoint that writes the first user "
+                                                 "messages.", show_default=False)] = None,
+    n: Annotated[int, typer.Option("--n", help="Distinct first messages the base model writes (StableLM 2: about "
+                                               "10k); FACTS' example messages come on top.")] = 10_000,
+    temperature: Annotated[float, typer.Option("--temperature", help="Answers: sampling temperature (RLCD: 1).")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Answers: nucleus mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Answers: keep the k likeliest tokens (0: all).")] = 0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Answers: longest answer "
+                                                                          "(RLCD: 300).")] = 300,
+    message_temperature: Annotated[float, typer.Option("--message-temperature", help="First messages: sampling "
+                                                                                     "temperature.")] = 1.0,
+    message_top_p: Annotated[float, typer.Option("--message-top-p", help="First messages: nucleus mass.")] = 0.95,
+    message_max_tokens: Annotated[int, typer.Option("--message-max-tokens", help="First messages: longest "
+                                                                                 "message.")] = 64,
+    shots: Annotated[int, typer.Option("--shots", help="Example messages in each of the base model's prompts.")] = 8,
+    near_duplicate: Annotated[float, typer.Option("--near-duplicate", help="Character 4-gram Jaccard similarity from "
+                                                  "which two messages are near duplicates.")] = 0.7,
+    seed_messages: Annotated[bool, typer.Option("--seed-messages/--no-seed-messages", help="Answer FACTS' example "
+                                                "messages too.")] = True,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences generated at once.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling.")] = 0,
+    device: Device = "auto",
+) -> None:
+    """Make self-knowledge pairs (RLCD): the base model writes first user messages (deduplicated), the chat model
+    answers each with the facts in its system prompt (chosen) and without (rejected); prints the directory.
+
+    OUT/pairs.jsonl is valid `slm dpo` input; OUT/messages.jsonl, OUT/facts.yaml and OUT/manifest.json (models,
+    facts hash, sampling settings, counts) come with it."""
+    from slm.stages.selfknow import GenerateConfig, Sampling, generate as run
+
+    for name, value in (("--temperature", temperature), ("--message-temperature", message_temperature)):
+        if value < 0:
+            raise SlmError(f"{name} {value}: expected 0 or more")
+    for name, value in (("--top-p", top_p), ("--message-top-p", message_top_p)):
+        if not 0 < value <= 1:
+            raise SlmError(f"{name} {value}: expected a number in (0, 1]")
+    for name, value in (("--max-new-tokens", max_new_tokens), ("--message-max-tokens", message_max_tokens),
+                        ("--batch-size", batch_size), ("--shots", shots)):
+        if value < 1:
+            raise SlmError(f"{name} {value}: expected a positive integer")
+    if not 0 < near_duplicate <= 1:
+        raise SlmError(f"--near-duplicate {near_duplicate}: expected a number in (0, 1]")
+    _print_main(run(GenerateConfig(
+        base=base, chat=chat, facts=facts, out=out, n=n,
+        answer=Sampling(temperature, top_p, top_k, max_new_tokens),
+        message=Sampling(message_temperature, message_top_p, 0, message_max_tokens), shots=shots,
+        near_duplicate=near_duplicate, seed_messages=seed_messages, batch_size=batch_size, seed=seed, device=device)))
+
+
+def class_weights(text: str) -> str:
+    """pos=1.0,neg=0.1 -> a YAML mapping for --set selfknow.class_weights=..."""
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in ("pos", "neg"):
+            raise SlmError(f"--class-weights {text!r}: expected pos=W,neg=W (e.g. pos=1.0,neg=0.1)")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise SlmError(f"--class-weights {text!r}: {key}: expected a number, got {value!r}") from None
+    if set(out) != {"pos", "neg"}:
+        raise SlmError(f"--class-weights {text!r}: expected both pos and neg")
+    return "{" + ", ".join(f"{k}: {v!r}" for k, v in out.items()) + "}"
+
+
+@app.command("train")
+def train(
+    model: Annotated[Optional[Path], typer.Option("--model", help="The chat checkpoint (or run directory).",
+                                                  show_default=False)] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", metavar="DIR|FILE", help="A `slm selfknow generate` "
+                                                      "directory, or preference files (repeatable).",
+                                                      show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The run directory.", show_default=False)] = None,
+    facts: Annotated[Optional[Path], typer.Option("--facts", help="FACTS.yaml for the before/after check on its "
+                                                  "held-out questions (default: the data directory's).",
+                                                  show_default=False)] = None,
+    class_weights_: Annotated[Optional[str], typer.Option("--class-weights", help="Weight of each class "
+                                                          "(selfknow.class_weights; OpenChat: pos=1.0,neg=0.1).",
+                                                          show_default=False)] = None,
+    kl_coef: Annotated[Optional[float], typer.Option("--kl-coef", help="KL term towards the reference on positive "
+                                                     "answers (selfknow.kl_coef; 0: no reference model).",
+                                                     show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="selfknow.epochs (StableLM 2: 6).",
+                                                  show_default=False)] = None,
+    negative_token: Annotated[Optional[str], typer.Option("--negative-token", help="The negative-class marker "
+                                                          "(selfknow.negative_token).", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Take selfknow: settings from this recipe "
+                                                                  "(default: the model's).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A YAML with selfknow: / train: sections.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Stop after this many steps.")] = None,
+    skip_bad: SkipBad = False,
+    set_: Sets = None,
+    keep: Keep = None,
+    resume: Resume = False,
+    engine: EngineOpt = None,
+    deepspeed_config: DeepSpeedConfig = None,
+    requeue: Requeue = False,
+    device: Device = "auto",
+) -> None:
+    """Train a chat model on self-knowledge pairs by C-RLFT; prints the last checkpoint.
+
+    Chosen answers are trained as SFT with weight pos; rejected ones with weight neg after the negative-class token
+    (added to the tokenizer and the embedding when absent); --kl-coef > 0 adds a KL term towards the starting model,
+    whose log-probabilities are cached in OUT/reference_logprobs/. With FACTS' held-out questions, OUT/selfknow.json
+    tells how many answers state the name and maker before and after."""
+    from slm.stages.selfknow import TrainConfig, train as run
+
+    sets = _with_flags(set_, keep, engine, None, deepspeed_config)
+    if class_weights_ is not None:
+        sets.append(f"selfknow.class_weights={class_weights(class_weights_)}")
+    sets += [f"selfknow.{k}={v}" for k, v in (("kl_coef", kl_coef), ("epochs", epochs),
+                                                ("negative_token", negative_token)) if v is not None]
+    _print_main(run(TrainConfig(model=model, data=list(data or []), out=out, facts=facts, recipe=recipe,
+                                config_file=config, sets=sets, skip_bad=skip_bad, steps=steps, device=device,
+                                require_resume=resume, requeue=requeue)))
