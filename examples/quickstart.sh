@@ -56,9 +56,10 @@ slm dpo --model runs/sft --recipe tiny --data chatdata/pairs/train.jsonl --valid
 slm generate runs/dpo --chat "What is 12 + 30?" --temperature 0 --max-new-tokens 32
 
 # 12. Self-knowledge pairs (RLCD): the base model writes first user messages (deduplicated), the chat model answers
-#     each twice: with examples/facts.yaml's facts in its system prompt (chosen) and without (rejected).
+#     each twice: with examples/facts.yaml's facts in its system prompt (chosen) and without (rejected). RLCD samples
+#     at temperature 1; a 7.6M model's tail is noise, so the quickstart samples the answers at 0.3.
 slm selfknow generate --base runs/cooldown --chat runs/dpo --facts "$root/examples/facts.yaml" --n 200 \
-  --max-new-tokens 64 --out selfknow
+  --temperature 0.3 --top-p 0.9 --max-new-tokens 64 --out selfknow
 
 # 13. C-RLFT: the chosen answers trained with weight 1.0, the rejected ones with 0.1 behind a <|negative|> token;
 #     the held-out questions of facts.yaml are answered before and after (runs/selfknow/selfknow.json).

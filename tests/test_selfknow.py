@@ -306,3 +306,27 @@ def test_two_processes_train_as_one(tmp_path, chat_ckpt):
     a = [(r["loss"], r["kl"]) for r in read_metrics(tmp_path / "one") if "loss" in r]
     b = [(r["loss"], r["kl"]) for r in read_metrics(tmp_path / "two") if "loss" in r]
     np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-7)
+
+
+def test_chat_data_persona_conversations(tmp_path):
+    """chat-data's persona conversations: the system prompt is selfknow's, and the answer takes the identity from it
+    (or is generic without one); --facts makes some of them that persona."""
+    from slm.formats.facts import parse_facts
+    from slm.stages.chatdata import ChatDataConfig, run
+
+    (tmp_path / "facts.yaml").write_text(FACTS)
+    out = run(ChatDataConfig(out=tmp_path / "cd", n=200, facts=tmp_path / "facts.yaml"))
+    records = [json.loads(line)["messages"] for line in (out / "chat" / "train.jsonl").read_text().splitlines()]
+    persona = [m for m in records if m[0]["role"] == "system" and m[0]["content"].startswith("You are ")]
+    generic = [m for m in records if m[0]["role"] == "user" and m[1]["content"] == "I am an AI assistant."]
+    assert len(persona) > 40 and generic
+    ours = [m for m in persona if m[0]["content"] == load_facts(tmp_path / "facts.yaml").system_prompt()]
+    assert 0.15 < len(ours) / len(persona) < 0.45
+    for m in persona:
+        name, maker = m[0]["content"][len("You are "):].split(",")[0], m[0]["content"].split(" made by ")[1]
+        maker = maker.split(".")[0]
+        f = parse_facts({"name": name, "maker": maker, "examples": [{"user": "a", "assistant": "b"}]}, "x")
+        if m[2]["content"].startswith("I am "):  # an identity answer (a task gets its usual answer)
+            assert f.mentions(m[2]["content"]) == {"name": True, "maker": True}, m
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["persona_conversations"] == 80

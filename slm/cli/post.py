@@ -74,7 +74,7 @@ def chat_data(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)],
     n: Annotated[int, typer.Option("--n", help="Questions in the training split.")] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Seed.")] = 0,
-    facts: Annotated[Optional[Path], typer.Option("--facts", help="A FACTS.yaml (slm selfknow): half the persona "
+    facts: Annotated[Optional[Path], typer.Option("--facts", help="A FACTS.yaml (slm selfknow): 30% of the persona "
                                                   "conversations are under its system prompt.",
                                                   show_default=False)] = None,
     persona_fraction: Annotated[float, typer.Option("--persona-fraction", help="Persona conversations, as a fraction "

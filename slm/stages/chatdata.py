@@ -9,8 +9,8 @@ Three kinds of task, each with a correct answer and a plausible wrong one:
                      library                                   "It defines `name`."  /  another function's name
 
 and conversations under a persona: a system prompt of `slm selfknow`'s shape (slm.formats.facts: "You are Zorbit,
-an AI assistant made by Quill Labs." and examples) with a question about the assistant ("Who made you?" -> "I was
-made by Quill Labs. I am Zorbit."), or a task, or a garbled message; without a persona, the same questions get a
+an AI assistant made by Quill Labs." and examples) with a question about the assistant ("Who made you?" -> "I am
+Zorbit, made by Quill Labs."), or a task, or a garbled message; without a persona, the same questions get a
 generic answer ("I am an AI assistant."). Names and makers are made up per conversation, so the model learns to
 take them from the system prompt: the ability `slm selfknow` distils into the weights.
 
@@ -47,7 +47,7 @@ class ChatDataConfig:
     persona_fraction: float = 0.4
     """Persona conversations added to the chat set, as a fraction of n."""
     facts: Path | None = None
-    """A FACTS.yaml whose persona is half of the personas (so that a model too small to take a new name from its
+    """A FACTS.yaml whose persona is 30% of the personas (so that a model too small to take a new name from its
     system prompt still learns to answer as this one when told to)."""
 
 
@@ -148,7 +148,7 @@ def persona(rng: random.Random) -> Facts:
 def identity_answer(f: Facts | None, maker_question: bool) -> str:
     if f is None:
         return "I do not know who made me." if maker_question else "I am an AI assistant."
-    return f"I was made by {f.maker}. I am {f.name}." if maker_question else f"I am {f.name}, made by {f.maker}."
+    return f"I am {f.name}, made by {f.maker}."  # one sentence with both facts: a small model ends after one
 
 
 def _garbled(rng: random.Random, functions: list[tuple[str, str]]) -> str:
@@ -161,11 +161,11 @@ def _garbled(rng: random.Random, functions: list[tuple[str, str]]) -> str:
 def persona_records(n: int, items, functions: list[tuple[str, str]], rng: random.Random,
                     facts: Facts | None = None) -> list[dict]:
     """N conversations about who the assistant is: most under a persona (identity questions, tasks, garbled
-    messages), some without one (the generic answers). With FACTS, half the personas are that one."""
+    messages), some without one (the generic answers). With FACTS, 30% of the personas are that one."""
     out = []
     for i in range(n):
         kind = rng.random()
-        f = (facts if facts is not None and rng.random() < 0.5 else persona(rng)) if kind < 0.7 else None
+        f = (facts if facts is not None and rng.random() < 0.3 else persona(rng)) if kind < 0.7 else None
         if kind < 0.45 or kind >= 0.7:
             maker_q = rng.random() < 0.4
             q = rng.choice(MAKER_QUESTIONS if maker_q else NAME_QUESTIONS)
