@@ -30,6 +30,16 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing ${SLM_TORCH:-torch==2.13.0}" >&2
   "$py" -m pip install -q --disable-pip-version-check ${SLM_TORCH:-torch==2.13.0}
 fi
+case ",$extras," in
+  *,test,*|*,deploy,*)
+    if ! "$py" -c "import llama_cpp" >/dev/null 2>&1; then
+      # llama-cpp-python compiles llama.cpp (a few minutes). GGML_NATIVE=OFF: the -march=native build crashes on
+      # quantized models on some CPUs; --no-cache-dir: a cached wheel would ignore CMAKE_ARGS.
+      echo "setup: building llama-cpp-python (llama.cpp, a few minutes)" >&2
+      CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$py" -m pip install -q --disable-pip-version-check \
+        --no-cache-dir "llama-cpp-python>=0.3.16,<0.4"
+    fi ;;
+esac
 echo "setup: installing slm${extras:+[$extras]} into $venv" >&2
 # DS_BUILD_OPS=0: DeepSpeed (the deepspeed and test extras) installs without compiling its CUDA/C++ ops.
 DS_BUILD_OPS=0 "$py" -m pip install -q --disable-pip-version-check -e "$root${extras:+[$extras]}"

@@ -46,6 +46,7 @@ from slm.cli import post as _post  # noqa: E402,F401
 from slm.cli import selfknow as _selfknow  # noqa: E402
 
 app.add_typer(_selfknow.app, name="selfknow", rich_help_panel="Post-training")
+from slm.cli import deploy as _deploy  # noqa: E402,F401
 
 
 def main() -> None:

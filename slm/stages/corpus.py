@@ -163,3 +163,26 @@ def run(cfg: CorpusConfig) -> Path:
             sources={"code": {"train": "code/train.jsonl", "valid": "code/valid.jsonl"},
                      "prose": {"train": "prose/train.jsonl", "valid": "prose/valid.jsonl"}}))
     return Path(cfg.out)
+
+
+def heldout_text(max_chars: int, percent: float = 2.0) -> list[str]:
+    """Held-out documents of the embedded corpus (the same split `slm tokenize corpus` makes with PERCENT), code and
+    the prose inside it alternately, up to MAX_CHARS characters: text for quality checks when the user gives none."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if SKIP_DIRS.intersection(rel.parts) or not _heldout(rel.as_posix(), percent):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+            prose = _prose(source)
+        except (UnicodeDecodeError, OSError, SyntaxError, ValueError, RecursionError):
+            continue
+        for text in (source, "\n\n".join(prose)):
+            if text.strip():
+                out.append(text)
+                total += len(text)
+        if total >= max_chars:
+            break
+    return out

@@ -1,0 +1,128 @@
+"""INT4 for CPU runtimes: an OpenVINO IR with NNCF's int4 weight compression (StableLM 2's "OpenVINO INT4" release).
+
+The checkpoint's model (slm's own, in fp32) is converted with openvino.convert_model (input_ids [batch, tokens] ->
+logits for every position) and its linear layers' weights are compressed by nncf.compress_weights to 4 bits
+(INT4_SYM by default, groups of 128 input channels, data-free). As NNCF does by default, the embedding and the output
+matrix stay 8-bit. A group size that does not divide every layer's input (small models) falls back to the largest of
+128, 64, 32 that does, else one group per row. The directory holds openvino_model.xml / .bin, the checkpoint's
+config.json and tokenizer files, and slm_int4.json (what was done). The IR has no KV cache: each new token reruns
+the sequence (use GGUF and llama.cpp for fast generation).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from slm.errors import SlmError
+
+TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "encoding.json", "tokenizer.tiktoken")
+# Reproducible numbers on every CPU: fp32 arithmetic, no dynamic activation quantization (the CPU plugin's defaults
+# differ between CPUs: bf16 where the CPU has it, 8-bit activations for compressed matmuls).
+EXACT_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+
+
+def _imports():
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        raise SlmError("--type int4 needs openvino and nncf (pip install 'slm[deploy]')") from None
+    return ov, nncf
+
+
+def group_size_for(cfg, wanted: int) -> int:
+    """The largest of WANTED, 64, 32 that divides every linear layer's input width, else -1 (one group per row)."""
+    inputs = {cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim}
+    for g in dict.fromkeys([wanted, 64, 32]):
+        if g > 0 and all(d % g == 0 for d in inputs):
+            return g
+    return -1
+
+
+def export_int4(ckpt, out: Path, group_size: int = 128, symmetric: bool = True) -> dict:
+    """Write the INT4 IR of checkpoint CKPT into directory OUT; returns a summary (mode, group size, weights)."""
+    import torch
+
+    from slm.formats.manifest import write_json
+    from slm.stages.generate import load_model
+
+    ov, nncf = _imports()
+    model = load_model(ckpt, torch.device("cpu"))
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids):
+            return self.m(input_ids)
+
+    g = group_size_for(ckpt.model_config, group_size)
+    mode = nncf.CompressWeightsMode.INT4_SYM if symmetric else nncf.CompressWeightsMode.INT4_ASYM
+    import warnings
+
+    from slm.console import stdout_to_stderr
+
+    example = torch.ones(1, 8, dtype=torch.long)
+    with torch.no_grad(), warnings.catch_warnings(), stdout_to_stderr():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: harmless here
+        model(example)  # builds the rotary table first: traced twice, the graph must not change
+        ovm = ov.convert_model(Logits(model).eval(), example_input={"input_ids": example})
+        ovm.outputs[0].get_tensor().set_names({"logits"})
+        ovm = nncf.compress_weights(ovm, mode=mode, group_size=g, ratio=1.0)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ov.save_model(ovm, str(out / "openvino_model.xml"), compress_to_fp16=False)
+    for name in TOKENIZER_FILES:
+        if (ckpt.dir / name).is_file():
+            shutil.copyfile(ckpt.dir / name, out / name)
+    weights = weight_types(out / "openvino_model.xml")
+    summary = {"runtime": "openvino", "mode": "int4_sym" if symmetric else "int4_asym", "group_size": g,
+               "weights": weights, "checkpoint": str(ckpt.dir)}
+    write_json(out / "slm_int4.json", summary)
+    return summary
+
+
+def weight_types(xml: Path) -> dict[str, int]:
+    """Elements of the IR's constants by element type (i4 / u4: int4 weights, u8: 8-bit, f32 ...)."""
+    ov, _ = _imports()
+    m = ov.Core().read_model(str(xml))
+    count: Counter = Counter()
+    for op in m.get_ops():
+        if op.get_type_name() == "Constant":
+            count[op.get_output_element_type(0).get_type_name()] += int(np.prod(op.get_output_shape(0)))
+    return dict(count)
+
+
+class OpenVinoScorer:
+    """Logits of an IR for one sequence at a time (no padding: the traced IR has no attention mask)."""
+
+    def __init__(self, directory: Path, n_vocab: int, threads: int | None = None, exact: bool = True):
+        ov, _ = _imports()
+        xml = Path(directory) / "openvino_model.xml"
+        if not xml.is_file():
+            raise SlmError(f"{directory}: no openvino_model.xml (an `slm quantize --type int4` directory?)")
+        config = dict(EXACT_CONFIG) if exact else {}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = str(threads)
+        self.compiled = ov.Core().compile_model(str(xml), "CPU", config)
+        self.n_vocab = n_vocab
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        out = self.compiled({"input_ids": np.asarray(ids, dtype=np.int64)[None]})
+        return np.asarray(out["logits"][0, :, :self.n_vocab], dtype=np.float64)
+
+    def greedy(self, ids: list[int], n: int, stops: set[int]) -> list[int]:
+        seq, new = list(ids), []
+        for _ in range(n):
+            t = int(self.logits(np.asarray(seq))[-1].argmax())
+            if t in stops:
+                break
+            new.append(t)
+            seq.append(t)
+        return new

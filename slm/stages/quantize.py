@@ -1,0 +1,352 @@
+"""`slm quantize`: a checkpoint as every release format of StableLM 2, with what each costs in quality.
+
+GGUF files for llama.cpp (slm.formats.gguf: f32, f16, bf16, q8_0, q4_0, q4_1 written by slm with gguf-py; q4_k_m and
+q5_k_m by llama.cpp's quantizer through llama-cpp-python, from the f16 file) and INT4 (OpenVINO IR with NNCF's int4
+weight compression, slm.formats.openvino, as StableLM 2's INT4 release).
+
+Quality report: on held-out tokens (--valid files, else held-out text of the embedded corpus), each file is run by
+its own runtime (llama.cpp for GGUF, OpenVINO for INT4) and compared with the checkpoint run by torch in fp32:
+perplexity, the mean KL divergence KL(p_fp32 || p_type) per token and the top-1 agreement (the same most likely
+next token), with the file size and bits per weight. Printed as a table and kept in OUT/quantize.json.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slm.console import info, progress, warn
+from slm.errors import SlmError
+from slm.formats.checkpoint import Checkpoint
+from slm.formats.gguf import LLAMA_CPP_TYPES, PYTHON_TYPES, read_tensor_types, write_gguf
+from slm.formats.manifest import atomic_dir, new_manifest, write_json
+
+TYPES = list(PYTHON_TYPES) + list(LLAMA_CPP_TYPES) + ["int4"]
+DEFAULT_TYPES = ["f16", "q8_0", "q4_0", "q4_1", "q5_k_m", "q4_k_m", "int4"]
+
+
+@dataclass
+class QuantizeConfig:
+    checkpoint: Path
+    out: Path | None
+    types: list[str] = field(default_factory=lambda: list(DEFAULT_TYPES))
+    valid: list[str] = field(default_factory=list)
+    """Held-out text (.jsonl with "text", .txt) or a tokens directory; default: the embedded corpus's held-out text."""
+    eval_tokens: int = 4096
+    window: int = 256
+    threads: int | None = None
+    name: str | None = None
+    int4_group_size: int = 128
+    int4_symmetric: bool = True
+    report: bool = True
+
+
+def parse_types(text: str) -> list[str]:
+    types = [t.strip().lower() for t in text.split(",") if t.strip()]
+    unknown = [t for t in types if t not in TYPES]
+    if unknown:
+        raise SlmError(f"--type {unknown[0]!r}: expected some of {', '.join(TYPES)}")
+    if not types:
+        raise SlmError(f"--type: expected some of {', '.join(TYPES)}")
+    return list(dict.fromkeys(types))
+
+
+def model_name(ckpt: Checkpoint) -> str:
+    d = ckpt.dir
+    return d.parent.parent.name if d.parent.name == "checkpoints" else d.name
+
+
+# --- held-out windows ------------------------------------------------------------------------------------------
+def eval_windows(ckpt: Checkpoint, specs: list[str], n_tokens: int, window: int) -> list[np.ndarray]:
+    """Windows of WINDOW token ids (the last may be shorter), N_TOKENS in all, from SPECS or the embedded corpus."""
+    tok = ckpt.tokenizer()
+    if tok is None:
+        raise SlmError(f"{ckpt.dir}: no slm tokenizer (encoding.json) in the checkpoint")
+    ids: list[int] = []
+    if specs:
+        for spec in specs:
+            p = Path(spec)
+            if p.is_dir() and (p / "manifest.json").is_file():
+                from slm.formats.tokens import TokensDir
+
+                td = TokensDir(p)
+                ids.extend(int(x) for x in td.read(0, min(n_tokens - len(ids), td.n_tokens)))
+            else:
+                from slm.formats.chat import iter_objects
+
+                if p.suffix == ".txt":
+                    try:
+                        texts = [p.read_text(encoding="utf-8")]
+                    except (OSError, UnicodeDecodeError) as e:
+                        raise SlmError(f"--valid {p}: cannot read ({e})") from None
+                else:
+                    texts = []
+                    for where, obj in iter_objects([spec], False, {}):
+                        if not isinstance(obj.get("text"), str):
+                            raise SlmError(f"{where}: text: expected a string")
+                        texts.append(obj["text"])
+                for t in texts:
+                    ids.extend(tok.encode(t) + [tok.eos_id])
+                    if len(ids) >= n_tokens:
+                        break
+            if len(ids) >= n_tokens:
+                break
+    else:
+        from slm.stages.corpus import heldout_text
+
+        for t in heldout_text(n_tokens * 6):
+            ids.extend(tok.encode(t) + [tok.eos_id])
+            if len(ids) >= n_tokens:
+                break
+    ids = ids[:n_tokens]
+    if len(ids) < 2:
+        raise SlmError(f"--valid {', '.join(specs) or '(embedded corpus)'}: fewer than 2 tokens to evaluate on")
+    return [np.asarray(ids[i:i + window], dtype=np.int64) for i in range(0, len(ids), window)
+            if len(ids[i:i + window]) >= 2]
+
+
+# --- scorers: log-probabilities of every next token ----------------------------------------------------------
+class TorchScorer:
+    def __init__(self, ckpt: Checkpoint, n_vocab: int):
+        import torch
+
+        from slm.stages.generate import load_model
+
+        self.model = load_model(ckpt, torch.device("cpu"))
+        self.n_vocab = n_vocab
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.from_numpy(ids)[None])[0, :, :self.n_vocab].double().numpy()
+
+
+_LOG_CALLBACK = None
+
+
+def quiet_llama_cpp() -> None:
+    """Send llama.cpp's C-level log lines nowhere (stderr is for slm's own messages)."""
+    global _LOG_CALLBACK
+    import llama_cpp
+
+    if _LOG_CALLBACK is None:
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, None)
+
+
+class LlamaCppScorer:
+    def __init__(self, path: Path, n_ctx: int, n_vocab: int, threads: int | None):
+        from llama_cpp import Llama
+
+        quiet_llama_cpp()
+        # an f32 KV cache (llama.cpp's default is f16): the report measures the file's weights, not the cache
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                         n_threads=threads, n_threads_batch=threads, type_k=0, type_v=0, verbose=False)
+        self.n_vocab = n_vocab
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval([int(i) for i in ids])
+        return np.array(self.llm.scores[:len(ids), :self.n_vocab], dtype=np.float64)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def compare(ref_logits: list[np.ndarray], scorer, windows: list[np.ndarray]) -> dict:
+    """Perplexity of SCORER on the windows' next tokens, mean KL(ref || scorer) and top-1 agreement per token."""
+    nll = kl = agree = 0.0
+    n = 0
+    for ref, ids in zip(ref_logits, windows):
+        q = log_softmax(scorer.logits(ids))[:-1]
+        p = log_softmax(np.asarray(ref, dtype=np.float64))[:-1]
+        targets = ids[1:]
+        nll -= q[np.arange(len(targets)), targets].sum()
+        kl += (np.exp(p) * (p - q)).sum()
+        agree += (p.argmax(-1) == q.argmax(-1)).sum()
+        n += len(targets)
+    return {"perplexity": math.exp(nll / n), "kl_mean": max(0.0, kl / n), "top1_agreement": agree / n, "tokens": n}
+
+
+def reference_quality(ref_logits: list[np.ndarray], windows: list[np.ndarray]) -> dict:
+    nll, n = 0.0, 0
+    for ref, ids in zip(ref_logits, windows):
+        p = log_softmax(np.asarray(ref, dtype=np.float64))[:-1]
+        nll -= p[np.arange(len(ids) - 1), ids[1:]].sum()
+        n += len(ids) - 1
+    return {"perplexity": math.exp(nll / n), "kl_mean": 0.0, "top1_agreement": 1.0, "tokens": n}
+
+
+# --- the stage ---------------------------------------------------------------------------------------------------
+def _llama_quantize(src: Path, dst: Path, kind: str, threads: int | None) -> None:
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SlmError(f"--type {kind}: k-quants are made by llama.cpp's quantizer: install llama-cpp-python "
+                       "(pip install 'slm[deploy]'; DEVELOPERS.md has the CPU build flags)") from None
+    quiet_llama_cpp()
+    llama_cpp.llama_backend_init()
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[kind])
+    p.nthread = threads or 0
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    if rc != 0 or not dst.is_file():
+        raise SlmError(f"llama.cpp could not quantize {src} to {kind} (return code {rc})")
+
+
+def type_counts(types: dict[str, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in types.values():
+        out[t] = out.get(t, 0) + 1
+    return out
+
+
+def run(cfg: QuantizeConfig) -> Path:
+    started = time.time()
+    if cfg.out is None:
+        raise SlmError("--out: missing (the output directory)")
+    ckpt = Checkpoint.open(cfg.checkpoint)
+    model_cfg = ckpt.model_config  # a checkpoint slm cannot read fails here, before anything is written
+    tok = ckpt.tokenizer()
+    if tok is None:
+        raise SlmError(f"{ckpt.dir}: no slm tokenizer (encoding.json) in the checkpoint")
+    types = cfg.types
+    name = cfg.name or model_name(ckpt)
+    n_params = sum(int(np.prod(v.shape)) for k, v in ckpt.state_dict().items()
+                   if not (model_cfg.tie_embeddings and k == "lm_head.weight"))
+    k_rows = [d for d in (model_cfg.hidden_size, model_cfg.intermediate_size) if d % 256]
+    if k_rows and any(t in LLAMA_CPP_TYPES for t in types):
+        warn(f"k-quants work on rows of 256 weights; this model has rows of {', '.join(map(str, k_rows))}: "
+             "llama.cpp stores those tensors as q5_0 / q5_1 / q8_0 instead (counted in quantize.json)")
+    out = Path(cfg.out)
+    files: dict[str, dict] = {}
+    with atomic_dir(out) as tmp:
+        with progress() as bar:
+            task = bar.add_task("quantize", total=len(types))
+            f16_path = None
+            for kind in types:
+                bar.update(task, description=f"quantize {kind}")
+                if kind in PYTHON_TYPES:
+                    path = tmp / f"{name}-{kind}.gguf"
+                    w = write_gguf(ckpt, path, kind, name)
+                    files[kind] = {"file": path.name, "format": "gguf", "fallbacks": w.fallbacks}
+                    if kind == "f16":
+                        f16_path = path
+                elif kind in LLAMA_CPP_TYPES:
+                    if f16_path is None:
+                        f16_path = tmp / ".f16-source.gguf"
+                        write_gguf(ckpt, f16_path, "f16", name)
+                    path = tmp / f"{name}-{kind}.gguf"
+                    _llama_quantize(f16_path, path, kind, cfg.threads)
+                    main = "Q4_K" if kind == "q4_k_m" else "Q5_K"
+                    kinds = read_tensor_types(path)
+                    fallbacks = [t for t, k in kinds.items() if k in ("Q5_0", "Q5_1", "Q8_0", "F16")
+                                 and t.endswith(".weight") and "norm" not in t and t not in ("output.weight",)]
+                    files[kind] = {"file": path.name, "format": "gguf", "fallbacks": fallbacks, "main_type": main}
+                else:  # int4
+                    from slm.formats.openvino import export_int4
+
+                    path = tmp / f"{name}-int4"
+                    summary = export_int4(ckpt, path, cfg.int4_group_size, cfg.int4_symmetric)
+                    files[kind] = {"file": path.name, "format": "openvino", **summary}
+                bar.advance(task)
+            if f16_path is not None and f16_path.name.startswith("."):
+                f16_path.unlink()
+        for kind, entry in files.items():
+            p = tmp / entry["file"]
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+            entry["bytes"] = size
+            entry["bits_per_weight"] = size * 8 / n_params
+            if entry["format"] == "gguf":
+                entry["tensor_types"] = type_counts(read_tensor_types(p))
+        report = {"model": str(ckpt.dir), "name": name, "params": n_params, "types": files}
+        if cfg.report:
+            report.update(quality(ckpt, tmp, files, cfg, tok.n_vocab))
+        write_json(tmp / "quantize.json", report)
+        write_json(tmp / "manifest.json", new_manifest(
+            "quantize", {"types": types, "eval_tokens": cfg.eval_tokens, "window": cfg.window,
+                         "int4_group_size": cfg.int4_group_size, "int4_symmetric": cfg.int4_symmetric},
+            inputs=[{"path": str(ckpt.dir)}], counts={"files": len(files)}, started=started,
+            lineage={"parent": str(ckpt.dir), "stage": "quantize"},
+            files={k: v["file"] for k, v in files.items()}))
+    print_table(report)
+    return out
+
+
+def quality(ckpt: Checkpoint, directory: Path, files: dict, cfg: QuantizeConfig, n_vocab: int) -> dict:
+    import tempfile
+
+    windows = eval_windows(ckpt, cfg.valid, cfg.eval_tokens, min(cfg.window, ckpt.model_config.max_seq_len))
+    ref = TorchScorer(ckpt, n_vocab)
+    # the reference's logits, kept on disk (float32): tokens x vocabulary can be gigabytes (100k ids)
+    scratch = tempfile.TemporaryDirectory(dir=directory)
+    store = np.lib.format.open_memmap(Path(scratch.name) / "ref.npy", mode="w+", dtype=np.float32,
+                                      shape=(sum(len(w) for w in windows), n_vocab))
+    ref_logits, at = [], 0
+    for w in windows:
+        store[at:at + len(w)] = ref.logits(w)
+        ref_logits.append(store[at:at + len(w)])
+        at += len(w)
+    del ref
+    n_ctx = max(len(w) for w in windows)
+    with progress() as bar:
+        task = bar.add_task("quality", total=len(files))
+        for kind, entry in files.items():
+            bar.update(task, description=f"quality {kind}")
+            path = directory / entry["file"]
+            if entry["format"] == "gguf":
+                try:
+                    scorer = LlamaCppScorer(path, n_ctx, n_vocab, cfg.threads)
+                except ImportError:
+                    warn("llama-cpp-python is not installed: GGUF files are written but not scored")
+                    entry["quality"] = None
+                    bar.advance(task)
+                    continue
+            else:
+                from slm.formats.openvino import OpenVinoScorer
+
+                scorer = OpenVinoScorer(path, n_vocab, cfg.threads)
+            entry.update(compare(ref_logits, scorer, windows))
+            if hasattr(scorer, "close"):
+                scorer.close()
+            bar.advance(task)
+    result = reference_quality(ref_logits, windows)
+    del ref_logits, store
+    scratch.cleanup()
+    return {"reference": {"runtime": "torch fp32", **result},
+            "eval": {"tokens": sum(len(w) - 1 for w in windows), "window": n_ctx,
+                     "source": cfg.valid or "held-out text of the embedded corpus"}}
+
+
+def print_table(report: dict) -> None:
+    from rich.table import Table
+
+    from slm.console import err
+
+    t = Table(title=f"{report['name']}: {report['params']:,} parameters", title_style="bold")
+    for c in ("type", "size", "bits/weight", "perplexity", "KL vs fp32", "top-1 agreement"):
+        t.add_column(c, justify="left" if c == "type" else "right", no_wrap=True)
+    if "reference" in report:
+        r = report["reference"]
+        t.add_row("fp32 (torch)", "-", "32", f"{r['perplexity']:.3f}", "0", "100%")
+    for kind, e in report["types"].items():
+        q = "perplexity" in e
+        t.add_row(kind, f"{e['bytes'] / 1e6:,.2f} MB", f"{e['bits_per_weight']:.2f}",
+                  f"{e['perplexity']:.3f}" if q else "-", f"{e['kl_mean']:.5f}" if q else "-",
+                  f"{e['top1_agreement']:.1%}" if q else "-")
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, width=max(err.width, 100)).print(t)
+    info(f"quantize: {len(report['types'])} file(s); quantize.json has the numbers")

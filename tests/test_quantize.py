@@ -1,0 +1,175 @@
+"""slm quantize: GGUF files llama.cpp opens (both architectures, the tokenizer, the logits), quantized tensor types,
+the quality report, INT4 (OpenVINO + NNCF), and the errors a user sees."""
+
+import json
+import unicodedata
+
+import numpy as np
+import pytest
+import torch
+from conftest import VARIED_TEXT, run_cli
+
+from slm.errors import SlmError
+from slm.formats.checkpoint import Checkpoint, write_checkpoint
+from slm.formats.gguf import read_tensor_types, write_gguf
+from slm.formats.tokenizer import Tokenizer, padded_vocab_size
+from slm.model.transformer import ModelConfig, build
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the test extra (scripts/setup.sh)")
+
+
+def make_ckpt(tmp_path, tok_dir, family, hidden=64, inter=128, layers=2, heads=4, kv_heads=4, std=0.2, seed=0):
+    """A random model of FAMILY with the tokenizer TOK_DIR, written as an slm checkpoint."""
+    tok = Tokenizer(tok_dir)
+    llama = family == "llama"
+    cfg = ModelConfig(family=family, vocab_size=padded_vocab_size(tok.n_vocab), hidden_size=hidden, num_layers=layers,
+                      num_heads=heads, num_kv_heads=kv_heads, intermediate_size=inter, max_seq_len=256,
+                      partial_rotary_factor=1.0 if llama else 0.25, qkv_bias=not llama, tie_embeddings=llama,
+                      init_std=std)
+    model = build(cfg, seed=seed)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("rotary.")}
+    return write_checkpoint(tmp_path / f"{family}-run", 1, model_cfg=cfg, state_dict=state, tokenizer_dir=tok_dir,
+                            lineage={"stage": "test"}, train_state={"step": 1}, optimizer=None, rng_state=None,
+                            keep=1, bos_id=tok.bos_id, eos_id=tok.eos_id)
+
+
+def llama_logits(path, ids):
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_ubatch=256, logits_all=True, n_threads=2,
+                          type_k=0, type_v=0, verbose=False)  # an f32 KV cache (llama.cpp's default is f16)
+    llm.reset()
+    llm.eval(list(ids))
+    out = np.array(llm.scores[:len(ids)])
+    llm.close()
+    return out
+
+
+def torch_logits(ckpt_dir, ids):
+    from slm.stages.generate import load_model
+
+    model = load_model(Checkpoint.open(ckpt_dir), torch.device("cpu"))
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0].numpy()
+
+
+@pytest.mark.parametrize("family", ["stablelm", "llama"])
+def test_llama_cpp_runs_slm_gguf_with_the_same_logits(tmp_path, small_tok, family):
+    ckpt = make_ckpt(tmp_path, small_tok, family, kv_heads=4 if family == "stablelm" else 2)
+    path = tmp_path / "m-f32.gguf"
+    write_gguf(Checkpoint.open(ckpt), path, "f32")
+    tok = Tokenizer(small_tok)
+    ids = tok.encode(VARIED_TEXT[0] + VARIED_TEXT[4])[:200]
+    ours, theirs = torch_logits(ckpt, ids), llama_logits(path, ids)
+    assert theirs.shape == ours.shape
+    assert np.abs(theirs - ours).max() < 1e-3 * np.abs(ours).max()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() == 1.0
+    types = read_tensor_types(path)
+    assert ("output.weight" in types) == (family == "stablelm")  # llama: tied, llama.cpp reuses token_embd
+    assert "blk.0.attn_q.bias" in types if family == "stablelm" else "blk.0.attn_q.bias" not in types
+
+
+def test_llama_cpp_tokenizes_as_slm_arcade100k(tmp_path, arcade_dir):
+    """The real Arcade100k (100,289 ids) in a GGUF: llama.cpp's "stablelm2" pre-tokenizer and slm's tokenizer give
+    the same ids on varied, multilingual text (NFC, as Arcade100k normalises), special tokens included."""
+    ckpt = make_ckpt(tmp_path, arcade_dir, "stablelm", hidden=32, inter=64, layers=1, heads=2, kv_heads=2)
+    path = tmp_path / "arcade-f16.gguf"
+    write_gguf(Checkpoint.open(ckpt), path, "f16")
+    tok = Tokenizer(arcade_dir)
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in VARIED_TEXT:
+        text = unicodedata.normalize("NFC", text)
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
+    special = "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>"
+    assert llm.tokenize(special.encode(), add_bos=False, special=True) == tok.encode(special, allowed_special="all")
+    assert llm.token_eos() == tok.eos_id and llm.metadata["tokenizer.ggml.pre"] == "stablelm2"
+
+
+def test_smollm_rules_tokenize_alike(tmp_path, small_corpus):
+    from slm.stages.tokenize import TrainConfig, train
+
+    tok_dir = train(TrainConfig(corpus=[str(small_corpus)], vocab_size=700, out=tmp_path / "smol", rules="smollm"))
+    ckpt = make_ckpt(tmp_path, tok_dir, "llama", kv_heads=2)
+    path = tmp_path / "smol.gguf"
+    write_gguf(Checkpoint.open(ckpt), path, "f32")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    tok = Tokenizer(tok_dir)
+    assert llm.metadata["tokenizer.ggml.pre"] == "smollm"
+    for text in VARIED_TEXT:
+        text = unicodedata.normalize("NFC", text)
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
+
+
+def test_quantized_files_have_their_tensor_types(tmp_path, small_tok):
+    # rows of 256: k-quants apply to every matrix
+    ckpt = make_ckpt(tmp_path, small_tok, "llama", hidden=256, inter=512, heads=4, kv_heads=2)
+    out = tmp_path / "q"
+    proc = run_cli("quantize", ckpt, "--type", "f16,bf16,q8_0,q4_0,q4_1,q4_k_m,q5_k_m", "--out", out, "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    want = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
+    for kind, t in want.items():
+        types = read_tensor_types(out / f"llama-run-{kind}.gguf")
+        assert types["blk.0.ffn_down.weight"] == t and types["blk.1.attn_q.weight"] == t
+        assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
+    km = read_tensor_types(out / "llama-run-q4_k_m.gguf")
+    assert km["blk.0.attn_q.weight"] == "Q4_K" and "Q6_K" in km.values()  # llama.cpp's _M mix
+    assert read_tensor_types(out / "llama-run-q5_k_m.gguf")["blk.0.attn_q.weight"] == "Q5_K"
+    report = json.loads((out / "quantize.json").read_text())
+    assert report["types"]["q4_k_m"]["fallbacks"] == []
+    assert report["types"]["q4_0"]["bits_per_weight"] < report["types"]["q8_0"]["bits_per_weight"] < \
+        report["types"]["f16"]["bits_per_weight"]
+    assert json.loads((out / "manifest.json").read_text())["kind"] == "quantize"
+    # every file opens in llama.cpp
+    for kind in list(want) + ["q4_k_m", "q5_k_m"]:
+        llama_cpp.Llama(model_path=str(out / f"llama-run-{kind}.gguf"), n_ctx=64, verbose=False).close()
+
+
+def test_the_quality_report_is_consistent(tmp_path, base_ckpt, train_data):
+    """On held-out tokens: f16 ~ f32 in perplexity, q4 further from fp32 than q8 (KL), f32 GGUF ~ torch."""
+    out = tmp_path / "q"
+    proc = run_cli("quantize", base_ckpt, "--type", "f32,f16,q8_0,q4_0", "--out", out, "--valid",
+                   train_data / "tokens" / "valid", "--eval-tokens", 512, "--window", 64, "--threads", 2)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "quantize.json").read_text())
+    ref, t = r["reference"]["perplexity"], r["types"]
+    assert t["f32"]["kl_mean"] < 1e-6 and t["f32"]["top1_agreement"] == 1.0
+    assert abs(t["f16"]["perplexity"] - ref) / ref < 1e-3
+    assert t["q4_0"]["kl_mean"] > t["q8_0"]["kl_mean"] > t["f16"]["kl_mean"] >= 0
+    assert r["eval"]["tokens"] == 512 - 8  # 8 windows of 64: 63 predictions each
+    assert "perplexity" in proc.stderr and "q4_0" in proc.stderr and "llama_" not in proc.stderr
+
+
+def test_int4_openvino(tmp_path, base_ckpt, small_tok):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from slm.formats.openvino import OpenVinoScorer, weight_types
+
+    out = tmp_path / "q"
+    proc = run_cli("quantize", base_ckpt, "--type", "int4", "--out", out, "--eval-tokens", 256, "--window", 64)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out) and "TracerWarning" not in proc.stderr
+    d = out / "run-int4"
+    summary = json.loads((d / "slm_int4.json").read_text())
+    assert summary["mode"] == "int4_sym" and summary["group_size"] == 64  # 128 does not divide hidden 64
+    w = weight_types(d / "openvino_model.xml")
+    assert w.get("i4", 0) > 0 and w.get("u8", 0) > 0  # int4 layers; the embedding and output matrix 8-bit
+    r = json.loads((out / "quantize.json").read_text())["types"]["int4"]
+    assert r["top1_agreement"] > 0.8 and r["kl_mean"] > 0, r
+    # greedy decoding with the IR agrees with the fp32 model on most tokens
+    tok = Tokenizer(small_tok)
+    text = "def fib(n):\n    return"
+    from slm.stages.generate import GenerateConfig, generate_ids
+
+    want = generate_ids(GenerateConfig(checkpoint=base_ckpt, prompt=text, max_new_tokens=16, temperature=0,
+                                       stop_at_eos=False, device="cpu"))
+    got = OpenVinoScorer(d, tok.n_vocab).greedy(tok.encode(text), 16, set())
+    assert np.mean([a == b for a, b in zip(got, want)]) >= 0.5, (got, want)
+
+
+def test_errors(tmp_path, base_ckpt):
+    proc = run_cli("quantize", base_ckpt, "--type", "q3_k", "--out", tmp_path / "x")
+    assert proc.returncode == 1 and "--type 'q3_k': expected some of f32, f16" in proc.stderr
+    proc = run_cli("quantize", tmp_path / "nothing", "--out", tmp_path / "x")
+    assert proc.returncode == 1 and "nothing" in proc.stderr
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SlmError, match="slm writes"):
+        write_gguf(Checkpoint.open(base_ckpt), tmp_path / "y.gguf", "q4_k_m")
