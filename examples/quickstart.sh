@@ -5,7 +5,7 @@
 #   bash examples/quickstart.sh [OUT_DIR]        (default: ./quickstart-out)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bash "$root/scripts/setup.sh"
+bash "$root/scripts/setup.sh" deploy   # slm with llama.cpp and OpenVINO (the first time builds llama.cpp)
 export PATH="${SLM_VENV:-$root/.venv}/bin:$PATH"
 out=${1:-quickstart-out}
 mkdir -p "$out"
@@ -67,5 +67,10 @@ slm selfknow train --model runs/dpo --data selfknow --recipe tiny --out runs/sel
 
 # 14. Ask it who it is: no system prompt now.
 slm generate runs/selfknow --chat "Who are you?" --temperature 0 --max-new-tokens 32
+
+# 15. StableLM 2's release formats: GGUF f16, q8_0, q4_0, q4_1 (written by slm), q5_k_m, q4_k_m (llama.cpp's
+#     quantizer) and INT4 (OpenVINO + NNCF), each run by its runtime on held-out conversations against the fp32
+#     model: the quality table (perplexity, KL divergence, top-1 agreement, size, bits per weight).
+slm quantize runs/selfknow --out release --valid chatdata/chat/valid.jsonl
 
 echo "quickstart: done; outputs in $(pwd) (loss curves: runs/*/loss.png; summaries: runs/dpo/dpo.json, runs/selfknow/selfknow.json)" >&2

@@ -161,8 +161,14 @@ def test_int4_openvino(tmp_path, base_ckpt, small_tok):
 
     want = generate_ids(GenerateConfig(checkpoint=base_ckpt, prompt=text, max_new_tokens=16, temperature=0,
                                        stop_at_eos=False, device="cpu"))
-    got = OpenVinoScorer(d, tok.n_vocab).greedy(tok.encode(text), 16, set())
+    sc = OpenVinoScorer(d, tok.n_vocab)
+    got = sc.greedy(tok.encode(text), 16, set())
     assert np.mean([a == b for a, b in zip(got, want)]) >= 0.5, (got, want)
+    # the IR's KV cache: decoding with it gives what rerunning the whole sequence gives
+    seq = tok.encode(text)
+    for _ in range(16):
+        seq.append(int(sc.logits(np.asarray(seq))[-1].argmax()))
+    assert got == seq[-16:]
 
 
 def test_errors(tmp_path, base_ckpt):
@@ -173,3 +179,34 @@ def test_errors(tmp_path, base_ckpt):
     assert not (tmp_path / "x").exists()
     with pytest.raises(SlmError, match="slm writes"):
         write_gguf(Checkpoint.open(base_ckpt), tmp_path / "y.gguf", "q4_k_m")
+
+
+@pytest.mark.slow
+def test_bench_output_parses_in_every_format(tmp_path, base_ckpt):
+    """slm bench on a checkpoint (torch), a GGUF (llama.cpp) and an INT4 IR (openvino): md, json and csv parse and
+    agree; --out writes the files and the plot."""
+    import csv
+    import io
+
+    q = tmp_path / "q"
+    assert run_cli("quantize", base_ckpt, "--type", "q8_0,int4", "--out", q, "--no-report").returncode == 0
+    models = [base_ckpt, q / "run-q8_0.gguf", q / "run-int4"]
+    common = ["--prompt", 16, "--gen", 4, "--repeat", 2, "--threads", 1, "--bandwidth", 10]
+    as_json = run_cli("bench", *models, *common, "--format", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert [r["backend"] for r in report["results"]] == ["torch", "llama.cpp", "openvino"]
+    for r in report["results"]:
+        assert r["pp_tokens_per_s"]["mean"] > 0 and r["tg_tokens_per_s"]["mean"] > 0 and r["peak_rss_bytes"] > 0
+        assert r["bandwidth_bound_tokens_per_s"] == pytest.approx(10e9 / r["weight_bytes"])
+    assert report["device"]["bandwidth_gb_s"] == 10 and report["device"]["threads"] == 1
+    out = tmp_path / "b"
+    proc = run_cli("bench", *models, *common, "--out", out, "--format", "csv")
+    assert proc.returncode == 0 and proc.stdout.strip() == str(out)
+    assert {p.name for p in out.iterdir()} >= {"bench.json", "bench.md", "bench.csv", "bench.png", "manifest.json"}
+    rows = list(csv.reader(io.StringIO((out / "bench.csv").read_text())))
+    assert rows[0][:3] == ["model", "backend", "size"] and [r[1] for r in rows[1:]] == ["torch", "llama.cpp", "openvino"]
+    table = [line for line in (out / "bench.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 5 and all(line.count("|") == 10 for line in table)
+    bad = run_cli("bench", tmp_path / "nope.bin")
+    assert bad.returncode == 1 and "nope.bin" in bad.stderr

@@ -29,7 +29,8 @@ def test_quickstart_runs_every_stage(tmp_path):
     j = lines.index("selfknow")
     assert lines[j + 1].startswith("runs/selfknow/checkpoints/step-")
     assert "".join(lines[8:i]).strip() and "".join(lines[i + 3:j]).strip()  # the generated text, the chat answer
-    assert "pebble" in "".join(lines[j + 2:]).lower()  # who it is, asked with no system prompt
+    assert "pebble" in "".join(lines[j + 2:-1]).lower()  # who it is, asked with no system prompt
+    assert lines[-1] == "release"
     assert "the token ledger" in proc.stderr
     tok = Tokenizer(out / "tokenizer")
     assert tok.n_vocab == 8192
@@ -62,3 +63,11 @@ def test_quickstart_runs_every_stage(tmp_path):
     sk = json.loads((out / "runs" / "selfknow" / "selfknow.json").read_text())
     assert sk["before"]["name"] < 0.3 and sk["after"]["name"] > 0.7, sk
     assert sk["after"]["both"] > sk["before"]["both"] + 0.4, sk
+    # quantize: every release format, each scored by its runtime against fp32
+    q = json.loads((out / "release" / "quantize.json").read_text())
+    t = q["types"]
+    assert set(t) == {"f16", "q8_0", "q4_0", "q4_1", "q5_k_m", "q4_k_m", "int4"}
+    assert abs(t["f16"]["perplexity"] / q["reference"]["perplexity"] - 1) < 1e-3
+    assert t["q4_0"]["kl_mean"] > t["q8_0"]["kl_mean"] > 0 and t["q8_0"]["top1_agreement"] > 0.98
+    assert t["q4_k_m"]["tensor_types"].get("Q4_K", 0) > 0 and t["int4"]["top1_agreement"] > 0.9
+    assert (out / "release" / "selfknow-q4_k_m.gguf").is_file()

@@ -46,3 +46,43 @@ def quantize(
                                    eval_tokens=eval_tokens, window=window, threads=threads, name=name,
                                    int4_group_size=int4_group_size, int4_symmetric=not int4_asymmetric,
                                    report=not no_report)))
+
+
+@app.command("bench", rich_help_panel="Deployment")
+def bench(
+    models: Annotated[list[Path], typer.Argument(help="Checkpoints, .gguf files or INT4 directories.",
+                                                 show_default=False)],
+    backend: Annotated[str, typer.Option("--backend", help="auto (by file), torch, llama.cpp or openvino.")] = "auto",
+    prompt: Annotated[int, typer.Option("--prompt", help="Prompt tokens (random ids).")] = 512,
+    gen: Annotated[int, typer.Option("--gen", help="Generated tokens.")] = 128,
+    repeat: Annotated[int, typer.Option("--repeat", help="Measured runs after a warm-up.")] = 5,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all this process may "
+                                                   "use).", show_default=False)] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences at once (torch backend).")] = 1,
+    dtype: Annotated[str, typer.Option("--dtype", help="torch backend: fp32 or bf16.")] = "fp32",
+    bandwidth: Annotated[Optional[float], typer.Option("--bandwidth", help="Memory bandwidth in GB/s for the bound "
+                                                       "(default: measured).", show_default=False)] = None,
+    format_: Annotated[str, typer.Option("--format", help="md, json or csv: what stdout gets without --out.")] = "md",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write bench.json, .md, .csv and .png here and "
+                                                "print the directory.", show_default=False)] = None,
+    plot_: Annotated[Optional[Path], typer.Option("--plot", help="Also draw generation tokens/s against the bound "
+                                                  "into this PNG.", show_default=False)] = None,
+) -> None:
+    """Prompt-processing and generation tokens/s (mean ± std), time to first token, peak memory and size of each
+    model, with the memory-bandwidth bound of generation and the fraction reached; like llama-bench's table."""
+    import time
+
+    from slm.console import err
+    from slm.stages.bench import BenchConfig, plot, render, run, write
+
+    started = time.time()
+    cfg = BenchConfig(models=list(models), backend=backend, prompt=prompt, gen=gen, repeat=repeat, threads=threads,
+                      batch=batch, dtype=dtype, bandwidth=bandwidth, out=out, format=format_, plot=plot_)
+    report = run(cfg)
+    if plot_ is not None:
+        plot(report, plot_)
+    if out is not None:
+        err.print(render(report, "md"), soft_wrap=True, markup=False, highlight=False)
+        _print_main(write(report, out, started, cfg))
+    else:
+        print(render(report, format_))

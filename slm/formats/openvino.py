@@ -5,8 +5,9 @@ logits for every position) and its linear layers' weights are compressed by nncf
 (INT4_SYM by default, groups of 128 input channels, data-free). As NNCF does by default, the embedding and the output
 matrix stay 8-bit. A group size that does not divide every layer's input (small models) falls back to the largest of
 128, 64, 32 that does, else one group per row. The directory holds openvino_model.xml / .bin, the checkpoint's
-config.json and tokenizer files, and slm_int4.json (what was done). The IR has no KV cache: each new token reruns
-the sequence (use GGUF and llama.cpp for fast generation).
+config.json and tokenizer files, and slm_int4.json (what was done). The IR takes the keys and values so far as inputs
+and returns them with the new tokens' (input_ids, past_keys, past_values -> logits, present_keys, present_values;
+past_* are [layers, batch, kv heads, past tokens, head dim], empty for a new sequence): generation with a KV cache.
 """
 
 from __future__ import annotations
@@ -35,6 +36,52 @@ def _imports():
     return ov, nncf
 
 
+def _with_cache_module():
+    import torch
+    import torch.nn.functional as F
+
+    from slm.model.transformer import apply_rotary
+
+    class WithCache(torch.nn.Module):
+        """slm's model as a function of the tokens and the keys and values so far: (logits, keys, values).
+
+        past_keys / past_values [layers, batch, kv heads, past, head dim] (past may be 0); the new tokens take
+        positions past..past+T-1 and attend causally to everything before them."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, past_keys, past_values):
+            m = self.m
+            cfg = m.cfg
+            B, T = input_ids.shape
+            P = past_keys.shape[3]
+            positions = torch.arange(T, device=input_ids.device) + P
+            x = m.embed_tokens(input_ids)
+            cos, sin = m.rotary(positions[None].expand(B, T), x.dtype)
+            keys_at = torch.arange(T, device=input_ids.device) + P
+            mask = torch.arange(P + T, device=input_ids.device)[None, :] <= keys_at[:, None]  # [T, P+T]
+            new_k, new_v = [], []
+            h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+            for i, layer in enumerate(m.layers):
+                a = layer.self_attn
+                q, k, v = a.qkv_proj(layer.input_layernorm(x)).view(B, T, h + 2 * kv, hd).split([h, kv, kv], dim=2)
+                q = apply_rotary(q, cos, sin).transpose(1, 2)
+                k = torch.cat([past_keys[i], apply_rotary(k, cos, sin).transpose(1, 2)], dim=2)
+                v = torch.cat([past_values[i], v.transpose(1, 2)], dim=2)
+                new_k.append(k)
+                new_v.append(v)
+                if kv != h:
+                    k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, h * hd))
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+            return m.lm_head(m.norm(x)), torch.stack(new_k), torch.stack(new_v)
+
+    return WithCache
+
+
 def group_size_for(cfg, wanted: int) -> int:
     """The largest of WANTED, 64, 32 that divides every linear layer's input width, else -1 (one group per row)."""
     inputs = {cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim}
@@ -53,14 +100,8 @@ def export_int4(ckpt, out: Path, group_size: int = 128, symmetric: bool = True) 
 
     ov, nncf = _imports()
     model = load_model(ckpt, torch.device("cpu"))
+    WithCache = _with_cache_module()
 
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids):
-            return self.m(input_ids)
 
     g = group_size_for(ckpt.model_config, group_size)
     mode = nncf.CompressWeightsMode.INT4_SYM if symmetric else nncf.CompressWeightsMode.INT4_ASYM
@@ -68,12 +109,16 @@ def export_int4(ckpt, out: Path, group_size: int = 128, symmetric: bool = True) 
 
     from slm.console import stdout_to_stderr
 
-    example = torch.ones(1, 8, dtype=torch.long)
+    cfg = ckpt.model_config
+    example = {"input_ids": torch.ones(1, 8, dtype=torch.long),
+               "past_keys": torch.zeros(cfg.num_layers, 1, cfg.num_kv_heads, 3, cfg.head_dim),
+               "past_values": torch.zeros(cfg.num_layers, 1, cfg.num_kv_heads, 3, cfg.head_dim)}
     with torch.no_grad(), warnings.catch_warnings(), stdout_to_stderr():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: harmless here
-        model(example)  # builds the rotary table first: traced twice, the graph must not change
-        ovm = ov.convert_model(Logits(model).eval(), example_input={"input_ids": example})
-        ovm.outputs[0].get_tensor().set_names({"logits"})
+        model(example["input_ids"])  # builds the rotary table first: traced twice, the graph must not change
+        ovm = ov.convert_model(WithCache(model).eval(), example_input=example)
+        for port, name in zip(ovm.outputs, ("logits", "present_keys", "present_values")):
+            port.get_tensor().set_names({name})
         ovm = nncf.compress_weights(ovm, mode=mode, group_size=g, ratio=1.0)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +145,8 @@ def weight_types(xml: Path) -> dict[str, int]:
 
 
 class OpenVinoScorer:
-    """Logits of an IR for one sequence at a time (no padding: the traced IR has no attention mask)."""
+    """Runs an IR: logits of one sequence (no padding), or greedy decoding with its KV cache (keys and values are
+    inputs and outputs of the IR)."""
 
     def __init__(self, directory: Path, n_vocab: int, threads: int | None = None, exact: bool = True):
         ov, _ = _imports()
@@ -112,17 +158,33 @@ class OpenVinoScorer:
             config["INFERENCE_NUM_THREADS"] = str(threads)
         self.compiled = ov.Core().compile_model(str(xml), "CPU", config)
         self.n_vocab = n_vocab
+        from slm.formats.manifest import read_json
+
+        c = read_json(Path(directory) / "config.json")
+        heads = c["num_attention_heads"]
+        self.cache_shape = (c["num_hidden_layers"], 1, c.get("num_key_value_heads", heads), 0,
+                            c["hidden_size"] // heads)
+
+    def empty_cache(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(self.cache_shape, np.float32), np.zeros(self.cache_shape, np.float32)
+
+    def step(self, ids, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits of IDS (continuing the sequence the cache holds) and the cache with them."""
+        out = self.compiled({"input_ids": np.asarray(ids, dtype=np.int64)[None], "past_keys": keys,
+                             "past_values": values})
+        return out["logits"][0], out["present_keys"], out["present_values"]
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
-        out = self.compiled({"input_ids": np.asarray(ids, dtype=np.int64)[None]})
-        return np.asarray(out["logits"][0, :, :self.n_vocab], dtype=np.float64)
+        logits, _, _ = self.step(ids, *self.empty_cache())
+        return np.asarray(logits[:, :self.n_vocab], dtype=np.float64)
 
     def greedy(self, ids: list[int], n: int, stops: set[int]) -> list[int]:
-        seq, new = list(ids), []
+        logits, k, v = self.step(ids, *self.empty_cache())
+        new = []
         for _ in range(n):
-            t = int(self.logits(np.asarray(seq))[-1].argmax())
+            t = int(logits[-1, :self.n_vocab].argmax())
             if t in stops:
                 break
             new.append(t)
-            seq.append(t)
+            logits, k, v = self.step([t], k, v)
         return new

@@ -35,7 +35,8 @@ class QuantizeConfig:
     out: Path | None
     types: list[str] = field(default_factory=lambda: list(DEFAULT_TYPES))
     valid: list[str] = field(default_factory=list)
-    """Held-out text (.jsonl with "text", .txt) or a tokens directory; default: the embedded corpus's held-out text."""
+    """Held-out text (.jsonl with "text" or chat "messages", .txt) or a tokens directory; default: the embedded
+    corpus's held-out text."""
     eval_tokens: int = 4096
     window: int = 256
     threads: int | None = None
@@ -86,11 +87,16 @@ def eval_windows(ckpt: Checkpoint, specs: list[str], n_tokens: int, window: int)
                 else:
                     texts = []
                     for where, obj in iter_objects([spec], False, {}):
-                        if not isinstance(obj.get("text"), str):
-                            raise SlmError(f"{where}: text: expected a string")
-                        texts.append(obj["text"])
+                        if "messages" in obj or "conversations" in obj:  # a conversation, as the model chats
+                            texts.append(_rendered(ckpt, tok, obj, where))
+                        elif isinstance(obj.get("text"), str):
+                            texts.append(obj["text"])
+                        else:
+                            raise SlmError(f"{where}: expected a text field (or messages)")
+                        if sum(len(t) for t in texts) > 8 * n_tokens:
+                            break
                 for t in texts:
-                    ids.extend(tok.encode(t) + [tok.eos_id])
+                    ids.extend(tok.encode(t, allowed_special="all") + [tok.eos_id])
                     if len(ids) >= n_tokens:
                         break
             if len(ids) >= n_tokens:
@@ -107,6 +113,18 @@ def eval_windows(ckpt: Checkpoint, specs: list[str], n_tokens: int, window: int)
         raise SlmError(f"--valid {', '.join(specs) or '(embedded corpus)'}: fewer than 2 tokens to evaluate on")
     return [np.asarray(ids[i:i + window], dtype=np.int64) for i in range(0, len(ids), window)
             if len(ids[i:i + window]) >= 2]
+
+
+_TEMPLATES: dict = {}
+
+
+def _rendered(ckpt: Checkpoint, tok, obj: dict, where: str) -> str:
+    from slm.formats.chat import ChatTemplate, parse_chat
+
+    if ckpt.dir not in _TEMPLATES:
+        _TEMPLATES[ckpt.dir] = ChatTemplate.of_checkpoint(ckpt.dir)
+    spec = tok.spec
+    return _TEMPLATES[ckpt.dir].render(parse_chat(obj, where), False, spec.bos_token, spec.eos_token)
 
 
 # --- scorers: log-probabilities of every next token ----------------------------------------------------------

@@ -1,0 +1,359 @@
+"""`slm bench`: honest speed numbers for checkpoints, GGUF files and INT4 IRs, like llama-bench's table.
+
+Each model runs in a fresh process (so its peak memory is its own): a warm-up, then --repeat runs of a --prompt
+token prompt (random ids, no tokenization in the timings) followed by --gen generated tokens (greedy, no stop). For
+each: prompt processing tokens/s (prompt tokens / time to the first token's logits), generation tokens/s (new tokens
+after the first / their time), time to first token, mean and standard deviation over the repeats; peak resident
+memory; file size; the device (CPU model, threads, GPU).
+
+Generation on a CPU is bound by memory bandwidth: every new token reads every weight once. The bound printed is
+weight bytes per token / bandwidth (measured here with a large array copy, or --bandwidth GB/s), and the fraction of
+it each run reaches.
+
+Backends: torch (slm checkpoints; a preallocated KV cache, fp32 or bf16), llama.cpp (GGUF, through
+llama-cpp-python), openvino (an `slm quantize --type int4` IR, whose keys and values are inputs and outputs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slm.errors import SlmError
+
+BACKENDS = ("auto", "torch", "llama.cpp", "openvino")
+FORMATS = ("md", "json", "csv")
+
+
+@dataclass
+class BenchConfig:
+    models: list[Path]
+    backend: str = "auto"
+    prompt: int = 512
+    gen: int = 128
+    repeat: int = 5
+    threads: int | None = None
+    batch: int = 1
+    dtype: str = "fp32"
+    bandwidth: float | None = None
+    """Memory bandwidth in GB/s (default: measured)."""
+    out: Path | None = None
+    format: str = "md"
+    plot: Path | None = None
+    seed: int = 0
+
+
+def detect_backend(path: Path, backend: str) -> str:
+    path = Path(path)
+    if backend != "auto":
+        return backend
+    if path.is_file() and path.suffix == ".gguf":
+        return "llama.cpp"
+    if path.is_dir() and (path / "openvino_model.xml").is_file():
+        return "openvino"
+    if path.is_dir() and ((path / "model.safetensors").is_file() or (path / "checkpoints").is_dir()):
+        return "torch"
+    raise SlmError(f"{path}: not a checkpoint, a .gguf file or an OpenVINO IR directory")
+
+
+def size_of(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    if (path / "openvino_model.bin").is_file():
+        return (path / "openvino_model.bin").stat().st_size
+    from slm.formats.checkpoint import Checkpoint
+
+    return (Checkpoint.open(path).dir / "model.safetensors").stat().st_size
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_bandwidth(gib: float = 1.0, rounds: int = 3) -> float:
+    """GB/s of a large array copy (bytes read + bytes written), the best of ROUNDS."""
+    n = int(gib * (1 << 30)) // 8
+    a = np.ones(n, dtype=np.float64)
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+# --- runners: one prompt, then greedy tokens; each returns (seconds to first logits, seconds per new token list) ---
+class TorchRunner:
+    def __init__(self, path: Path, threads: int | None, dtype: str):
+        import torch
+
+        from slm.formats.checkpoint import Checkpoint
+        from slm.stages.generate import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.ckpt = Checkpoint.open(path)
+        self.model = load_model(self.ckpt, torch.device("cpu"))
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        self.model.to(self.dtype)
+        self.vocab = self.ckpt.model_config.vocab_size
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def run(self, ids: list[int], gen: int, batch: int) -> tuple[float, list[float]]:
+        import torch
+
+        from slm.model.transformer import KVCache
+
+        m = self.model
+        cache = KVCache(m.cfg, batch, len(ids) + gen, torch.device("cpu"), self.dtype)
+        x = torch.tensor([ids] * batch)
+        times = []
+        with torch.no_grad():
+            t = time.perf_counter()
+            logits = m(x, cache=cache)[:, -1]
+            first = time.perf_counter() - t
+            for _ in range(gen - 1):
+                t = time.perf_counter()
+                nxt = logits.argmax(-1, keepdim=True)
+                logits = m(nxt, cache=cache)[:, -1]
+                times.append(time.perf_counter() - t)
+        return first, times
+
+
+class LlamaCppRunner:
+    def __init__(self, path: Path, threads: int | None, n_ctx: int):
+        from llama_cpp import Llama
+
+        from slm.stages.quantize import quiet_llama_cpp
+
+        quiet_llama_cpp()
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads,
+                         n_threads_batch=threads, verbose=False)
+        self.vocab = self.llm.n_vocab()
+        self.weight_bytes = Path(path).stat().st_size
+
+    def run(self, ids: list[int], gen: int, batch: int) -> tuple[float, list[float]]:
+        if batch != 1:
+            raise SlmError("--batch: the llama.cpp backend measures batch 1")
+        llm = self.llm
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(gen - 1):
+            t = time.perf_counter()
+            last = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(self.vocab,))
+            llm.eval([int(last.argmax())])
+            times.append(time.perf_counter() - t)
+        return first, times
+
+
+class OpenVinoRunner:
+    def __init__(self, path: Path, threads: int | None):
+        from slm.formats.manifest import read_json
+        from slm.formats.openvino import OpenVinoScorer
+
+        vocab = read_json(Path(path) / "config.json")["vocab_size"]
+        self.scorer = OpenVinoScorer(path, vocab, threads, exact=False)
+        self.vocab = vocab
+        self.weight_bytes = (Path(path) / "openvino_model.bin").stat().st_size
+
+    def run(self, ids: list[int], gen: int, batch: int) -> tuple[float, list[float]]:
+        if batch != 1:
+            raise SlmError("--batch: the openvino backend measures batch 1")
+        sc = self.scorer
+        t = time.perf_counter()
+        logits, k, v = sc.step(ids, *sc.empty_cache())
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(gen - 1):
+            t = time.perf_counter()
+            logits, k, v = sc.step([int(logits[-1, :self.vocab].argmax())], k, v)
+            times.append(time.perf_counter() - t)
+        return first, times
+
+
+def bench_one(path: str, backend: str, cfg: dict) -> dict:
+    """Measure one model (in the current process): the row of the table."""
+    import resource
+
+    prompt, gen, repeat = cfg["prompt"], cfg["gen"], cfg["repeat"]
+    if backend == "torch":
+        r = TorchRunner(Path(path), cfg["threads"], cfg["dtype"])
+    elif backend == "llama.cpp":
+        r = LlamaCppRunner(Path(path), cfg["threads"], prompt + gen + 8)
+    else:
+        r = OpenVinoRunner(Path(path), cfg["threads"])
+    rng = np.random.default_rng(cfg["seed"])
+    ids = [int(i) for i in rng.integers(0, min(r.vocab, 1000), prompt)]
+    r.run(ids[:min(prompt, 16)], min(gen, 4), cfg["batch"])  # warm-up
+    pp, tg, ttft = [], [], []
+    for _ in range(repeat):
+        first, times = r.run(ids, gen, cfg["batch"])
+        ttft.append(first)
+        pp.append(prompt * cfg["batch"] / first)
+        if times:
+            tg.append(len(times) * cfg["batch"] / sum(times))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+    def ms(xs):
+        return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+
+    return {"model": str(path), "backend": backend, "weight_bytes": r.weight_bytes, "pp_tokens_per_s": ms(pp),
+            "tg_tokens_per_s": ms(tg) if tg else None, "ttft_s": ms(ttft), "peak_rss_bytes": peak}
+
+
+def _child(path: str, backend: str, cfg: dict, queue) -> None:
+    try:
+        queue.put(("ok", bench_one(path, backend, cfg)))
+    except SlmError as e:
+        queue.put(("error", str(e)))
+    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def run(cfg: BenchConfig) -> dict:
+    import multiprocessing as mp
+
+    if not cfg.models:
+        raise SlmError("MODEL: give at least one checkpoint, .gguf file or INT4 directory")
+    if cfg.backend not in BACKENDS:
+        raise SlmError(f"--backend {cfg.backend!r}: expected one of {', '.join(BACKENDS)}")
+    if cfg.format not in FORMATS:
+        raise SlmError(f"--format {cfg.format!r}: expected one of {', '.join(FORMATS)}")
+    if cfg.dtype not in ("fp32", "bf16"):
+        raise SlmError(f"--dtype {cfg.dtype!r}: expected fp32 or bf16")
+    for name in ("prompt", "gen", "repeat", "batch"):
+        if getattr(cfg, name) < 1:
+            raise SlmError(f"--{name} {getattr(cfg, name)}: expected a positive integer")
+    jobs = [(str(Path(m)), detect_backend(Path(m), cfg.backend)) for m in cfg.models]
+    for path, _ in jobs:
+        if not Path(path).exists():
+            raise SlmError(f"{path}: no such file or directory")
+    threads = cfg.threads or len(os.sched_getaffinity(0))
+    settings = {"prompt": cfg.prompt, "gen": cfg.gen, "repeat": cfg.repeat, "threads": threads, "batch": cfg.batch,
+                "dtype": cfg.dtype, "seed": cfg.seed}
+    bandwidth = cfg.bandwidth or measure_bandwidth()
+    from slm.console import progress
+
+    rows = []
+    ctx = mp.get_context("spawn")
+    with progress() as bar:
+        task = bar.add_task("bench", total=len(jobs))
+        for path, backend in jobs:
+            bar.update(task, description=f"bench {Path(path).name} ({backend})")
+            q = ctx.Queue()
+            p = ctx.Process(target=_child, args=(path, backend, settings, q))
+            p.start()
+            status, value = q.get()
+            p.join()
+            if status == "error":
+                raise SlmError(f"{path}: {value}")
+            value["file_bytes"] = size_of(Path(path))
+            tg = value["tg_tokens_per_s"]
+            bound = bandwidth * 1e9 / value["weight_bytes"]
+            value["bandwidth_bound_tokens_per_s"] = bound
+            value["bound_fraction"] = tg["mean"] / bound if tg else None
+            rows.append(value)
+            bar.advance(task)
+    import torch
+
+    device = {"cpu": cpu_name(), "threads": threads, "gpu": torch.cuda.get_device_name(0)
+              if torch.cuda.is_available() else None, "bandwidth_gb_s": round(bandwidth, 2),
+              "bandwidth_source": "given" if cfg.bandwidth else "measured (array copy)"}
+    return {"device": device, "settings": settings, "results": rows}
+
+
+# --- output ------------------------------------------------------------------------------------------------------
+COLUMNS = ["model", "backend", "size", "pp t/s", "tg t/s", "ttft ms", "peak MB", "bound t/s", "of bound"]
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    out = []
+    for r in report["results"]:
+        tg = r["tg_tokens_per_s"]
+        out.append([Path(r["model"]).name, r["backend"], f"{r['file_bytes'] / 1e6:.1f} MB",
+                    f"{r['pp_tokens_per_s']['mean']:.1f} ± {r['pp_tokens_per_s']['std']:.1f}",
+                    f"{tg['mean']:.1f} ± {tg['std']:.1f}" if tg else "-",
+                    f"{r['ttft_s']['mean'] * 1e3:.1f}", f"{r['peak_rss_bytes'] / 1e6:.0f}",
+                    f"{r['bandwidth_bound_tokens_per_s']:.0f}",
+                    f"{r['bound_fraction']:.0%}" if r["bound_fraction"] is not None else "-"])
+    return out
+
+
+def render(report: dict, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(report, indent=2)
+    rows = table_rows(report)
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(COLUMNS)
+        w.writerows(rows)
+        return buf.getvalue().rstrip("\n")
+    d = report["device"]
+    s = report["settings"]
+    head = (f"{d['cpu']}, {d['threads']} threads{', ' + d['gpu'] if d['gpu'] else ''}; memory bandwidth "
+            f"{d['bandwidth_gb_s']} GB/s ({d['bandwidth_source']}); prompt {s['prompt']}, gen {s['gen']}, "
+            f"batch {s['batch']}, {s['repeat']} repeats")
+    lines = [head, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [Path(r["model"]).name for r in report["results"]]
+    tg = [r["tg_tokens_per_s"]["mean"] if r["tg_tokens_per_s"] else 0 for r in report["results"]]
+    bound = [r["bandwidth_bound_tokens_per_s"] for r in report["results"]]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names)), 4))
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, tg, 0.4, label="generation tokens/s")
+    ax.bar(x + 0.2, bound, 0.4, label="bandwidth bound", alpha=0.5)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("tokens/s")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write(report: dict, out: Path, started: float, cfg: BenchConfig) -> Path:
+    from slm.formats.manifest import atomic_dir, new_manifest, write_json
+
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "bench.json", report)
+        (tmp / "bench.md").write_text(render(report, "md") + "\n")
+        (tmp / "bench.csv").write_text(render(report, "csv") + "\n")
+        plot(report, tmp / "bench.png")
+        write_json(tmp / "manifest.json", new_manifest(
+            "bench", {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                      if k not in ("models", "out", "plot")},
+            inputs=[{"path": str(m)} for m in cfg.models], counts={"models": len(cfg.models)}, started=started))
+    return Path(out)
