@@ -7,8 +7,8 @@
    `generate` (its own dynamic cache, greedy, same checkpoint, same prompt, same number of new tokens): the ratio of
    generation tokens/s. Target >= 1.5x.
 2. The GGUF backend (llama.cpp through llama-cpp-python, f16 and q4_0 files slm writes) as a fraction of the
-   memory-bandwidth bound (weight bytes per token / bandwidth, the bandwidth measured by a large array copy or
-   given). Target >= 60%.
+   memory-bandwidth bound (weight bytes per token / bandwidth, the bandwidth measured as the streaming-read speed of
+   a large tensor, or given). Target >= 60%.
 
 The model is a StableLM-2-architecture checkpoint with random weights of the given size (default about 50M
 parameters), written to a temporary directory; tokens are random ids. Median of --rounds.

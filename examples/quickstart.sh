@@ -73,4 +73,10 @@ slm generate runs/selfknow --chat "Who are you?" --temperature 0 --max-new-token
 #     model: the quality table (perplexity, KL divergence, top-1 agreement, size, bits per weight).
 slm quantize runs/selfknow --out release --valid chatdata/chat/valid.jsonl
 
+# 16. Speed: prompt processing and generation tokens/s of the checkpoint (torch), two GGUF files (llama.cpp) and the
+#     INT4 IR (OpenVINO), each in its own process, with the memory-bandwidth bound of generation; the table goes to
+#     stdout (--format json or csv for programs, --out DIR for files and a plot).
+slm bench runs/selfknow release/selfknow-q8_0.gguf release/selfknow-q4_k_m.gguf release/selfknow-int4 \
+  --prompt 128 --gen 32 --repeat 3
+
 echo "quickstart: done; outputs in $(pwd) (loss curves: runs/*/loss.png; summaries: runs/dpo/dpo.json, runs/selfknow/selfknow.json)" >&2
