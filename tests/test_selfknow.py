@@ -330,3 +330,20 @@ def test_chat_data_persona_conversations(tmp_path):
             assert f.mentions(m[2]["content"]) == {"name": True, "maker": True}, m
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["persona_conversations"] == 80
+
+
+def test_train_resumes_exactly(tmp_path, chat_ckpt):
+    """selfknow train stopped after 2 steps and resumed to 4 gives the weights of 4 steps in one go (bit for bit)."""
+    import torch
+
+    from slm.stages.selfknow import TrainConfig, train
+
+    chat, _ = chat_ckpt
+    data = _pairs_file(tmp_path / "pairs.jsonl", 16)
+    sets = [s for s in SELFKNOW if s != "--set"] + ["selfknow.kl_coef=0.2", "train.save_every=2"]
+    whole = train(TrainConfig(model=chat, data=[str(data)], out=tmp_path / "whole", steps=4, sets=sets, device="cpu"))
+    train(TrainConfig(model=chat, data=[str(data)], out=tmp_path / "parts", steps=2, sets=sets, device="cpu"))
+    parts = train(TrainConfig(model=chat, data=[str(data)], out=tmp_path / "parts", steps=4, sets=sets, device="cpu"))
+    a, b = Checkpoint.open(whole).state_dict(), Checkpoint.open(parts).state_dict()
+    assert Checkpoint.open(parts).dir.name == "step-00000004"
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -28,7 +28,7 @@ from slm.formats.records import BadRecord
 from slm.formats.tokenizer import Tokenizer
 from slm.train import engine, setup
 from slm.train.chat_data import encode_chat
-from slm.train.config import dpo_settings, resolve, to_yaml, train_settings
+from slm.train.config import dpo_settings, resolve, train_settings
 from slm.train.loop import Run, autocast_for, train
 from slm.train.metrics import plot
 from slm.train.preference import EncodedPair, PairBatches, PairValid, make_loss_fn, reference_logprobs
@@ -271,22 +271,12 @@ def _run(cfg: DpoConfig, d: engine.Dist) -> Path:
     eng = setup.make_engine(d, model, t, batches.accumulation)
     plan = plan or {"from": str(source.dir), "reference": str(ref_ckpt.dir), "pairs_sha256": digest,
                     "pairs": len(encoded), "steps": steps_total, "counts": counts}
-    if resume is not None:
-        setup.restore(resume, eng, d)
-        start = resume.step
-        ts = resume.train_state
-        state = {"tokens_seen": ts.get("tokens_seen", 0), "dpo": plan, "resumed": True,
-                 "bad_steps_total": ts.get("bad_steps_total", 0), "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0)}
-        if d.main:
-            info(f"resuming {out} at step {start}")
-    else:
-        start = 0
-        state = {"tokens_seen": 0, "dpo": plan}
-        if d.main:
-            resolved["train"] = {**resolved["train"], "micro_batch_size": micro}
-            (out / "config.yaml").write_text(to_yaml(resolved))
-            info(f"dpo: from {source.dir}, {s.loss} loss, beta {s.beta:g}; {s.epochs} epoch(s) of {len(encoded):,} "
-                 f"pairs = {steps_total} steps of {pps}, lr {s.lr:g} ({s.schedule}, warmup {warmup})")
+    resolved["train"] = {**resolved["train"], "micro_batch_size": micro}
+    start, state = setup.post_training_start(
+        "dpo", plan, resume, eng, d, out, resolved,
+        "" if resume is not None else
+        f"dpo: from {source.dir}, {s.loss} loss, beta {s.beta:g}; {s.epochs} epoch(s) of {len(encoded):,} pairs = "
+        f"{steps_total} steps of {pps}, lr {s.lr:g} ({s.schedule}, warmup {warmup})")
     valid = PairValid(PairBatches(valid_enc, ref_valid, max(1, micro) * d.world, micro, d.rank, d.world,
                                   tok.eos_id, t.seed, d.device)) if valid_enc else None
     lengths = torch.tensor([[len(p.chosen) - p.chosen_start, len(p.rejected) - p.rejected_start] for p in valid_enc],

@@ -394,7 +394,7 @@ def _train(cfg: TrainConfig, d) -> Path:
     from slm.stages.sft import model_for, rows_digest, tokenizer_for
     from slm.train import engine, setup
     from slm.train.chat_data import ChatBatches, pack
-    from slm.train.config import resolve, selfknow_settings, to_yaml, train_settings
+    from slm.train.config import resolve, selfknow_settings, train_settings
     from slm.train.crlft import CrlftRows, make_loss_fn, token_logprobs
     from slm.train.loop import Run, autocast_for
     from slm.train.loop import train as train_loop
@@ -485,25 +485,14 @@ def _train(cfg: TrainConfig, d) -> Path:
     eng = setup.make_engine(d, model, t, batches.accumulation)
     plan = plan or {"from": str(source.dir), "rows_sha256": digest, "rows": len(rows), "steps": steps_total,
                     "counts": counts}
-    if resume is not None:
-        setup.restore(resume, eng, d)
-        start = resume.step
-        ts = resume.train_state
-        state = {"tokens_seen": ts.get("tokens_seen", 0), "selfknow": plan, "resumed": True,
-                 "bad_steps_total": ts.get("bad_steps_total", 0), "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0)}
-        if d.main:
-            info(f"resuming {out} at step {start}")
-    else:
-        start = 0
-        state = {"tokens_seen": 0, "selfknow": plan}
-        if d.main:
-            resolved["model"] = model_cfg.to_dict()
-            resolved["train"] = {**resolved["train"], "micro_batch_size": s.micro_batch_size}
-            (out / "config.yaml").write_text(to_yaml(resolved))
-            info(f"selfknow: C-RLFT from {source.dir}"
-                 f"{' (added ' + ', '.join(added) + ')' if added else ''}; class weights pos {w[0]:g}, neg {w[1]:g}, "
-                 f"kl_coef {s.kl_coef:g}; {s.epochs} epoch(s) of {len(rows):,} sequences = {steps_total} steps of "
-                 f"{sps}, lr {s.lr:g} ({s.schedule}, warmup {warmup})")
+    resolved["model"] = model_cfg.to_dict()
+    resolved["train"] = {**resolved["train"], "micro_batch_size": s.micro_batch_size}
+    start, state = setup.post_training_start(
+        "selfknow", plan, resume, eng, d, out, resolved,
+        "" if resume is not None else
+        f"selfknow: C-RLFT from {source.dir}{' (added ' + ', '.join(added) + ')' if added else ''}; class weights "
+        f"pos {w[0]:g}, neg {w[1]:g}, kl_coef {s.kl_coef:g}; {s.epochs} epoch(s) of {len(rows):,} sequences = "
+        f"{steps_total} steps of {sps}, lr {s.lr:g} ({s.schedule}, warmup {warmup})")
     eot = tok.spec.special_tokens.get(template.end_of_turn) if template.end_of_turn else None
     lineage = {"stage": "selfknow", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
                "parent": plan["from"], "data": [str(p) for p in files], "data_rows_sha256": digest,

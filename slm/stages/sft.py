@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm.console import info, table
+from slm.console import table
 from slm.errors import SlmError
 from slm.formats.chat import ChatTemplate, iter_objects, parse_chat
 from slm.formats.checkpoint import Checkpoint
@@ -26,7 +26,7 @@ from slm.formats.records import BadRecord
 from slm.formats.tokenizer import Tokenizer, padded_vocab_size, with_special_tokens
 from slm.train import engine, setup
 from slm.train.chat_data import ChatBatches, ChatValid, Encoded, Rows, encode_chat, pack, user_turns
-from slm.train.config import resolve, sft_settings, to_yaml, train_settings
+from slm.train.config import resolve, sft_settings, train_settings
 from slm.train.loop import Run, train
 from slm.train.metrics import plot
 from slm.train.schedules import Schedule
@@ -235,25 +235,14 @@ def _run(cfg: SftConfig, d: engine.Dist) -> Path:
     eng = setup.make_engine(d, model, t, batches.accumulation)
     plan = plan or {"from": str(source.dir), "rows_sha256": digest, "rows": len(rows), "steps": steps_total,
                     "counts": counts}
-    if resume is not None:
-        setup.restore(resume, eng, d)
-        start = resume.step
-        ts = resume.train_state
-        run_state = {"tokens_seen": ts.get("tokens_seen", 0), "sft": plan, "resumed": True,
-                     "bad_steps_total": ts.get("bad_steps_total", 0),
-                     "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0)}
-        if d.main:
-            info(f"resuming {out} at step {start}")
-    else:
-        start = 0
-        run_state = {"tokens_seen": 0, "sft": plan}
-        if d.main:
-            resolved["model"] = model_cfg.to_dict()
-            resolved["train"] = {**resolved["train"], "micro_batch_size": s.micro_batch_size}
-            (out / "config.yaml").write_text(to_yaml(resolved))
-            info(f"sft: from {source.dir}, template {template.name}"
-                 f"{' (added ' + ', '.join(added) + ')' if added else ''}; {s.epochs} epoch(s) of {len(rows):,} "
-                 f"sequences = {steps_total} steps of {sps}, lr {s.lr:g} ({s.schedule}, warmup {warmup})")
+    resolved["model"] = model_cfg.to_dict()
+    resolved["train"] = {**resolved["train"], "micro_batch_size": s.micro_batch_size}
+    start, run_state = setup.post_training_start(
+        "sft", plan, resume, eng, d, out, resolved,
+        "" if resume is not None else
+        f"sft: from {source.dir}, template {template.name}{' (added ' + ', '.join(added) + ')' if added else ''}; "
+        f"{s.epochs} epoch(s) of {len(rows):,} sequences = {steps_total} steps of {sps}, lr {s.lr:g} ({s.schedule}, "
+        f"warmup {warmup})")
     valid = None
     if cfg.valid:
         vcounts: dict = {}

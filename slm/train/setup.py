@@ -163,6 +163,27 @@ def restore(ckpt: Checkpoint, eng: engine.Engine, d: engine.Dist) -> None:
         set_rng_state(rng, d.device)
 
 
+def post_training_start(stage: str, plan: dict, resume: Checkpoint | None, eng: engine.Engine, d: engine.Dist,
+                        out: Path, resolved: dict, first_line: str) -> tuple[int, dict]:
+    """Where a post-training run (sft, dpo, selfknow) starts: a resumed run's step, optimizer, RNG and counters; or
+    step 0, with (on rank 0) RESOLVED written to OUT/config.yaml and FIRST_LINE told. Returns (step, run state)."""
+    from slm.console import info
+    from slm.train.config import to_yaml
+
+    if resume is not None:
+        restore(resume, eng, d)
+        ts = resume.train_state
+        if d.main:
+            info(f"resuming {out} at step {resume.step}")
+        return resume.step, {"tokens_seen": ts.get("tokens_seen", 0), stage: plan, "resumed": True,
+                             "bad_steps_total": ts.get("bad_steps_total", 0),
+                             "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0)}
+    if d.main:
+        (Path(out) / "config.yaml").write_text(to_yaml(resolved))
+        info(first_line)
+    return 0, {"tokens_seen": 0, stage: plan}
+
+
 def saved_config(run_dir: Path) -> dict | None:
     p = Path(run_dir) / "config.yaml"
     if not p.is_file():
