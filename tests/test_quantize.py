@@ -161,6 +161,12 @@ def test_int4_openvino(tmp_path, base_ckpt, small_tok):
 
     want = generate_ids(GenerateConfig(checkpoint=base_ckpt, prompt=text, max_new_tokens=16, temperature=0,
                                        stop_at_eos=False, device="cpu"))
+    # --int4-all-layers: the embedding and output matrix in 4 bits as well
+    proc = run_cli("quantize", base_ckpt, "--type", "int4", "--int4-all-layers", "--out", tmp_path / "all",
+                   "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    w_all = weight_types(tmp_path / "all" / "run-int4" / "openvino_model.xml")
+    assert w_all.get("u8", 0) == 0 and w_all["i4"] > w["i4"]
     sc = OpenVinoScorer(d, tok.n_vocab)
     got = sc.greedy(tok.encode(text), 16, set())
     assert np.mean([a == b for a, b in zip(got, want)]) >= 0.5, (got, want)

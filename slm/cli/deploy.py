@@ -30,6 +30,8 @@ def quantize(
                                                  "back to 64, 32 or per-row when it does not divide).")] = 128,
     int4_asymmetric: Annotated[bool, typer.Option("--int4-asymmetric", help="INT4_ASYM (with zero points) "
                                                   "instead of INT4_SYM.")] = False,
+    int4_all_layers: Annotated[bool, typer.Option("--int4-all-layers", help="The embedding and output matrix in 4 "
+                                                  "bits too (NNCF keeps them 8-bit by default).")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for llama.cpp and OpenVINO.",
                                                    show_default=False)] = None,
 ) -> None:
@@ -45,6 +47,7 @@ def quantize(
     _print_main(run(QuantizeConfig(checkpoint=checkpoint, out=out, types=parse_types(type_), valid=list(valid or []),
                                    eval_tokens=eval_tokens, window=window, threads=threads, name=name,
                                    int4_group_size=int4_group_size, int4_symmetric=not int4_asymmetric,
+                                   int4_all_layers=int4_all_layers,
                                    report=not no_report)))
 
 

@@ -91,8 +91,9 @@ def group_size_for(cfg, wanted: int) -> int:
     return -1
 
 
-def export_int4(ckpt, out: Path, group_size: int = 128, symmetric: bool = True) -> dict:
-    """Write the INT4 IR of checkpoint CKPT into directory OUT; returns a summary (mode, group size, weights)."""
+def export_int4(ckpt, out: Path, group_size: int = 128, symmetric: bool = True, all_layers: bool = False) -> dict:
+    """Write the INT4 IR of checkpoint CKPT into directory OUT; returns a summary (mode, group size, weights).
+    ALL_LAYERS: the embedding and output matrix in 4 bits too (NNCF keeps them 8-bit by default)."""
     import torch
 
     from slm.formats.manifest import write_json
@@ -119,7 +120,9 @@ def export_int4(ckpt, out: Path, group_size: int = 128, symmetric: bool = True) 
         ovm = ov.convert_model(WithCache(model).eval(), example_input=example)
         for port, name in zip(ovm.outputs, ("logits", "present_keys", "present_values")):
             port.get_tensor().set_names({name})
-        ovm = nncf.compress_weights(ovm, mode=mode, group_size=g, ratio=1.0)
+        # the rotary cos/sin tables are gathered like an embedding: never compress them
+        ovm = nncf.compress_weights(ovm, mode=mode, group_size=g, ratio=1.0, all_layers=all_layers,
+                                    ignored_scope=nncf.IgnoredScope(patterns=[".*rotary.*"], validate=False))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ov.save_model(ovm, str(out / "openvino_model.xml"), compress_to_fp16=False)
@@ -128,6 +131,7 @@ def export_int4(ckpt, out: Path, group_size: int = 128, symmetric: bool = True) 
             shutil.copyfile(ckpt.dir / name, out / name)
     weights = weight_types(out / "openvino_model.xml")
     summary = {"runtime": "openvino", "mode": "int4_sym" if symmetric else "int4_asym", "group_size": g,
+               "all_layers": all_layers,
                "weights": weights, "checkpoint": str(ckpt.dir)}
     write_json(out / "slm_int4.json", summary)
     return summary

@@ -43,6 +43,7 @@ class QuantizeConfig:
     name: str | None = None
     int4_group_size: int = 128
     int4_symmetric: bool = True
+    int4_all_layers: bool = False
     report: bool = True
 
 
@@ -277,7 +278,7 @@ def run(cfg: QuantizeConfig) -> Path:
                     from slm.formats.openvino import export_int4
 
                     path = tmp / f"{name}-int4"
-                    summary = export_int4(ckpt, path, cfg.int4_group_size, cfg.int4_symmetric)
+                    summary = export_int4(ckpt, path, cfg.int4_group_size, cfg.int4_symmetric, cfg.int4_all_layers)
                     files[kind] = {"file": path.name, "format": "openvino", **summary}
                 bar.advance(task)
             if f16_path is not None and f16_path.name.startswith("."):
@@ -295,7 +296,8 @@ def run(cfg: QuantizeConfig) -> Path:
         write_json(tmp / "quantize.json", report)
         write_json(tmp / "manifest.json", new_manifest(
             "quantize", {"types": types, "eval_tokens": cfg.eval_tokens, "window": cfg.window,
-                         "int4_group_size": cfg.int4_group_size, "int4_symmetric": cfg.int4_symmetric},
+                         "int4_group_size": cfg.int4_group_size, "int4_symmetric": cfg.int4_symmetric,
+                         "int4_all_layers": cfg.int4_all_layers},
             inputs=[{"path": str(ckpt.dir)}], counts={"files": len(files)}, started=started,
             lineage={"parent": str(ckpt.dir), "stage": "quantize"},
             files={k: v["file"] for k, v in files.items()}))
