@@ -183,6 +183,11 @@ def test_errors(tmp_path, base_ckpt):
     proc = run_cli("quantize", tmp_path / "nothing", "--out", tmp_path / "x")
     assert proc.returncode == 1 and "nothing" in proc.stderr
     assert not (tmp_path / "x").exists()
+    bad = tmp_path / "held.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    proc = run_cli("quantize", base_ckpt, "--type", "f16", "--valid", bad, "--out", tmp_path / "x")
+    assert proc.returncode == 1 and f"{bad}:2: expected a text field" in proc.stderr, proc.stderr
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("x.tmp-*"))
     with pytest.raises(SlmError, match="slm writes"):
         write_gguf(Checkpoint.open(base_ckpt), tmp_path / "y.gguf", "q4_k_m")
 

@@ -146,8 +146,9 @@ def vocab_of(ckpt_dir: Path, vocab_size: int) -> Vocab:
                  specials[spec["eos_token"]], eot, template)
 
 
-def write_gguf(ckpt, path: Path, kind: str, name: str | None = None) -> Written:
-    """Write checkpoint CKPT (slm.formats.checkpoint.Checkpoint) as a GGUF of type KIND (PYTHON_TYPES) at PATH."""
+def write_gguf(ckpt, path: Path, kind: str, name: str | None = None, state: dict | None = None) -> Written:
+    """Write checkpoint CKPT (slm.formats.checkpoint.Checkpoint) as a GGUF of type KIND (PYTHON_TYPES) at PATH;
+    STATE: its weights when the caller has them already (read from the checkpoint otherwise)."""
     import gguf
     from gguf.quants import QuantError, quantize
 
@@ -191,7 +192,7 @@ def write_gguf(ckpt, path: Path, kind: str, name: str | None = None) -> Written:
     if vocab.chat_template:
         w.add_chat_template(vocab.chat_template)
     written = Written(Path(path), kind)
-    for tname, arr in tensors_of(ckpt.state_dict(), cfg):
+    for tname, arr in tensors_of(state if state is not None else ckpt.state_dict(), cfg):
         if arr.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(tname, arr.astype(np.float32))
             written.tensors[tname] = "F32"

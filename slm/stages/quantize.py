@@ -243,8 +243,12 @@ def run(cfg: QuantizeConfig) -> Path:
         raise SlmError(f"{ckpt.dir}: no slm tokenizer (encoding.json) in the checkpoint")
     types = cfg.types
     name = cfg.name or model_name(ckpt)
-    n_params = sum(int(np.prod(v.shape)) for k, v in ckpt.state_dict().items()
+    state = ckpt.state_dict()  # read once, for every file
+    n_params = sum(int(np.prod(v.shape)) for k, v in state.items()
                    if not (model_cfg.tie_embeddings and k == "lm_head.weight"))
+    # the held-out windows before any file is written: a bad --valid fails at once
+    windows = eval_windows(ckpt, cfg.valid, cfg.eval_tokens, min(cfg.window, model_cfg.max_seq_len)) \
+        if cfg.report else []
     k_rows = [d for d in (model_cfg.hidden_size, model_cfg.intermediate_size) if d % 256]
     if k_rows and any(t in LLAMA_CPP_TYPES for t in types):
         warn(f"k-quants work on rows of 256 weights; this model has rows of {', '.join(map(str, k_rows))}: "
@@ -259,14 +263,14 @@ def run(cfg: QuantizeConfig) -> Path:
                 bar.update(task, description=f"quantize {kind}")
                 if kind in PYTHON_TYPES:
                     path = tmp / f"{name}-{kind}.gguf"
-                    w = write_gguf(ckpt, path, kind, name)
+                    w = write_gguf(ckpt, path, kind, name, state)
                     files[kind] = {"file": path.name, "format": "gguf", "fallbacks": w.fallbacks}
                     if kind == "f16":
                         f16_path = path
                 elif kind in LLAMA_CPP_TYPES:
                     if f16_path is None:
                         f16_path = tmp / ".f16-source.gguf"
-                        write_gguf(ckpt, f16_path, "f16", name)
+                        write_gguf(ckpt, f16_path, "f16", name, state)
                     path = tmp / f"{name}-{kind}.gguf"
                     _llama_quantize(f16_path, path, kind, cfg.threads)
                     main = "Q4_K" if kind == "q4_k_m" else "Q5_K"
@@ -292,7 +296,7 @@ def run(cfg: QuantizeConfig) -> Path:
                 entry["tensor_types"] = type_counts(read_tensor_types(p))
         report = {"model": str(ckpt.dir), "name": name, "params": n_params, "types": files}
         if cfg.report:
-            report.update(quality(ckpt, tmp, files, cfg, tok.n_vocab))
+            report.update(quality(ckpt, tmp, files, cfg, tok.n_vocab, windows))
         write_json(tmp / "quantize.json", report)
         write_json(tmp / "manifest.json", new_manifest(
             "quantize", {"types": types, "eval_tokens": cfg.eval_tokens, "window": cfg.window,
@@ -305,10 +309,10 @@ def run(cfg: QuantizeConfig) -> Path:
     return out
 
 
-def quality(ckpt: Checkpoint, directory: Path, files: dict, cfg: QuantizeConfig, n_vocab: int) -> dict:
+def quality(ckpt: Checkpoint, directory: Path, files: dict, cfg: QuantizeConfig, n_vocab: int,
+            windows: list[np.ndarray]) -> dict:
     import tempfile
 
-    windows = eval_windows(ckpt, cfg.valid, cfg.eval_tokens, min(cfg.window, ckpt.model_config.max_seq_len))
     ref = TorchScorer(ckpt, n_vocab)
     # the reference's logits, kept on disk (float32): tokens x vocabulary can be gigabytes (100k ids)
     scratch = tempfile.TemporaryDirectory(dir=directory)
