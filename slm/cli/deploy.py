@@ -19,8 +19,8 @@ def quantize(
                                        "slm), q5_k_m, q4_k_m (GGUF by llama.cpp), int4 (OpenVINO IR).")] =
     "f16,q8_0,q4_0,q4_1,q5_k_m,q4_k_m,int4",
     valid: Annotated[Optional[list[str]], typer.Option("--valid", metavar="FILE|DIR", help="Held-out text for the "
-                     "quality report (.jsonl with text, .txt, or a tokens directory); default: held-out text of the "
-                     "embedded corpus.", show_default=False)] = None,
+                     "quality report (.jsonl with text or chat messages, .txt, or a tokens directory); default: "
+                     "held-out text of the embedded corpus.", show_default=False)] = None,
     eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Held-out tokens the report scores.")] = 4096,
     window: Annotated[int, typer.Option("--window", help="Tokens per scored window (at most the context).")] = 256,
     no_report: Annotated[bool, typer.Option("--no-report", help="Write the files only.")] = False,
