@@ -63,6 +63,8 @@ def bench(
                                                    "use).", show_default=False)] = None,
     batch: Annotated[int, typer.Option("--batch", help="Sequences at once (torch backend).")] = 1,
     dtype: Annotated[str, typer.Option("--dtype", help="torch backend: fp32 or bf16.")] = "fp32",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch backend: compile the decode step with "
+                                           "torch.compile (tens of seconds once, in the warm-up; faster steps).")] = False,
     bandwidth: Annotated[Optional[float], typer.Option("--bandwidth", help="Memory bandwidth in GB/s for the bound "
                                                        "(default: measured).", show_default=False)] = None,
     format_: Annotated[str, typer.Option("--format", help="md, json or csv: what stdout gets without --out.")] = "md",
@@ -80,7 +82,7 @@ def bench(
 
     started = time.time()
     cfg = BenchConfig(models=list(models), backend=backend, prompt=prompt, gen=gen, repeat=repeat, threads=threads,
-                      batch=batch, dtype=dtype, bandwidth=bandwidth, out=out, format=format_, plot=plot_)
+                      batch=batch, dtype=dtype, compile=compile_, bandwidth=bandwidth, out=out, format=format_, plot=plot_)
     report = run(cfg)
     if plot_ is not None:
         plot(report, plot_)

@@ -42,6 +42,8 @@ class BenchConfig:
     threads: int | None = None
     batch: int = 1
     dtype: str = "fp32"
+    compile: bool = False
+    """torch backend: compile the decode step with torch.compile (tens of seconds once; faster steps)."""
     bandwidth: float | None = None
     """Memory bandwidth in GB/s (default: measured)."""
     out: Path | None = None
@@ -100,10 +102,14 @@ def measure_bandwidth(gib: float = 1.0, rounds: int = 3) -> float:
 
 # --- runners: one prompt, then greedy tokens; each returns (seconds to first logits, seconds per new token list) ---
 class TorchRunner:
-    def __init__(self, path: Path, threads: int | None, dtype: str):
+    """slm's own decoder: weights pretransposed for one-row products (on CPUs), a static KV cache, and with COMPILE
+    the decode step compiled by torch.compile (one graph for every step; slm.model.decode)."""
+
+    def __init__(self, path: Path, threads: int | None, dtype: str, max_len: int, compile: bool = False):
         import torch
 
         from slm.formats.checkpoint import Checkpoint
+        from slm.model.decode import transpose_linears
         from slm.stages.generate import load_model
 
         if threads:
@@ -112,27 +118,33 @@ class TorchRunner:
         self.model = load_model(self.ckpt, torch.device("cpu"))
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         self.model.to(self.dtype)
-        self.vocab = self.ckpt.model_config.vocab_size
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.dtype == torch.float32:  # bf16 matrix-vector products are faster in nn.Linear's layout
+            transpose_linears(self.model)
+        self.vocab = self.ckpt.model_config.vocab_size
+        self.max_len = min(max_len, self.model.cfg.max_seq_len)
+        self.compile = compile
+        self.decoder = None
 
     def run(self, ids: list[int], gen: int, batch: int) -> tuple[float, list[float]]:
         import torch
 
-        from slm.model.transformer import KVCache
+        from slm.model.decode import StaticDecoder
 
-        m = self.model
-        cache = KVCache(m.cfg, batch, len(ids) + gen, torch.device("cpu"), self.dtype)
+        if len(ids) + gen > self.max_len:
+            raise SlmError(f"--prompt + --gen = {len(ids) + gen}: more than the model's context ({self.max_len})")
+        if self.decoder is None or self.decoder.batch != batch:
+            self.decoder = StaticDecoder(self.model, batch, self.max_len, compile=self.compile)
+        dec = self.decoder
         x = torch.tensor([ids] * batch)
         times = []
-        with torch.no_grad():
+        t = time.perf_counter()
+        logits = dec.prefill(x)
+        first = time.perf_counter() - t
+        for _ in range(gen - 1):
             t = time.perf_counter()
-            logits = m(x, cache=cache)[:, -1]
-            first = time.perf_counter() - t
-            for _ in range(gen - 1):
-                t = time.perf_counter()
-                nxt = logits.argmax(-1, keepdim=True)
-                logits = m(nxt, cache=cache)[:, -1]
-                times.append(time.perf_counter() - t)
+            logits = dec.step(logits.argmax(-1))
+            times.append(time.perf_counter() - t)
         return first, times
 
 
@@ -196,7 +208,7 @@ def bench_one(path: str, backend: str, cfg: dict) -> dict:
 
     prompt, gen, repeat = cfg["prompt"], cfg["gen"], cfg["repeat"]
     if backend == "torch":
-        r = TorchRunner(Path(path), cfg["threads"], cfg["dtype"])
+        r = TorchRunner(Path(path), cfg["threads"], cfg["dtype"], prompt + gen, cfg["compile"])
     elif backend == "llama.cpp":
         r = LlamaCppRunner(Path(path), cfg["threads"], prompt + gen + 8)
     else:
@@ -249,7 +261,7 @@ def run(cfg: BenchConfig) -> dict:
             raise SlmError(f"{path}: no such file or directory")
     threads = cfg.threads or len(os.sched_getaffinity(0))
     settings = {"prompt": cfg.prompt, "gen": cfg.gen, "repeat": cfg.repeat, "threads": threads, "batch": cfg.batch,
-                "dtype": cfg.dtype, "seed": cfg.seed}
+                "dtype": cfg.dtype, "compile": cfg.compile, "seed": cfg.seed}
     bandwidth = cfg.bandwidth or measure_bandwidth()
     from slm.console import progress
 
