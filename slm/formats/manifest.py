@@ -37,7 +37,7 @@ MANIFEST = "manifest.json"
 # checkpoint 2: the manifest lists every file with its size and sha256; train_state/optimizer.safetensors
 # holds AdamW's moments by parameter name (1: train_state/optimizer.pt, torch's state_dict by index).
 FORMAT_VERSIONS = {"tokenizer": 1, "corpus": 1, "tokens": 1, "mix": 1, "checkpoint": 2, "chatdata": 1,
-                   "reference_logprobs": 1, "selfknow_pairs": 1, "quantize": 1, "bench": 1}
+                   "reference_logprobs": 1, "selfknow_pairs": 1, "quantize": 1, "bench": 1, "eval": 1, "carbon": 1}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -1,0 +1,383 @@
+"""`slm eval`: score checkpoints and GGUF files on lm-evaluation-harness tasks, side by side.
+
+Built on lm-eval (not a re-implementation): checkpoints run through its `hf` model (they are transformers
+directories), GGUF files through slm's `slm-gguf` model (slm.evaluation.llamacpp: llama.cpp in this process), so a
+quantized file is scored as it is. Suites are data (slm/evaluation/suites.yaml: the papers' tasks, shots and
+metrics); `slm-local` is slm's own offline task set (slm.evaluation.local), made at run time from the embedded
+corpus. A task whose dataset is not available gets one line saying which dataset and how to provide it.
+
+OUT/
+    eval.json          the summary: per model and task, the reported metric with its standard error and n
+    eval.md            the same as a markdown table (also on stderr)
+    lm-eval/LABEL/     lm-eval's own results_*.json and samples_TASK_*.jsonl (per-sample logs), per model
+    tasks/             the local tasks' YAML and data, when used
+    mt_bench.json      with --mt-bench: answers, judgements, per-category and mean scores
+    manifest.json      kind "eval"
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from slm.errors import SlmError
+
+SUITES_FILE = Path(__file__).resolve().parent.parent / "evaluation" / "suites.yaml"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task: str
+    shots: int | None  # None: the task's own default
+    metric: str | None  # "metric,filter"; None: the first metric lm-eval reports
+
+
+@dataclass
+class EvalConfig:
+    models: list[Path]
+    out: Path
+    suite: str | None = None
+    tasks: list[str] = field(default_factory=list)
+    include_path: list[Path] = field(default_factory=list)
+    shots: int | None = None
+    limit: float | None = None
+    batch_size: int = 8
+    chat_template: bool | None = None
+    """Render prompts with each model's chat template (default: the suite's setting, else off)."""
+    threads: int | None = None
+    seed: int = 1234
+    bootstrap_iters: int = 1000
+    plot: Path | None = None
+    mt_bench: Path | None = None
+    judge: str | None = None
+    judge_model: str | None = None
+    """With an HTTP judge: the model name the endpoint expects."""
+
+
+def load_suites() -> dict:
+    import yaml
+
+    return yaml.safe_load(SUITES_FILE.read_text(encoding="utf-8"))
+
+
+def suite_specs(name: str) -> tuple[list[TaskSpec], dict]:
+    suites = load_suites()
+    if name not in suites:
+        raise SlmError(f"--suite {name!r}: expected one of {', '.join(suites)}")
+    s = suites[name]
+    items = list(s.get("tasks") or [])
+    for lang in s.get("languages") or []:
+        items += [dict(t, task=t["task"].format(lang=lang)) for t in s["per_language"]]
+    return [TaskSpec(t["task"], t.get("shots"), t.get("metric")) for t in items], s
+
+
+def task_specs(cfg: EvalConfig) -> tuple[list[TaskSpec], bool]:
+    """The tasks to run and whether prompts go through the chat template."""
+    if bool(cfg.suite) == bool(cfg.tasks) and not cfg.mt_bench:
+        raise SlmError("give --suite NAME or --tasks a,b (or --mt-bench FILE)")
+    specs, chat = [], False
+    if cfg.suite:
+        specs, suite = suite_specs(cfg.suite)
+        chat = bool(suite.get("chat_template"))
+        if cfg.shots is not None:
+            specs = [TaskSpec(s.task, cfg.shots, s.metric) for s in specs]
+    from slm.evaluation.local import METRICS, SHOTS
+
+    for name in cfg.tasks:
+        shots = cfg.shots if cfg.shots is not None else SHOTS.get(name)
+        metric = ",".join(METRICS[name]) if name in METRICS else None
+        specs.append(TaskSpec(name, shots, metric))
+    return specs, chat if cfg.chat_template is None else cfg.chat_template
+
+
+def model_backend(path: Path) -> tuple[str, Path]:
+    """('gguf', file) or ('hf', transformers directory) for a model argument, or one line saying what it is not."""
+    path = Path(path)
+    if not path.exists():
+        raise SlmError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise SlmError(f"{path}: not a .gguf file (a model is a checkpoint, a run directory or a .gguf file)")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise SlmError(f"{path}: not a GGUF file (no GGUF magic)")
+        return "gguf", path
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return "hf", path
+    from slm.formats.checkpoint import Checkpoint
+
+    return "hf", Checkpoint.open(path).dir
+
+
+def labels_for(models: list[Path]) -> list[str]:
+    """Short unique names: the file stem of a GGUF, the run's name for a checkpoint."""
+    out = []
+    for m in models:
+        m = Path(m)
+        name = m.stem if m.is_file() else (m.parent.parent.name if m.parent.name == "checkpoints" else m.name)
+        base, i = name, 2
+        while name in out:
+            name, i = f"{base}-{i}", i + 1
+        out.append(name)
+    return out
+
+
+def _quiet() -> None:
+    if os.environ.get("SLM_DEBUG"):
+        return
+    for name in ("lm_eval", "lm-eval", "datasets", "transformers", "evaluate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's own bars; slm shows one
+
+
+def task_manager(specs: list[TaskSpec], include: list[Path]):
+    """lm-eval's TaskManager over INCLUDE (and its built-in tasks only when a name needs them: indexing them takes
+    tens of seconds); every name is checked to exist before anything runs."""
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=[str(p) for p in include] or None, include_defaults=False) if include else None
+    if tm is None or any(s.task not in tm.all_tasks for s in specs):
+        tm = TaskManager(include_path=[str(p) for p in include] or None)
+    unknown = [s.task for s in specs if s.task not in tm.all_tasks]
+    if unknown:
+        raise SlmError(f"--tasks: {unknown[0]!r} is not an lm-eval task (nor one in --include-path); "
+                       "`lm-eval ls tasks` lists them")
+    return tm
+
+
+def _leaf_tasks(tm, name: str) -> list[str]:
+    from lm_eval.tasks._index import Kind
+
+    e = tm.task_index[name]
+    if e.kind in (Kind.TASK, Kind.PY_TASK):
+        return [name]
+    if e.kind == Kind.TAG:
+        return sorted(e.tags)
+    out = []
+    for item in (e.cfg or {}).get("task", []):
+        child = item if isinstance(item, str) else item.get("task") or item.get("group")
+        if isinstance(child, str) and child in tm.task_index:
+            out += _leaf_tasks(tm, child)
+    return out
+
+
+def dataset_of(tm, name: str) -> str:
+    """The dataset(s) a task (or group) reads, as lm-eval's YAML names them."""
+    seen = []
+    for leaf in _leaf_tasks(tm, name):
+        cfg = tm.task_index[leaf].cfg or {}
+        d = cfg.get("dataset_path")
+        if cfg.get("dataset_name"):
+            d = f"{d} ({cfg['dataset_name']})" if len(_leaf_tasks(tm, name)) == 1 else d
+        if d and d not in seen:
+            seen.append(d)
+    return ", ".join(seen[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "") if seen else "its dataset"
+
+
+def check_datasets(tm, specs: list[TaskSpec]) -> None:
+    """Load every task's data once before any model runs: a missing dataset fails here in one line."""
+    from datasets.exceptions import DatasetNotFoundError
+
+    for s in specs:
+        try:
+            tm.load([s.task])
+        except (ConnectionError, DatasetNotFoundError, FileNotFoundError, RuntimeError, OSError) as e:
+            raise SlmError(
+                f"task {s.task}: its dataset {dataset_of(tm, s.task)} is not available here ({type(e).__name__}). "
+                "Run once with network access (datasets caches it in ~/.cache/huggingface, or HF_DATASETS_CACHE), "
+                "point HF_DATASETS_CACHE at a copy of such a cache, or give the task over local files with "
+                "--include-path DIR") from None
+
+
+def make_lm(backend: str, path: Path, cfg: EvalConfig):
+    if backend == "gguf":
+        try:
+            from slm.evaluation.llamacpp import LlamaCppLM
+        except ImportError:
+            raise SlmError(f"{path}: scoring GGUF files needs llama-cpp-python (pip install 'slm[deploy]')") from None
+        return LlamaCppLM(pretrained=str(path), threads=cfg.threads, seed=cfg.seed)
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return HFLM(pretrained=str(path), dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu",
+                batch_size=cfg.batch_size, trust_remote_code=False)
+
+
+def pick(res: dict, spec: TaskSpec) -> dict:
+    """The reported number of SPEC in one lm-eval result (a task's or a group's)."""
+    table = res.get("groups", {}).get(spec.task) or res["results"].get(spec.task)
+    if table is None:
+        raise SlmError(f"task {spec.task}: lm-eval returned no result for it")
+    metric = spec.metric
+    if metric is None or metric not in table:
+        names = [k for k in table if "," in k and "_stderr" not in k]
+        if metric is not None and metric not in table:
+            raise SlmError(f"task {spec.task}: no metric {metric!r} in lm-eval's result (it has {', '.join(names)})")
+        metric = names[0]
+    name, filt = metric.split(",", 1)
+    stderr = table.get(f"{name}_stderr,{filt}")
+    n = res.get("n-samples", {}).get(spec.task, {}).get("effective")
+    return {"metric": metric, "value": table[metric], "stderr": stderr if isinstance(stderr, (int, float)) else None,
+            "n": n, "shots": res.get("n-shot", {}).get(spec.task, spec.shots),
+            "higher_is_better": res.get("higher_is_better", {}).get(spec.task, {}).get(name)}
+
+
+def evaluate_model(lm, label: str, specs: list[TaskSpec], tm, cfg: EvalConfig, chat: bool, out: Path) -> dict:
+    """Run every spec on one model (one lm-eval call per number of shots); lm-eval's files go to OUT/LABEL."""
+    import lm_eval
+    from lm_eval.loggers import EvaluationTracker
+
+    groups: dict[int | None, list[TaskSpec]] = {}
+    for s in specs:
+        groups.setdefault(s.shots, []).append(s)
+    scores = {}
+    for shots, group in groups.items():
+        tracker = EvaluationTracker(output_path=str(out))
+        res = lm_eval.simple_evaluate(
+            model=lm, model_args={"pretrained": label}, tasks=[s.task for s in group], num_fewshot=shots,
+            limit=cfg.limit, log_samples=True, evaluation_tracker=tracker, task_manager=tm,
+            bootstrap_iters=cfg.bootstrap_iters, apply_chat_template=chat, fewshot_as_multiturn=chat,
+            random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed)
+        samples = res.pop("samples", {})
+        tracker.save_results_aggregated(results=res, samples=samples)
+        for task in res.get("configs", {}):
+            tracker.save_results_samples(task_name=task, samples=samples[task])
+        for s in group:
+            scores[s.task] = pick(res, s)
+    return scores
+
+
+def run(cfg: EvalConfig) -> Path:
+    from slm.formats.manifest import atomic_dir, new_manifest, sha256_file, write_json
+
+    started = time.time()
+    specs, chat = task_specs(cfg)
+    if not cfg.models:
+        raise SlmError("MODEL: give at least one checkpoint, run directory or .gguf file")
+    if cfg.limit is not None and cfg.limit <= 0:
+        raise SlmError(f"--limit {cfg.limit}: expected a positive number (a count, or a fraction below 1)")
+    if cfg.batch_size < 1:
+        raise SlmError(f"--batch-size {cfg.batch_size}: expected a positive integer")
+    for p in cfg.include_path:
+        if not Path(p).is_dir():
+            raise SlmError(f"--include-path {p}: no such directory")
+    if cfg.judge and not cfg.mt_bench:
+        raise SlmError("--judge: give the questions with --mt-bench FILE")
+    models = [model_backend(Path(m)) for m in cfg.models]
+    labels = labels_for(cfg.models)
+    questions = None
+    if cfg.mt_bench:
+        from slm.evaluation.mtbench import read_questions
+
+        questions = read_questions(Path(cfg.mt_bench))
+        if not cfg.judge:
+            raise SlmError("--mt-bench: give the judge with --judge (a checkpoint, a .gguf file or an http(s) URL)")
+    _quiet()
+    from slm.console import err, progress
+    from slm.evaluation.local import TASKS, write_tasks
+
+    report: dict = {"suite": cfg.suite, "tasks": [asdict(s) for s in specs], "chat_template": chat, "models": []}
+    with atomic_dir(cfg.out) as tmp:
+        include = list(cfg.include_path)
+        if any(s.task in TASKS for s in specs):
+            include.insert(0, write_tasks(tmp / "tasks", seed=0))
+        tm = task_manager(specs, include) if specs else None
+        if specs:
+            check_datasets(tm, specs)
+        with progress() as bar:
+            job = bar.add_task("eval", total=len(models))
+            for (backend, path), label in zip(models, labels):
+                bar.update(job, description=f"eval {label} ({backend})")
+                entry = {"model": str(path), "label": label, "backend": backend}
+                lm = make_lm(backend, path, cfg)
+                if specs:
+                    entry["scores"] = evaluate_model(lm, label, specs, tm, cfg, chat, tmp / "lm-eval")
+                report["models"].append(entry)
+                del lm
+                bar.advance(job)
+        if questions is not None:
+            from slm.evaluation.mtbench import run_mt_bench
+
+            report["mt_bench"] = run_mt_bench(questions, models, labels, cfg)
+            write_json(tmp / "mt_bench.json", report["mt_bench"])
+        import lm_eval
+
+        report["lm_eval_version"] = getattr(lm_eval, "__version__", None)
+        write_json(tmp / "eval.json", report)
+        table = render(report)
+        (tmp / "eval.md").write_text(table + "\n")
+        if cfg.plot is not None:
+            plot(report, tmp / "eval.png")
+        inputs = [{"path": str(p), **({"sha256": sha256_file(p)} if p.is_file() else {})} for _, p in models]
+        write_json(tmp / "manifest.json", new_manifest(
+            "eval", {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                     if k not in ("models", "out")} | {"include_path": [str(p) for p in cfg.include_path]},
+            inputs=inputs, counts={"models": len(models), "tasks": len(specs)}, started=started))
+    err.print(table, soft_wrap=True, markup=False, highlight=False)
+    if cfg.plot is not None:
+        import shutil
+
+        shutil.copyfile(Path(cfg.out) / "eval.png", cfg.plot)
+    return Path(cfg.out)
+
+
+def _fmt(score: dict) -> str:
+    v, se = score["value"], score["stderr"]
+    metric = score["metric"].split(",")[0]
+    scale = 100 if metric.startswith(("acc", "exact_match", "prompt_level", "inst_level")) else 1
+    text = f"{v * scale:.2f}" if scale == 100 else f"{v:.4g}"
+    return text + (f" ± {se * scale:.2f}" if se is not None and scale == 100 else "")
+
+
+def render(report: dict) -> str:
+    specs = [TaskSpec(**t) for t in report["tasks"]]
+    lines = []
+    if specs:
+        first = report["models"][0]["scores"] if report["models"] else {}
+        heads = [f"{s.task} ({first.get(s.task, {}).get('metric', s.metric or '').split(',')[0]}, "
+                 f"{first.get(s.task, {}).get('shots', s.shots)}-shot)" for s in specs]
+        lines += ["| model | " + " | ".join(heads) + " |", "|---|" + "---|" * len(specs)]
+        for m in report["models"]:
+            lines.append(f"| {m['label']} | " + " | ".join(_fmt(m["scores"][s.task]) for s in specs) + " |")
+    mt = report.get("mt_bench")
+    if mt:
+        cats = sorted({c for m in mt["models"] for c in m["per_category"]})
+        lines += ["", "| model (MT-Bench-style, judge " + mt["judge"] + ") | mean | " + " | ".join(cats) + " | judged |",
+                  "|---|---|" + "---|" * len(cats) + "---|"]
+        for m in mt["models"]:
+            mean = f"{m['mean']:.2f}" if m["mean"] is not None else "-"
+            cells = [f"{m['per_category'][c]:.2f}" if m["per_category"].get(c) is not None else "-" for c in cats]
+            lines.append(f"| {m['label']} | {mean} | " + " | ".join(cells) + f" | {m['judged']}/{m['turns']} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    specs = [TaskSpec(**t) for t in report["tasks"]]
+    models = report["models"]
+    fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(specs) + 1), 4))
+    x = np.arange(len(specs))
+    width = 0.8 / max(1, len(models))
+    for i, m in enumerate(models):
+        vals = [m["scores"][s.task]["value"] for s in specs]
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, label=m["label"])
+    ax.set_xticks(x, [f"{s.task}\n{(models[0]['scores'][s.task]['metric'] if models else '').split(',')[0]}"
+                      for s in specs])
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
