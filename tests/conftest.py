@@ -9,6 +9,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The energy meter (codecarbon) probes the hardware for ~3 s per process: off for the many CLI calls of the tests;
+# the carbon tests and the quickstart turn it on.
+os.environ.setdefault("SLM_ENERGY", "off")
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -284,9 +284,10 @@ def test_init_from_a_transformers_checkpoint(tmp_path, train_data):
 
 @pytest.mark.slow
 def test_ddp_on_two_processes_matches_one(tmp_path, train_data):
-    """torchrun --nproc_per_node 2 (gloo): the same samples per step, so the same losses as one process."""
+    """torchrun --nproc_per_node 2 (gloo): the same samples per step, so the same losses as one process; one
+    energy meter for the node (local rank 0), not one per process."""
     _pretrain(train_data, tmp_path / "one", 6)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", SLM_ENERGY="on")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29531", "-m", "slm", "pretrain", "--config", str(train_data / "model.yaml"),
                            "--data", str(train_data / "mix"), "--out", str(tmp_path / "two"), "--steps", "6",
@@ -294,17 +295,20 @@ def test_ddp_on_two_processes_matches_one(tmp_path, train_data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == str(tmp_path / "two" / "checkpoints" / "step-00000006")  # printed once
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "two" / "energy").glob("*.json")]
+    assert record["stage"] == "pretrain" and record["energy_kwh"] > 0 and record["duration_s"] > 0
 
 
 @pytest.mark.slow
 def test_srun_environment_runs_ddp(tmp_path, train_data):
-    """Two processes started the way srun starts them (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, no torchrun)."""
+    """Two processes started the way srun starts them (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, no torchrun);
+    the node's energy is metered once (SLURM_LOCALID 0)."""
     _pretrain(train_data, tmp_path / "one", 4)
     procs = []
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
         env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NTASKS_PER_NODE="2",
-                   SLURM_JOB_ID="4242", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+                   SLURM_JOB_ID="4242", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", SLM_ENERGY="on")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "slm", "pretrain", "--config", str(train_data / "model.yaml"), "--data",
              str(train_data / "mix"), "--out", str(tmp_path / "two"), "--steps", "4", "--device", "cpu"],
@@ -313,6 +317,7 @@ def test_srun_environment_runs_ddp(tmp_path, train_data):
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert outs[0][0].strip().endswith("step-00000004") and outs[1][0] == ""  # rank 0 prints the path
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    assert len(list((tmp_path / "two" / "energy").glob("*.json"))) == 1
 
 
 @pytest.mark.slow

@@ -53,10 +53,16 @@ from slm.cli import measure as _measure  # noqa: E402,F401
 def main() -> None:
     """Entry point: known errors become one line on stderr and exit code 1, a run stopped by a signal after saving
     exits 75 (slm.errors); SLM_DEBUG=1 shows the traceback."""
+    from slm import energy
     from slm.errors import SlmError
 
     try:
-        app(prog_name="slm")
+        stage = energy.stage_of(sys.argv)
+        if stage is None:
+            app(prog_name="slm")
+        else:
+            with energy.Meter(stage):
+                app(prog_name="slm")
     except SlmError as e:
         if os.environ.get("SLM_DEBUG"):
             raise

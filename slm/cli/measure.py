@@ -57,3 +57,68 @@ def eval_(
         include_path=list(include_path or []), shots=shots, limit=int(limit) if limit and limit >= 1 else limit,
         batch_size=batch_size, chat_template=chat_template, threads=threads, seed=seed,
         bootstrap_iters=bootstrap_iters, plot=plot_, mt_bench=mt_bench, judge=judge, judge_model=judge_model)))
+
+
+@app.command("carbon", rich_help_panel="Measurement")
+def carbon(
+    dirs: Annotated[list[str], typer.Argument(help="Stage or run directories (or directories holding them); or "
+                                              "`estimate` for the GPU-hours estimate.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write carbon.json, carbon.md and a manifest "
+                                                "here and print the directory.", show_default=False)] = None,
+    pue: Annotated[float, typer.Option("--pue", help="Power usage effectiveness of the data centre (total / IT "
+                                       "energy; the meters measure the machine).")] = 1.0,
+    intensity: Annotated[Optional[float], typer.Option("--intensity", help="Grid intensity in g CO2eq/kWh (default: "
+                         "each record's place, from codecarbon's data).", show_default=False)] = None,
+    region: Annotated[Optional[str], typer.Option("--region", help="A place for the intensity: USA, FRA, "
+                      "USA:oregon, SWE:SE3, gcp:us-central1, world.", show_default=False)] = None,
+    gpu_hours: Annotated[Optional[float], typer.Option("--gpu-hours", help="estimate: GPU-hours of the run.",
+                                                       show_default=False)] = None,
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="estimate: a100-40gb, a100-80gb, h100, h200, v100, "
+                                               "l4, t4, ... (board power from the datasheet).",
+                                               show_default=False)] = None,
+    power: Annotated[Optional[float], typer.Option("--power", help="estimate: average watts per GPU instead of "
+                                                   "--gpu's board power.", show_default=False)] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """The energy and carbon bill: per stage and in total (energy, time, device-hours, kg CO2eq) from what each
+    stage's meter measured, with the assumptions and a paragraph for a model card; or `estimate`: GPU-hours x power
+    x PUE x grid intensity, as papers publish it.
+
+    Examples: slm carbon runs/ tokens/ release/ eval/ --pue 1.1 --out carbon/
+              slm carbon estimate --gpu-hours 92000 --gpu a100-40gb --pue 1.2 --region USA:virginia
+    """
+    import json
+
+    from slm.console import err
+    from slm.errors import SlmError
+    from slm.stages import carbon as c
+
+    if dirs and dirs[0] == "estimate":
+        if len(dirs) > 1:
+            raise SlmError(f"carbon estimate: unexpected argument {dirs[1]!r}")
+        if gpu_hours is None:
+            raise SlmError("carbon estimate: give --gpu-hours")
+        r = c.estimate(gpu_hours, gpu, power, pue, intensity, region)
+        if json_:
+            print(json.dumps(r, indent=2))
+            return
+        print(f"{r['gpu_hours']:,.0f} GPU-hours x {r['power_w']:g} W x PUE {r['pue']:g} = {r['energy_kwh']:,.0f} kWh; "
+              f"x {r['intensity_kg_per_kwh'] * 1000:.0f} g/kWh ({r['intensity_source']}) = {r['t_co2eq']:,.2f} tCO2eq")
+        err.print("the same energy elsewhere: " + ", ".join(f"{k} {v['t_co2eq']:.1f} t" for k, v in
+                                                           r["by_region"].items()), soft_wrap=True, highlight=False)
+        return
+    for flag, value in (("--gpu-hours", gpu_hours), ("--gpu", gpu), ("--power", power)):
+        if value is not None:
+            raise SlmError(f"{flag}: only with `slm carbon estimate`")
+    report = c.run(c.CarbonConfig(dirs=[Path(d) for d in dirs], pue=pue, intensity=intensity, region=region, out=out))
+    for d in report["unmeasured"]:
+        err.print(f"warning: {d}: no energy reading (made with SLM_ENERGY=off or without codecarbon)",
+                  soft_wrap=True, highlight=False)
+    table = c.render(report) + "\n\n" + report["model_card"]
+    if out is not None:
+        err.print(table, soft_wrap=True, markup=False, highlight=False)
+        _print_main(Path(report["out"]))
+    elif json_:
+        print(json.dumps(report, indent=2))
+    else:
+        print(table)

@@ -92,6 +92,12 @@ def new_manifest(kind: str, config: dict, *, inputs: list[dict] | None = None, c
         "wall_seconds": round(time.time() - started, 3) if started else None,
         "energy_kwh": None,
     }
+    if kind not in ("checkpoint", "reference_logprobs"):  # a stage's own output: the node's meter stops here
+        from slm import energy
+
+        record = energy.take()
+        if record is not None:
+            m["energy_kwh"], m["energy"] = record["energy_kwh"], record
     m.update(extra)
     return m
 

@@ -81,6 +81,9 @@ def resume_point(run_dir: Path, stage: str, d: engine.Dist, required: bool = Fal
     """The checkpoint a STAGE run directory resumes from, or None for a fresh run: the newest one whose files all
     match its manifest (size and sha256). Rank 0 checks, every rank gets its answer. Newer ones that do not verify
     are named on stderr and left as they are."""
+    from slm import energy
+
+    energy.attach(run_dir)  # the node's energy record goes to RUN_DIR/energy/ when the process ends
     found = None
     if d.main:
         found = newest_verified(run_dir, on_skip=lambda p, why: warn(f"{p}: skipped, it does not verify ({why}); "
