@@ -184,3 +184,96 @@ def test_errors(tmp_path, model_pair):
     assert bad.returncode == 1 and "not a GGUF file" in bad.stderr
     neither = run_cli("eval", gguf, "--out", tmp_path / "e")
     assert neither.returncode == 1 and "--suite NAME or --tasks" in neither.stderr
+
+
+@pytest.fixture(scope="module")
+def chat_pair(tmp_path_factory, base_ckpt):
+    """A (briefly) fine-tuned chat checkpoint with a ChatML template, and its f32 GGUF."""
+    from test_post import _sft, write_post_data
+
+    d = tmp_path_factory.mktemp("evalchat")
+    ckpt = _sft(base_ckpt, write_post_data(d), d / "chat", 2)
+    gguf = d / "chat-f32.gguf"
+    write_gguf(Checkpoint.open(ckpt), gguf, "f32")
+    return ckpt, gguf
+
+
+QUESTIONS = [{"question_id": 1, "category": "math", "turns": ["What is 3 plus 2?", "And 4 plus 1?"]},
+             {"question_id": "w1", "category": "writing", "turns": ["Say hello."]}]
+
+
+def test_mt_bench_with_an_http_judge_and_a_tiny_judge(tmp_path, chat_pair):
+    """Two-turn questions answered by a checkpoint and a GGUF; a fake OpenAI-compatible judge on localhost grades
+    turn 1 with [[7]] and turn 2 with "Rating: 4": per-category and mean scores by hand; the judge saw the question
+    and the answer; then the same flow with a tiny GGUF judge (whose replies need not hold a rating)."""
+    import http.server
+    import threading
+
+    ckpt, gguf = chat_pair
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    seen = []
+
+    class Judge(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body))
+            prompt = body["messages"][-1]["content"]
+            reply = "Good. Rating: [[7]]" if prompt.count("[Assistant]") == 1 else "Weaker.\nRating: 4"
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "mt"
+        proc = run_cli("eval", ckpt, gguf, "--mt-bench", qfile, "--judge",
+                       f"http://127.0.0.1:{server.server_address[1]}/v1", "--judge-model", "fake-judge", "--out", out)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mt = json.loads((out / "mt_bench.json").read_text())
+    assert len(mt["models"]) == 2 and len(seen) == 2 * 3
+    for m in mt["models"]:
+        assert m["judged"] == m["turns"] == 3
+        assert m["per_category"] == {"math": 5.5, "writing": 7.0} and m["mean"] == pytest.approx(6.0)
+    path, body = seen[0]
+    assert path == "/v1/chat/completions" and body["model"] == "fake-judge" and body["temperature"] == 0
+    first = mt["models"][0]["answers"][0]
+    assert "What is 3 plus 2?" in body["messages"][-1]["content"]
+    assert first["answers"][0] in body["messages"][-1]["content"]
+    assert "Rating: [[N]]" in body["messages"][-1]["content"]
+    assert "MT-Bench-style" in proc.stderr and "| 6.00 |" in proc.stderr
+
+    tiny = run_cli("eval", gguf, "--mt-bench", qfile, "--judge", gguf, "--out", tmp_path / "mt2")
+    assert tiny.returncode == 0, tiny.stderr[-2000:]
+    m = json.loads((tmp_path / "mt2" / "mt_bench.json").read_text())["models"][0]
+    assert m["turns"] == 3 and 0 <= m["judged"] <= 3
+    assert all(isinstance(g["judgement"], str) for a in m["answers"] for g in a["grades"])
+    assert (m["mean"] is None) == (m["judged"] == 0)
+
+
+def test_mt_bench_input_errors(tmp_path, chat_pair):
+    _, gguf = chat_pair
+    bad = tmp_path / "q.jsonl"
+    bad.write_text(json.dumps(QUESTIONS[0]) + "\n" + json.dumps({"question_id": 2, "turns": []}) + "\n")
+    proc = run_cli("eval", gguf, "--mt-bench", bad, "--judge", gguf, "--out", tmp_path / "x")
+    assert proc.returncode == 1 and f"{bad}:2: 'turns' must be a list of non-empty strings" in proc.stderr
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(QUESTIONS[0]) + "\n")
+    nojudge = run_cli("eval", gguf, "--mt-bench", good, "--out", tmp_path / "y")
+    assert nojudge.returncode == 1 and "--judge" in nojudge.stderr
+    down = run_cli("eval", gguf, "--mt-bench", tmp_path / "none.jsonl", "--judge", "http://127.0.0.1:9/v1",
+                   "--out", tmp_path / "z")
+    assert down.returncode == 1 and "no such file" in down.stderr
+    from slm.evaluation.mtbench import parse_rating
+
+    assert parse_rating("ok [[8]]") == 8 and parse_rating("Rating: 3") == 3
+    assert parse_rating("[[11]]") is None and parse_rating("great answer") is None

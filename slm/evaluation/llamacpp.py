@@ -44,10 +44,13 @@ class LlamaCppLM(TemplateLM):
         # n_ctx 0: the context the model was trained with (its GGUF metadata)
         self.llm = Llama(model_path=str(self.path), n_ctx=int(max_length or 0), n_batch=512, logits_all=True,
                          n_threads=threads, n_threads_batch=threads, type_k=0, type_v=0, seed=seed, verbose=False)
-        self._max_length = self.llm.n_ctx()
+        # llama.cpp may round its context up (to 256); the logits buffer has the rows asked for
+        self._max_length = min(self.llm.n_ctx(), self.llm.scores.shape[0])
         self.metadata = dict(self.llm.metadata)
         self.n_vocab = self.llm.n_vocab()
         self._eot = self.llm.token_eos()
+        eot = self.llm._model.token_eot()  # a chat model's end of turn (<|im_end|>), when the file names one
+        self._stops = {self._eot} | ({eot} if eot is not None and eot >= 0 else set())
         bos = self.llm.token_bos()
         self._prefix = bos if bos is not None and bos >= 0 else self._eot
         self.rng = np.random.default_rng(seed)
@@ -169,7 +172,7 @@ class LlamaCppLM(TemplateLM):
                 token = int(self.rng.choice(len(p), p=p / p.sum()))
             else:
                 token = int(logits.argmax())
-            if token == self._eot:
+            if token in self._stops:
                 break
             new.append(token)
             text = self.tok_decode(new)

@@ -91,6 +91,8 @@ def _records_of(d: Path) -> list[dict] | None:
             manifest = json.loads(m.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SlmError(f"{m}: not JSON ({e})") from None
+        if isinstance(manifest, dict) and manifest.get("kind") == "carbon":
+            return None  # an earlier bill, not a stage
         if isinstance(manifest, dict) and isinstance(manifest.get("energy"), dict):
             return [manifest["energy"]]
         if isinstance(manifest, dict) and manifest.get("kind") not in (None, "checkpoint"):

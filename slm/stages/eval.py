@@ -296,11 +296,11 @@ def run(cfg: EvalConfig) -> Path:
             for (backend, path), label in zip(models, labels):
                 bar.update(job, description=f"eval {label} ({backend})")
                 entry = {"model": str(path), "label": label, "backend": backend}
-                lm = make_lm(backend, path, cfg)
                 if specs:
+                    lm = make_lm(backend, path, cfg)
                     entry["scores"] = evaluate_model(lm, label, specs, tm, cfg, chat, tmp / "lm-eval")
+                    del lm
                 report["models"].append(entry)
-                del lm
                 bar.advance(job)
         if questions is not None:
             from slm.evaluation.mtbench import run_mt_bench
