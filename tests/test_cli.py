@@ -8,7 +8,9 @@ from conftest import ROOT, run_cli
 from slm import __version__
 
 COMMANDS = [[], ["tokenize"], ["tokenize", "build"], ["tokenize", "train"], ["tokenize", "encode"],
-            ["tokenize", "corpus"], ["mix"], ["pretrain"], ["cooldown"], ["generate"], ["plot"]]
+            ["tokenize", "corpus"], ["mix"], ["pretrain"], ["cooldown"], ["generate"], ["plot"], ["sft"], ["dpo"],
+            ["selfknow", "generate"], ["selfknow", "train"], ["chat-data"], ["quantize"], ["bench"], ["eval"],
+            ["carbon"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "slm")
@@ -27,7 +29,8 @@ def test_version_and_entry_point():
 
 def test_stage_list_in_help():
     out = run_cli("--help").stdout
-    for stage in ("tokenize", "mix", "pretrain", "cooldown", "generate", "plot"):
+    for stage in ("tokenize", "mix", "pretrain", "cooldown", "generate", "plot", "sft", "dpo", "selfknow", "quantize",
+                  "bench", "eval", "carbon"):
         assert stage in out
 
 
