@@ -5,7 +5,7 @@
 #   bash examples/quickstart.sh [OUT_DIR]        (default: ./quickstart-out)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bash "$root/scripts/setup.sh" deploy   # slm with llama.cpp and OpenVINO (the first time builds llama.cpp)
+bash "$root/scripts/setup.sh" deploy,eval   # slm with llama.cpp, OpenVINO, lm-eval, codecarbon (builds llama.cpp once)
 export PATH="${SLM_VENV:-$root/.venv}/bin:$PATH"
 out=${1:-quickstart-out}
 mkdir -p "$out"
@@ -79,4 +79,14 @@ slm quantize runs/selfknow --out release --valid chatdata/chat/valid.jsonl
 slm bench runs/selfknow release/selfknow-q8_0.gguf release/selfknow-q4_k_m.gguf release/selfknow-int4 \
   --prompt 128 --gen 32 --repeat 3
 
-echo "quickstart: done; outputs in $(pwd) (loss curves: runs/*/loss.png; summaries: runs/dpo/dpo.json, runs/selfknow/selfknow.json)" >&2
+# 17. Scores with lm-evaluation-harness: the base, chat and two quantized chat models side by side on slm's offline
+#     tasks (held-out bits per byte, cloze multiple choice, 3-shot arithmetic); the GGUF files are scored by
+#     llama.cpp itself. With the papers' datasets at hand: --suite stablelm2-leaderboard, smollm2-base, ...
+slm eval runs/cooldown runs/selfknow release/selfknow-q8_0.gguf release/selfknow-q4_k_m.gguf --suite slm-local \
+  --limit 40 --out eval
+
+# 18. The carbon bill: every stage above metered its node's energy (codecarbon); per stage and in total, with the
+#     assumptions and a paragraph for a model card. Set SLM_COUNTRY (USA, FRA, ...) for your grid's intensity.
+slm carbon . --out carbon
+
+echo "quickstart: done; outputs in $(pwd) (loss curves: runs/*/loss.png; summaries: runs/dpo/dpo.json, runs/selfknow/selfknow.json, release/quantize.json, eval/eval.json, carbon/carbon.md)" >&2

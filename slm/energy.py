@@ -91,6 +91,8 @@ class Meter:
         if data is None:
             return None
         self.record = make_record(self.stage, data, self.tracker, time.time() - self.t0)
+        self.record["started_utc"] = _dt.datetime.fromtimestamp(self.t0, _dt.timezone.utc).isoformat(
+            timespec="seconds")
         return self.record
 
     def __exit__(self, *exc) -> None:

@@ -252,9 +252,10 @@ def test_mt_bench_with_an_http_judge_and_a_tiny_judge(tmp_path, chat_pair):
     assert "Rating: [[N]]" in body["messages"][-1]["content"]
     assert "MT-Bench-style" in proc.stderr and "| 6.00 |" in proc.stderr
 
-    tiny = run_cli("eval", gguf, "--mt-bench", qfile, "--judge", gguf, "--out", tmp_path / "mt2")
+    tiny = run_cli("eval", gguf, "--mt-bench", qfile, "--judge", gguf, "--out", tmp_path / "mt2", "--json")
     assert tiny.returncode == 0, tiny.stderr[-2000:]
-    m = json.loads((tmp_path / "mt2" / "mt_bench.json").read_text())["models"][0]
+    m = json.loads(tiny.stdout)["mt_bench"]["models"][0]  # --json: eval.json on stdout
+    assert m == json.loads((tmp_path / "mt2" / "mt_bench.json").read_text())["models"][0]
     assert m["turns"] == 3 and 0 <= m["judged"] <= 3
     assert all(isinstance(g["judgement"], str) for a in m["answers"] for g in a["grades"])
     assert (m["mean"] is None) == (m["judged"] == 0)

@@ -16,7 +16,7 @@ from slm.formats.tokenizer import Tokenizer
 @pytest.mark.slow
 def test_quickstart_runs_every_stage(tmp_path):
     out = tmp_path / "qs"
-    env = dict(os.environ, SLM_VENV=os.environ.get("SLM_VENV", str(ROOT / ".venv")))
+    env = dict(os.environ, SLM_VENV=os.environ.get("SLM_VENV", str(ROOT / ".venv")), SLM_ENERGY="on")
     proc = subprocess.run(["bash", str(ROOT / "examples" / "quickstart.sh"), str(out)], capture_output=True,
                           text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -32,6 +32,7 @@ def test_quickstart_runs_every_stage(tmp_path):
     k = lines.index("release")
     assert "pebble" in "".join(lines[j + 2:k]).lower()  # who it is, asked with no system prompt
     bench = [line for line in lines[k + 1:] if line.startswith("| ")]
+    assert lines[-2:] == ["eval", "carbon"]
     assert len(bench) == 5 and [row.split("|")[2].strip() for row in bench[1:]] == ["torch", "llama.cpp",
                                                                                       "llama.cpp", "openvino"]
     assert "the token ledger" in proc.stderr
@@ -74,3 +75,17 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert t["q4_0"]["kl_mean"] > t["q8_0"]["kl_mean"] > 0 and t["q8_0"]["top1_agreement"] > 0.98
     assert t["q4_k_m"]["tensor_types"].get("Q4_K", 0) > 0 and t["int4"]["top1_agreement"] > 0.9
     assert (out / "release" / "selfknow-q4_k_m.gguf").is_file()
+    # eval: lm-eval scored the base, chat and quantized models on the local tasks; the q8_0 file agrees with the
+    # checkpoint it came from
+    ev = json.loads((out / "eval" / "eval.json").read_text())
+    scores = {m["label"]: m["scores"] for m in ev["models"]}
+    assert list(scores) == ["cooldown", "selfknow", "selfknow-q8_0", "selfknow-q4_k_m"]
+    bpb = {k: v["slm_heldout"]["value"] for k, v in scores.items()}
+    assert bpb["cooldown"] < bpb["selfknow"] and abs(bpb["selfknow-q8_0"] / bpb["selfknow"] - 1) < 0.01
+    assert scores["cooldown"]["slm_cloze"]["n"] == 40 and "| selfknow-q4_k_m |" in proc.stderr
+    # carbon: every computing stage metered its energy; the bill adds them up
+    bill = json.loads((out / "carbon" / "carbon.json").read_text())
+    stages = {r["stage"] for r in bill["rows"]}
+    assert {"tokenize encode", "pretrain", "cooldown", "sft", "dpo", "selfknow train", "quantize", "eval"} <= stages
+    assert bill["total"]["energy_kwh"] == pytest.approx(sum(r["energy_kwh"] for r in bill["rows"]))
+    assert bill["total"]["energy_kwh"] > 0 and "kWh" in (out / "carbon" / "carbon.md").read_text()

@@ -43,6 +43,7 @@ def eval_(
                      "file, or an OpenAI-compatible endpoint URL (http://host:port/v1).", show_default=False)] = None,
     judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="The model name an HTTP judge "
                            "expects.", show_default=False)] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print eval.json on stdout instead of the directory.")] = False,
 ) -> None:
     """Score models with lm-evaluation-harness, side by side: checkpoints through its transformers model, GGUF
     files through llama.cpp in this process; papers' suites or local tasks; prints the directory (eval.json has
@@ -52,11 +53,15 @@ def eval_(
     """
     from slm.stages.eval import EvalConfig, run
 
-    _print_main(run(EvalConfig(
+    done = (run(EvalConfig(
         models=list(models), out=out, suite=suite, tasks=[t.strip() for t in (tasks or "").split(",") if t.strip()],
         include_path=list(include_path or []), shots=shots, limit=int(limit) if limit and limit >= 1 else limit,
         batch_size=batch_size, chat_template=chat_template, threads=threads, seed=seed,
         bootstrap_iters=bootstrap_iters, plot=plot_, mt_bench=mt_bench, judge=judge, judge_model=judge_model)))
+    if json_:
+        print((done / "eval.json").read_text())
+    else:
+        _print_main(done)
 
 
 @app.command("carbon", rich_help_panel="Measurement")

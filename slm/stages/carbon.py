@@ -169,7 +169,9 @@ def rollup(cfg: CarbonConfig) -> dict:
             "device_hours": sum(r.get("device_hours", 0) for r in recs),
             "devices": sorted({f"{r.get('devices', 1)} x {r.get('device_model') or r.get('device')}" for r in recs}),
             "kg_co2eq": kg_raw * cfg.pue, "intensity_kg_per_kwh": kg_raw / energy if energy else None,
-            "intensity_source": source, "methods": methods})
+            "intensity_source": source, "methods": methods,
+            "started_utc": min((r.get("started_utc") or "" for r in recs), default="")})
+    rows.sort(key=lambda r: r["started_utc"])  # pipeline order (records without a start time first)
     total = {k: sum(r[k] for r in rows) for k in ("energy_kwh", "duration_s", "device_hours", "kg_co2eq")}
     return {"rows": rows, "total": total, "unmeasured": [str(d) for d in unmeasured],
             "assumptions": {"pue": cfg.pue, "intensity": "per record (codecarbon's data for its place)"

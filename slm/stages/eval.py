@@ -17,6 +17,7 @@ OUT/
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -134,6 +135,28 @@ def _quiet() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's own bars; slm shows one
 
 
+@contextlib.contextmanager
+def _no_bars():
+    """lm-eval's models draw their own tqdm bars (some with `disable` given, so TQDM_DISABLE does not reach them):
+    they go nowhere, and slm's bar (pinned to the real stderr) stays the one shown. Logging keeps its own stream;
+    SLM_DEBUG keeps the bars."""
+    if os.environ.get("SLM_DEBUG"):
+        yield
+        return
+    import io
+    import sys
+
+    from slm.console import err
+
+    saved = err._file
+    err.file = sys.stderr
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        err._file = saved
+
+
 def task_manager(specs: list[TaskSpec], include: list[Path]):
     """lm-eval's TaskManager over INCLUDE (and its built-in tasks only when a name needs them: indexing them takes
     tens of seconds); every name is checked to exist before anything runs."""
@@ -239,12 +262,13 @@ def evaluate_model(lm, label: str, specs: list[TaskSpec], tm, cfg: EvalConfig, c
     scores = {}
     for shots, group in groups.items():
         tracker = EvaluationTracker(output_path=str(out))
-        res = lm_eval.simple_evaluate(
-            model=lm, model_args={"pretrained": label}, tasks=[s.task for s in group], num_fewshot=shots,
-            limit=cfg.limit, log_samples=True, evaluation_tracker=tracker, task_manager=tm,
-            bootstrap_iters=cfg.bootstrap_iters, apply_chat_template=chat, fewshot_as_multiturn=chat,
-            random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-            fewshot_random_seed=cfg.seed)
+        with _no_bars():
+            res = lm_eval.simple_evaluate(
+                model=lm, model_args={"pretrained": label}, tasks=[s.task for s in group], num_fewshot=shots,
+                limit=cfg.limit, log_samples=True, evaluation_tracker=tracker, task_manager=tm,
+                bootstrap_iters=cfg.bootstrap_iters, apply_chat_template=chat, fewshot_as_multiturn=chat,
+                random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+                fewshot_random_seed=cfg.seed)
         samples = res.pop("samples", {})
         tracker.save_results_aggregated(results=res, samples=samples)
         for task in res.get("configs", {}):
