@@ -48,6 +48,7 @@ from slm.cli import selfknow as _selfknow  # noqa: E402
 app.add_typer(_selfknow.app, name="selfknow", rich_help_panel="Post-training")
 from slm.cli import deploy as _deploy  # noqa: E402,F401
 from slm.cli import measure as _measure  # noqa: E402,F401
+from slm.cli import inspect as _inspect  # noqa: E402,F401
 
 
 def main() -> None:

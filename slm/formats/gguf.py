@@ -164,6 +164,11 @@ def write_gguf(ckpt, path: Path, kind: str, name: str | None = None, state: dict
     w.add_type("model")
     w.add_file_type(int(gguf.LlamaFileType[ftype]))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # where the file came from: `slm info` follows it, and a stage given a GGUF and a checkpoint can check they match
+    w.add_string("slm.checkpoint", str(Path(ckpt.dir).resolve()))
+    made = {f.get("path"): f.get("sha256") for f in (ckpt.manifest or {}).get("files", []) if isinstance(f, dict)}
+    if made.get("model.safetensors"):
+        w.add_string("slm.checkpoint_sha256", made["model.safetensors"])
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_layers)

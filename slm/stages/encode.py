@@ -341,7 +341,7 @@ def _run_locked(cfg, tok, inputs, skipped_inputs, out, partial, settings, previo
     config.update(tokenizer=str(tok.dir), inputs=[str(i) for i in cfg.inputs], out=str(out))
     manifest = new_manifest(
         "tokens", config, inputs=per_input, counts=counts, started=started,
-        tokenizer={"path": str(tok.dir), "tokenizer_sha256": tok.hash, "name": tok.spec.name,
+        tokenizer={"path": str(Path(tok.dir).absolute()), "tokenizer_sha256": tok.hash, "name": tok.spec.name,
                    "n_vocab": tok.n_vocab, "eos_id": tok.eos_id, "bos_id": tok.bos_id},
         dtype=tok.token_dtype.name, eos_appended=cfg.eos, shards=shards, units=unit_records,
     )

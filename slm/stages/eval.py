@@ -339,7 +339,8 @@ def run(cfg: EvalConfig) -> Path:
         (tmp / "eval.md").write_text(table + "\n")
         if cfg.plot is not None:
             plot(report, tmp / "eval.png")
-        inputs = [{"path": str(p), **({"sha256": sha256_file(p)} if p.is_file() else {})} for _, p in models]
+        inputs = [{"path": str(Path(p).absolute()), **({"sha256": sha256_file(p)} if p.is_file() else {})}
+                  for _, p in models]
         write_json(tmp / "manifest.json", new_manifest(
             "eval", {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                      if k not in ("models", "out")} | {"include_path": [str(p) for p in cfg.include_path]},

@@ -195,6 +195,11 @@ def train(run: Run) -> Path:
             previous[sig] = signal.signal(sig, on_signal)
 
     last_ckpt = None
+    from slm.formats.progress import ProgressFile
+
+    prog = ProgressFile(run.run_dir, run.stage, run.start_step, run.end_step, enabled=d.main)
+    prog.step(tokens_seen=run.state["tokens_seen"], last_checkpoint=str(latest_checkpoint(run.run_dir) or "") or None,
+              force=True)
     heartbeat = Heartbeat()
     started = time.perf_counter()
     lr = run.lr_at(max(run.start_step - 1, 0))
@@ -270,6 +275,10 @@ def train(run: Run) -> Path:
                 if d.main:
                     left = (time.perf_counter() - started) / (done - run.start_step) * (run.end_step - done)
                     heartbeat(f"{status} ETA {left / 60:.1f} min", force=done == run.start_step + 1)
+                    prog.step(step=done, tokens_seen=run.state["tokens_seen"], lr=lr, tokens_per_s=round(tps, 1),
+                              step_seconds=round(dt, 4), eta_s=round(left, 1),
+                              loss=round(loss, 6) if math.isfinite(loss) else None,
+                              force=done == run.start_step + 1)
                 last = done == run.end_step
                 if run.valid is not None and (last or (t.eval_every and done % t.eval_every == 0)):
                     vl, vstats = evaluate(run)
@@ -284,16 +293,24 @@ def train(run: Run) -> Path:
                 stopping = engine.any_rank(stop["signal"] is not None, d)
                 if last or stopping or (t.save_every and done % t.save_every == 0):
                     last_ckpt = save(run, done, lr)
+                    prog.step(last_checkpoint=str(last_ckpt), force=True)
                 if stopping and not last:
+                    prog.end("stopped", message=f"stopped by {stop['signal'] or 'a signal'} after step {done}; run "
+                             "the same command again to resume")
                     if run.requeue and d.main:
                         requeue_job()
                     raise Stopped(f"stopped by {stop['signal'] or 'a signal'} after step {done}; checkpoint {last_ckpt} "
                                   "saved; run the same command again to resume")
+    except SlmError as e:
+        if prog.data["state"] == "running":
+            prog.end("failed", message=str(e))
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if last_ckpt is None:  # nothing to do: already at end_step
         last_ckpt = latest_checkpoint(run.run_dir)
+    prog.end("done", step=run.end_step, last_checkpoint=str(last_ckpt) if last_ckpt else None)
     if d.main:
         err.print(f"{run.stage}: {run.end_step - run.start_step} steps done; checkpoint {last_ckpt}", soft_wrap=True)
     return last_ckpt

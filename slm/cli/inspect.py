@@ -1,0 +1,73 @@
+"""`slm info` (and later `slm status`): what an artifact is, where it came from, where a run is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slm.cli import app
+
+
+@app.command("info", rich_help_panel="Inspection")
+def info(
+    path: Annotated[Path, typer.Argument(help="A directory slm wrote, a run directory, a checkpoint or a .gguf file.",
+                                         show_default=False)],
+    json_: Annotated[bool, typer.Option("--json", help="Print the manifest summary and ancestry as JSON.")] = False,
+    depth: Annotated[int, typer.Option("--depth", help="How many generations of inputs to follow.")] = 8,
+) -> None:
+    """Print an artifact's manifest summary and its ancestry: the tokenizer, data, mix and checkpoints that made it
+    (from each manifest's inputs, parent and mix), as a tree, or as JSON for jq.
+
+    Example: slm info runs/selfknow      slm info release/selfknow-q4_k_m.gguf --json | jq .from
+    """
+    import json
+
+    from slm.stages.info import describe, render
+
+    node = describe(path, depth)
+    if json_:
+        print(json.dumps(node, indent=2, default=str))
+    else:
+        import sys
+
+        from rich.console import Console
+
+        out = Console(highlight=False)
+        if not sys.stdout.isatty():  # a pipe or a file: whole lines, no terminal width
+            out = Console(highlight=False, width=100_000, no_color=True)
+        out.print(render(node), crop=False)
+
+
+@app.command("status", rich_help_panel="Inspection")
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="A training run directory (pretrain, cooldown, sft, dpo, selfknow "
+                                            "train).", show_default=False)],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Update until the run ends (Ctrl-C to leave).")] =
+    False,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between updates with --follow.")] = 2.0,
+    json_: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Where a run is: step of total, tokens, loss, learning rate, tokens/s, ETA, last checkpoint, and whether its
+    process (or SLURM job) is still there; from the run's own progress.json, for local runs and SLURM jobs alike.
+
+    Example: slm status runs/pretrain --follow
+    """
+    import time
+
+    from slm.stages.status import as_json, render, status as read_status
+
+    p = read_status(run_dir)
+    if not follow:
+        print(as_json(p) if json_ else render(run_dir, p))
+        return
+    try:
+        while True:
+            print(as_json(p) if json_ else render(run_dir, p) + "\n", flush=True)
+            if p.get("state") != "running":
+                break
+            time.sleep(max(0.2, interval))
+            p = read_status(run_dir)
+    except KeyboardInterrupt:
+        pass

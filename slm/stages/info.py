@@ -1,0 +1,208 @@
+"""`slm info`: what an artifact is and where it came from.
+
+Every directory slm writes holds manifest.json (kind, slm version, command, config, inputs with hashes, counts,
+energy). `slm info PATH` prints that summary and the artifact's ancestry: the manifests it names as its inputs
+(`inputs[].path`, a checkpoint's `parent` and `mix`, a quantized release's `lineage.parent`), followed recursively.
+PATH may be a stage directory, a run directory (its newest checkpoint, with the run's checkpoints and energy), a
+checkpoint, or a GGUF file (its metadata, and the slm checkpoint it was written from when it says so).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slm.errors import SlmError
+
+SUMMARY_KEYS = ("kind", "stage", "recipe", "step", "tokens_seen", "slm_version", "created_utc", "wall_seconds",
+                "energy_kwh", "tokenizer_sha256")
+
+
+def _manifest(path: Path) -> dict | None:
+    m = path / "manifest.json"
+    if not m.is_file():
+        return None
+    try:
+        data = json.loads(m.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SlmError(f"{m}: not a readable manifest ({e})") from None
+    if not isinstance(data, dict) or "kind" not in data:
+        raise SlmError(f"{m}: not an slm manifest (no 'kind')")
+    return data
+
+
+def _edges(m: dict) -> list[tuple[str, str]]:
+    """(relation, path) for each artifact the manifest names as an input."""
+    out = []
+    if isinstance(m.get("parent"), str):
+        out.append(("parent", m["parent"]))
+    lineage = m.get("lineage")
+    if isinstance(lineage, dict) and isinstance(lineage.get("parent"), str):
+        out.append(("from", lineage["parent"]))
+    for rel in ("mix", "tokenizer"):
+        ref = m.get(rel)
+        if isinstance(ref, dict) and isinstance(ref.get("path"), str):
+            out.append((rel, ref["path"]))
+    for i in m.get("inputs") or []:
+        if isinstance(i, dict) and isinstance(i.get("path"), str):
+            rel = i.get("name") or i.get("kind") or "input"
+            out.append((str(rel), i["path"]))
+    seen, unique = set(), []
+    for rel, p in out:
+        if p not in seen:
+            seen.add(p)
+            unique.append((rel, p))
+    return unique
+
+
+def resolve(path: Path) -> tuple[Path, dict | None, dict]:
+    """(the artifact, its manifest or None, extra facts) for a user's PATH."""
+    path = Path(path)
+    if not path.exists():
+        raise SlmError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return path, None, gguf_facts(path)
+        if path.name == "manifest.json":
+            path = path.parent
+        else:
+            return path, None, {"kind": "file", "bytes": path.stat().st_size}
+    m = _manifest(path)
+    if m is not None:
+        run = path.parent.parent if path.parent.name == "checkpoints" else None
+        return path, m, (_run_facts(run) if run is not None else {})
+    if (path / "checkpoints").is_dir():
+        from slm.formats.checkpoint import list_checkpoints
+
+        ckpts = list_checkpoints(path)
+        if not ckpts:
+            raise SlmError(f"{path}: a run directory with no complete checkpoint yet")
+        return ckpts[-1], _manifest(ckpts[-1]), _run_facts(path)
+    raise SlmError(f"{path}: no manifest.json (not a directory slm wrote) and no checkpoints/ (not a run)")
+
+
+def _run_facts(run: Path) -> dict:
+    """A run directory's checkpoints and the energy its sessions recorded."""
+    from slm.formats.checkpoint import list_checkpoints
+
+    energy = sorted((run / "energy").glob("*.json")) if (run / "energy").is_dir() else []
+    kwh = 0.0
+    for e in energy:
+        try:
+            kwh += float(json.loads(e.read_text()).get("energy_kwh") or 0)
+        except (OSError, ValueError, AttributeError):
+            pass
+    return {"run": str(run), "checkpoints": [p.name for p in list_checkpoints(run)], "energy_records": len(energy),
+            "run_energy_kwh": kwh}
+
+
+def gguf_facts(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    try:
+        r = GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - gguf-py raises several kinds on a bad file
+        raise SlmError(f"{path}: not a GGUF file gguf-py can read ({e})") from None
+    facts = {"kind": "gguf", "bytes": path.stat().st_size, "tensors": len(r.tensors)}
+    for key in ("general.architecture", "general.name", "general.file_type", "slm.checkpoint",
+                "slm.checkpoint_sha256", "slm.tokenizer_sha256", "slm.quantization"):
+        f = r.fields.get(key)
+        if f is None:
+            continue
+        v = f.contents() if hasattr(f, "contents") else f.parts[f.data[0]]
+        facts[key] = v.tolist() if hasattr(v, "tolist") else v
+    return facts
+
+
+def describe(path: Path, depth: int = 8, _seen: set | None = None) -> dict:
+    """The artifact at PATH and, recursively, the ones it came from."""
+    seen = _seen if _seen is not None else set()
+    target, m, extra = resolve(path)
+    node = {"path": str(target), **extra}
+    if m is not None:
+        node.update({k: m[k] for k in SUMMARY_KEYS if k in m})
+        node["command"] = " ".join(m.get("command") or [])
+    parents = []
+    key = str(Path(target).resolve())
+    if key in seen:
+        node["repeated"] = True
+        return node
+    seen.add(key)
+    edges = _edges(m) if m is not None else []
+    if m is None and isinstance(extra.get("slm.checkpoint"), str):
+        edges = [("from", extra["slm.checkpoint"])]
+    for rel, p in edges:
+        p = _locate(p, Path(target))
+        child = {"relation": rel, "path": p}
+        if depth <= 0:
+            child["truncated"] = True
+        elif not Path(p).exists():
+            child["missing"] = True
+        else:
+            try:
+                child.update(describe(Path(p), depth - 1, seen))
+            except SlmError as e:
+                child["error"] = str(e)
+        parents.append(child)
+    node["from"] = parents
+    return node
+
+
+def _locate(p: str, where: Path) -> str:
+    """An input path as written (relative ones were relative to the working directory of the stage that wrote
+    them): as it is if it exists, else tried against the artifact's enclosing directories."""
+    if Path(p).is_absolute() or Path(p).exists():
+        return str(Path(p).absolute())
+    for up in list(Path(where).absolute().parents)[:4]:
+        if (up / p).exists():
+            return str(up / p)
+    return p
+
+
+def render(node: dict):
+    """A rich Tree of the ancestry."""
+    from rich.tree import Tree
+
+    import os
+
+    def short(p: str) -> str:
+        rel = os.path.relpath(p)
+        return rel if not rel.startswith("..") else p
+
+    def label(n: dict) -> str:
+        kind = n.get("kind", "?")
+        bits = [f"[bold]{kind}[/bold] {short(n['path'])}"]
+        facts = []
+        for k in ("stage", "recipe", "step", "tokens_seen"):
+            if k in n:
+                facts.append(f"{k} {n[k]:,}" if isinstance(n[k], int) else f"{k} {n[k]}")
+        if n.get("created_utc"):
+            facts.append(str(n["created_utc"]).replace("T", " ")[:16])
+        if n.get("energy_kwh"):
+            facts.append(f"{n['energy_kwh']:.3g} kWh")
+        if n.get("general.file_type") is not None:
+            facts.append(f"file type {n['general.file_type']}")
+        if "bytes" in n:
+            facts.append(f"{n['bytes'] / 1e6:.1f} MB")
+        if "checkpoints" in n:
+            facts.append(f"run {short(n['run'])}: {len(n['checkpoints'])} checkpoint(s), {n['run_energy_kwh']:.3g} kWh "
+                         f"in {n['energy_records']} energy record(s)")
+        if n.get("truncated"):
+            return f"{short(n['path'])} [dim](not followed: --depth)[/dim]"
+        if n.get("missing"):
+            facts.append("[red]missing[/red]")
+        if n.get("error"):
+            facts.append(f"[red]{n['error']}[/red]")
+        if n.get("repeated"):
+            facts.append("(shown above)")
+        return bits[0] + (" — " + ", ".join(facts) if facts else "")
+
+    tree = Tree(label(node))
+
+    def add(t, n):
+        for c in n.get("from", []):
+            sub = t.add(f"[dim]{c['relation']}:[/dim] " + label(c))
+            add(sub, c)
+
+    add(tree, node)
+    return tree
