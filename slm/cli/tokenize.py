@@ -56,7 +56,8 @@ def train(
 @app.command("encode")
 def encode(
     inputs: Annotated[list[str], typer.Argument(help="Files, directories or globs: .jsonl .jsonl.gz .jsonl.zst "
-                                                     ".parquet .txt, or datasets saved with save_to_disk.",
+                                                     ".parquet .txt, datasets saved with save_to_disk, or - (standard "
+                                                     "input: JSONL records, or text when it does not start with {).",
                                                 show_default=False)],
     tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Tokenizer directory.", show_default=False)],
     out: Out,

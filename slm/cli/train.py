@@ -180,7 +180,9 @@ def cooldown(
 @app.command("generate", rich_help_panel="Models")
 def generate(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
-    prompt: Annotated[Optional[str], typer.Argument(help="The text to continue.", show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="The text to continue; - reads prompts from standard input, "
+                                                    "one per line, and prints one JSON line per prompt "
+                                                    "({\"prompt\", \"completion\"}).", show_default=False)] = None,
     chat: Annotated[Optional[str], typer.Option("--chat", help="Answer this user message with the checkpoint's chat "
                                                 "template, stopping at its end of turn; - reads conversations from "
                                                 "standard input, one JSON per line ({\"messages\": [...]}), and "
@@ -217,6 +219,14 @@ def generate(
             answer = "".join(run(config(prompt="", chat=messages)))
             print(json.dumps({"messages": messages + [{"role": "assistant", "content": answer}]},
                              ensure_ascii=False), flush=True)
+        return
+    if prompt == "-" and chat is None:
+        for i, line in enumerate(sys.stdin, 1):
+            text = line.rstrip("\n")
+            if not text.strip():
+                continue
+            completion = "".join(run(config(prompt=text)))
+            print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False), flush=True)
         return
     if chat is None and prompt is None:
         raise SlmError("give a PROMPT to continue, or --chat MESSAGE")

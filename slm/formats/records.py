@@ -38,9 +38,10 @@ class Input:
     kind: str  # one of SUFFIXES' values, or "dataset"
     size: int  # bytes on disk
     mtime_ns: int
+    shown: str | None = None  # how the user named it, when not by its path ("-": standard input)
 
     def describe(self) -> dict:
-        return {"path": str(self.path), "kind": self.kind, "bytes": self.size}
+        return {"path": self.shown or str(self.path), "kind": self.kind, "bytes": self.size}
 
 
 @dataclass
@@ -110,6 +111,22 @@ def _walk(root: Path) -> Iterator[tuple[Path, str]]:
             ignored += 1
     if ignored:
         warn(f"{root}: ignored {ignored} file(s) that are not {', '.join(SUFFIXES)}")
+
+
+def spool_stdin(directory: Path, name: str) -> Path:
+    """Copy standard input to DIRECTORY/NAME.jsonl (or .txt when its first character is not '{'), in blocks, so
+    that `-` can be read by offset like any file; the caller removes it."""
+    import sys
+
+    src = sys.stdin.buffer
+    head = src.read(1 << 16)
+    first = head.lstrip()[:1]
+    path = Path(directory) / f"{name}.{'jsonl' if first in (b'{', b'') else 'txt'}"
+    with open(path, "wb") as f:
+        while head:
+            f.write(head)
+            head = src.read(1 << 20)
+    return path
 
 
 def expand_inputs(specs: list[str | Path]) -> list[Input]:

@@ -26,7 +26,7 @@ from slm.errors import SlmError
 from slm.formats.indexed import IndexedWriter
 from slm.formats.manifest import (MANIFEST, canonical_json, check_replaceable, new_manifest, publish_dir, read_json,
                                   read_manifest, sha256_bytes, sha256_file, write_json)
-from slm.formats.records import Input, Unit, UnitReader, expand_inputs, plan_units
+from slm.formats.records import Input, Unit, UnitReader, expand_inputs, plan_units, spool_stdin
 from slm.formats.tokenizer import Tokenizer
 
 
@@ -197,8 +197,26 @@ def run(cfg: EncodeConfig) -> tuple[Path, dict]:
         raise SlmError(f"--txt-mode: expected 'file' or 'paragraph', got {cfg.txt_mode!r}")
     if cfg.shard_mb <= 0:
         raise SlmError(f"--shard-mb: expected a positive number, got {cfg.shard_mb}")
-    inputs = expand_inputs(cfg.inputs)
     out = Path(cfg.out).absolute()
+    specs, spool = list(cfg.inputs), None
+    if "-" in specs:
+        if specs.count("-") > 1:
+            raise SlmError("-: standard input can be given once")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spool = spool_stdin(out.parent, f".{out.name}.stdin")
+        specs[specs.index("-")] = str(spool)
+    try:
+        return _run(cfg, tok, specs, spool, out, started)
+    finally:
+        if spool is not None:
+            spool.unlink(missing_ok=True)
+
+
+def _run(cfg: EncodeConfig, tok, specs: list, spool: Path | None, out: Path, started: float) -> tuple[Path, dict]:
+    inputs = expand_inputs(specs)
+    for inp in inputs:
+        if spool is not None and inp.path == spool:
+            inp.shown = "-"
     check_replaceable(out)
     settings = _settings(cfg, tok)
 
