@@ -10,10 +10,16 @@ EX_TEMPFAIL = 75
 class SlmError(Exception):
     """A failure caused by the user's input or environment, reported as one line on stderr, exit code 1.
 
-    The message names the file, line or field at fault and what was expected.
+    The message names the file, line or field at fault and what was expected. It is kept to one line: line breaks
+    that reach it from the user's data (a JSON key, a YAML value) are shown escaped.
     """
 
     exit_code = 1
+
+    def __init__(self, message="", *args):
+        if isinstance(message, str):
+            message = message.replace("\r", "\\r").replace("\n", "\\n")
+        super().__init__(message, *args)
 
 
 class Stopped(SlmError):

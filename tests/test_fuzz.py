@@ -1,0 +1,183 @@
+"""Property-based fuzzing of the readers a user's file reaches: every generated input ends in a correct result or
+one clear line (SlmError, no newline), never another exception. 1,000 cases each."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from slm.errors import SlmError  # noqa: E402
+
+CASES = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=20))
+json_values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=12)
+roles = st.sampled_from(["system", "user", "assistant", "tool", "", "User", None, 3])
+message = st.fixed_dictionaries({}, optional={"role": roles, "content": scalars, "from": roles, "value": scalars})
+chat_record = st.one_of(
+    st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=4), json_values)}),
+    st.fixed_dictionaries({}, optional={"prompt": st.one_of(st.text(max_size=10), json_values),
+                                        "chosen": st.one_of(st.text(max_size=10), st.lists(message, max_size=2)),
+                                        "rejected": st.one_of(st.text(max_size=10), st.lists(message, max_size=2)),
+                                        "score_chosen": scalars, "score_rejected": scalars}),
+    json_values)
+lines = st.lists(st.one_of(chat_record.map(lambda o: json.dumps(o)), st.text(max_size=30)), max_size=5)
+
+
+def one_line(e: SlmError) -> None:
+    assert str(e) and "\n" not in str(e).strip(), repr(str(e))
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def test_chat_and_preference_jsonl(scratch):
+    from slm.formats.chat import iter_objects, parse_chat, parse_pair
+
+    path = scratch / "records.jsonl"
+
+    @CASES
+    @given(lines)
+    def check(rows):
+        path.write_text("\n".join(rows) + "\n", encoding="utf-8", errors="surrogatepass")
+        try:
+            for where, obj in iter_objects([str(path)], skip_bad=False, counts={}):
+                for parse in (parse_chat, parse_pair):
+                    try:
+                        parse(obj, where)
+                    except SlmError as e:
+                        one_line(e)
+        except SlmError as e:
+            one_line(e)
+
+    check()
+
+
+def test_facts_files(scratch):
+    from slm.formats.facts import load_facts
+
+    path = scratch / "facts.yaml"
+    facts = st.one_of(json_values, st.fixed_dictionaries({}, optional={
+        "name": scalars, "maker": scalars, "description": scalars, "limits": json_values,
+        "examples": st.lists(st.fixed_dictionaries({}, optional={"user": scalars, "assistant": scalars}), max_size=3),
+        "eval": json_values}))
+
+    @CASES
+    @given(st.one_of(facts.map(json.dumps), st.text(max_size=80)))
+    def check(text):
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        try:
+            load_facts(path)
+        except SlmError as e:
+            one_line(e)
+
+    check()
+
+
+def test_mix_yaml(scratch):
+    from slm.stages.mix import MixConfig, resolve
+
+    path = scratch / "mix.yaml"
+    mixes = st.one_of(json_values, st.fixed_dictionaries({}, optional={
+        "seq_len": scalars, "seed": scalars, "block_size": scalars,
+        "sources": st.dictionaries(st.text(max_size=6), st.one_of(scalars, json_values), max_size=3),
+        "phases": st.lists(st.fixed_dictionaries({}, optional={"name": scalars, "tokens": scalars,
+                                                                "weights": json_values}), max_size=3)}))
+
+    @CASES
+    @given(st.one_of(mixes.map(json.dumps), st.text(max_size=80)))
+    def check(text):
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        try:
+            resolve(MixConfig(mix=str(path), dry_run=True))
+        except SlmError as e:
+            one_line(e)
+
+    check()
+
+
+def test_config_files(scratch):
+    from slm.train.config import resolve, train_settings
+
+    path = scratch / "config.yaml"
+    sections = st.fixed_dictionaries({}, optional={"model": json_values, "train": st.one_of(json_values, st.dictionaries(
+        st.sampled_from(["lr_peak", "steps", "micro_batch_size", "schedule", "dtype", "betas", "warmup_steps"]),
+        scalars, max_size=4)), "recipe": scalars})
+
+    @CASES
+    @given(st.one_of(sections.map(json.dumps), st.text(max_size=80)))
+    def check(text):
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        try:
+            train_settings(resolve(None, path))
+        except SlmError as e:
+            one_line(e)
+
+    check()
+
+
+def test_manifests(scratch):
+    from slm.formats.manifest import read_manifest
+
+    d = scratch / "artifact"
+    d.mkdir(exist_ok=True)
+
+    @CASES
+    @given(st.one_of(json_values.map(json.dumps), st.fixed_dictionaries(
+        {"kind": st.sampled_from(["tokens", "mix", "checkpoint", "x", 3]), "format_version": scalars}).map(json.dumps),
+        st.binary(max_size=40).map(lambda b: b.decode("latin-1"))))
+    def check(text):
+        (d / "manifest.json").write_text(text, encoding="utf-8", errors="surrogatepass")
+        try:
+            read_manifest(d, ("tokens", "mix"))
+        except SlmError as e:
+            one_line(e)
+
+    check()
+
+
+def test_mt_bench_questions(scratch):
+    from slm.evaluation.mtbench import read_questions
+
+    path = scratch / "q.jsonl"
+    q = st.fixed_dictionaries({}, optional={"question_id": scalars, "category": scalars,
+                                            "turns": st.one_of(st.lists(scalars, max_size=3), json_values)})
+
+    @CASES
+    @given(st.lists(st.one_of(q.map(json.dumps), st.text(max_size=30)), max_size=4))
+    def check(rows):
+        path.write_text("\n".join(rows), encoding="utf-8", errors="surrogatepass")
+        try:
+            read_questions(path)
+        except SlmError as e:
+            one_line(e)
+
+    check()
+
+
+def test_model_paths_and_gguf_files(scratch):
+    """What `slm eval` / `slm info` are given as a model: any bytes in a .gguf file, any directory content."""
+    from slm.stages.eval import model_backend
+    from slm.stages.info import describe
+
+    path = scratch / "m.gguf"
+
+    @CASES
+    @given(st.one_of(st.binary(max_size=64), st.binary(max_size=64).map(lambda b: b"GGUF" + b)))
+    def check(data):
+        path.write_bytes(data)
+        for fn in (model_backend, describe):
+            try:
+                fn(path)
+            except SlmError as e:
+                one_line(e)
+
+    check()
