@@ -34,6 +34,14 @@ def one_line(e: SlmError) -> None:
     assert str(e) and "\n" not in str(e).strip(), repr(str(e))
 
 
+def survives(read, *args) -> None:
+    """READ(*ARGS) returns, or fails with one line (any other exception fails the test)."""
+    try:
+        read(*args)
+    except SlmError as e:
+        one_line(e)
+
+
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
@@ -51,10 +59,7 @@ def test_chat_and_preference_jsonl(scratch):
         try:
             for where, obj in iter_objects([str(path)], skip_bad=False, counts={}):
                 for parse in (parse_chat, parse_pair):
-                    try:
-                        parse(obj, where)
-                    except SlmError as e:
-                        one_line(e)
+                    survives(parse, obj, where)
         except SlmError as e:
             one_line(e)
 
@@ -74,10 +79,7 @@ def test_facts_files(scratch):
     @given(st.one_of(facts.map(json.dumps), st.text(max_size=80)))
     def check(text):
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        try:
-            load_facts(path)
-        except SlmError as e:
-            one_line(e)
+        survives(load_facts, path)
 
     check()
 
@@ -96,10 +98,7 @@ def test_mix_yaml(scratch):
     @given(st.one_of(mixes.map(json.dumps), st.text(max_size=80)))
     def check(text):
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        try:
-            resolve(MixConfig(mix=str(path), dry_run=True))
-        except SlmError as e:
-            one_line(e)
+        survives(resolve, MixConfig(mix=str(path), dry_run=True))
 
     check()
 
@@ -116,10 +115,7 @@ def test_config_files(scratch):
     @given(st.one_of(sections.map(json.dumps), st.text(max_size=80)))
     def check(text):
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        try:
-            train_settings(resolve(None, path))
-        except SlmError as e:
-            one_line(e)
+        survives(lambda: train_settings(resolve(None, path)))
 
     check()
 
@@ -136,10 +132,7 @@ def test_manifests(scratch):
         st.binary(max_size=40).map(lambda b: b.decode("latin-1"))))
     def check(text):
         (d / "manifest.json").write_text(text, encoding="utf-8", errors="surrogatepass")
-        try:
-            read_manifest(d, ("tokens", "mix"))
-        except SlmError as e:
-            one_line(e)
+        survives(read_manifest, d, ("tokens", "mix"))
 
     check()
 
@@ -155,10 +148,7 @@ def test_mt_bench_questions(scratch):
     @given(st.lists(st.one_of(q.map(json.dumps), st.text(max_size=30)), max_size=4))
     def check(rows):
         path.write_text("\n".join(rows), encoding="utf-8", errors="surrogatepass")
-        try:
-            read_questions(path)
-        except SlmError as e:
-            one_line(e)
+        survives(read_questions, path)
 
     check()
 
@@ -175,9 +165,6 @@ def test_model_paths_and_gguf_files(scratch):
     def check(data):
         path.write_bytes(data)
         for fn in (model_backend, describe):
-            try:
-                fn(path)
-            except SlmError as e:
-                one_line(e)
+            survives(fn, path)
 
     check()

@@ -22,12 +22,9 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from slm.stages.quantize import log_softmax, quiet_llama_cpp
+
 MODEL_NAME = "slm-gguf"
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 @register_model(MODEL_NAME)
@@ -36,8 +33,6 @@ class LlamaCppLM(TemplateLM):
                  batch_size: int | str | None = None, device: str | None = None, seed: int = 1234, **kwargs):
         super().__init__()
         from llama_cpp import Llama
-
-        from slm.stages.quantize import quiet_llama_cpp
 
         quiet_llama_cpp()
         self.path = Path(pretrained)
@@ -117,7 +112,7 @@ class LlamaCppLM(TemplateLM):
         whole = (context + continuation)[-(self._max_length + 1):]
         inputs = whole[:-1]
         logits = self._logits_after(inputs)[-len(continuation):]
-        logp = _log_softmax(logits)
+        logp = log_softmax(logits)
         target = np.asarray(continuation)
         total = float(logp[np.arange(len(continuation)), target].astype(np.float64).sum())
         greedy = bool((logits.argmax(-1) == target).all())
@@ -168,7 +163,7 @@ class LlamaCppLM(TemplateLM):
         logits = self._logits_after(ids)[-1]
         for _ in range(min(max_new, self._max_length - len(ids))):
             if temperature > 0:
-                p = np.exp(_log_softmax(logits / temperature))
+                p = np.exp(log_softmax(logits / temperature))
                 token = int(self.rng.choice(len(p), p=p / p.sum()))
             else:
                 token = int(logits.argmax())

@@ -191,11 +191,12 @@ def _leaf_tasks(tm, name: str) -> list[str]:
 def dataset_of(tm, name: str) -> str:
     """The dataset(s) a task (or group) reads, as lm-eval's YAML names them."""
     seen = []
-    for leaf in _leaf_tasks(tm, name):
+    leaves = _leaf_tasks(tm, name)
+    for leaf in leaves:
         cfg = tm.task_index[leaf].cfg or {}
         d = cfg.get("dataset_path")
-        if cfg.get("dataset_name"):
-            d = f"{d} ({cfg['dataset_name']})" if len(_leaf_tasks(tm, name)) == 1 else d
+        if cfg.get("dataset_name") and len(leaves) == 1:
+            d = f"{d} ({cfg['dataset_name']})"
         if d and d not in seen:
             seen.append(d)
     return ", ".join(seen[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "") if seen else "its dataset"

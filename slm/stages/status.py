@@ -100,9 +100,7 @@ def _fmt_s(s) -> str:
 def render(run_dir: Path, p: dict) -> str:
     total = p.get("total_steps")
     step = p.get("step")
-    done = f"{step}/{total}" if total else f"{step}"
-    if total:
-        done += f" ({step / total:.0%})" if total else ""
+    done = f"{step}/{total} ({step / total:.0%})" if total else f"{step}"
     rows = [("run", str(run_dir)), ("stage", p.get("stage") or "-"), ("state", p.get("state") or "-"),
             ("step", done), ("tokens", f"{p['tokens_seen']:,}" if p.get("tokens_seen") is not None else "-"),
             ("loss", f"{p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else "-"),
