@@ -38,7 +38,7 @@ PHASES = [{"name": "one", "tokens": 500, "weights": {"a": 3, "b": 2}},
 
 
 def test_ledger_by_hand(tmp_path, sources):
-    plan, _ = resolve(MixConfig(mix=str(write_mix(tmp_path / "m.yaml", sources, PHASES))))
+    plan, _, _ = resolve(MixConfig(mix=str(write_mix(tmp_path / "m.yaml", sources, PHASES))))
     by = {s["name"]: s for s in plan["sources"]}
     assert by["a"]["tokens"] == 1004 and by["a"]["sequences"] == 100  # (1004 - 1) // 10
     assert by["b"]["tokens"] == 402 and by["b"]["sequences"] == 40
@@ -246,3 +246,62 @@ def test_refuses_a_truncated_shard_before_planning(tmp_path, sources):
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"source 'a': {bin_path}: {size - 6} bytes, the index says {size}" in proc.stderr
     assert not (tmp_path / "mix").exists()
+
+
+def _documents_by_brute_force(stream: np.ndarray, eos: int) -> list[tuple[int, int]]:
+    """(start, length) of every document: a document ends with its end-of-document token."""
+    ends = np.flatnonzero(stream == eos) + 1
+    starts = np.concatenate([[0], ends[:-1]])
+    return list(zip(starts.tolist(), (ends - starts).tolist()))
+
+
+def test_min_doc_tokens_keeps_only_windows_inside_long_documents(tmp_path, sources, small_tok):
+    """SmolLM2's long-context filter: a source of only the windows that lie inside documents of 250+ tokens (a's
+    documents are 100, 200, 300 and 404 tokens long), beside the same directory unfiltered."""
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({
+        "seq_len": 10, "seed": 3,
+        "sources": {"a": str(sources["a"]), "a_long": {"source": "a", "min_doc_tokens": 250}, "b": str(sources["b"])},
+        "phases": [{"name": "long", "tokens": 2000, "weights": {"a_long": 0.4, "a": 0.3, "b": 0.3}}]}))
+    out, plan = mix(MixConfig(mix=str(tmp_path / "m.yaml"), out=tmp_path / "mix"))
+    long = {s["name"]: s for s in plan["sources"]}["a_long"]
+    # by hand: (300 - 1) // 10 = 29 windows from offset 300, (404 - 1) // 10 = 40 from offset 600
+    assert long["sequences"] == 69 and long["documents"] == 2 and long["tokens"] == 704
+    assert long["tokens_all"] == 1004 and long["path"] == str(sources["a"])
+    r = MixReader(out)
+    eos = Tokenizer(small_tok).eos_id
+    stream = r.sources[0].read(0, r.sources[0].n_tokens)
+    docs = _documents_by_brute_force(stream, eos)
+    assert [n for _, n in docs] == [100, 200, 300, 404]
+    phase, source, start = r.plan.locate(np.arange(len(r)))
+    li = r.plan.source_names.index("a_long")
+    drawn = start[source == li]
+    assert len(drawn) == 80  # 0.4 of 200 samples: every window once, then 11 of a second epoch
+    assert sorted(set(drawn.tolist())) == [300 + 10 * k for k in range(29)] + [600 + 10 * k for k in range(40)]
+    for n in np.flatnonzero(source == li):
+        s = r.sample(int(n))
+        inside = [(a, m) for a, m in docs if a <= s.start and s.start + 11 <= a + m]
+        assert len(inside) == 1 and inside[0][1] >= 250  # the whole window inside one long document
+        assert s.doc_starts.tolist() in ([], [0])
+        assert np.array_equal(s.tokens, stream[s.start:s.start + 11])
+    # the unfiltered sources still read the packed stream from offset 0
+    assert (start[source == r.plan.source_names.index("a")] % 10 == 0).all()
+    # the table is checked against plan.json
+    table = np.load(out / long["windows"])
+    np.save(out / long["windows"], table[::-1].copy())
+    with pytest.raises(SlmError, match="window table of source 'a_long' is not the one plan.json names"):
+        MixReader(out)
+
+
+@pytest.mark.parametrize("source,message", [
+    ({"source": "a", "min_doc_tokens": 500}, "no document has 500+ tokens"),
+    ({"source": "a", "min_doc_tokens": 0}, "min_doc_tokens: expected a positive integer, got 0"),
+    ({"source": "zz", "min_doc_tokens": 9}, "sources.a_long.source: expected the name of another source"),
+    ({"source": "a", "path": "x"}, "give path or source, not both"),
+    ({"source": "a", "min_docs": 9}, "sources.a_long: unknown key 'min_docs'"),
+])
+def test_min_doc_tokens_errors(tmp_path, sources, source, message):
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"seq_len": 10, "sources": {"a": str(sources["a"]), "a_long": source},
+                                    "phases": [{"tokens": 100, "weights": {"a_long": 1}}]}))
+    proc = run_cli("mix", path, "--dry-run")
+    assert proc.returncode == 1 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr

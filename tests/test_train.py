@@ -325,3 +325,67 @@ def test_compiled_model_trains_like_eager(tmp_path, train_data):
     _pretrain(train_data, tmp_path / "eager", 3)
     _pretrain(train_data, tmp_path / "compiled", 3, sets=["train.compile=true"])
     np.testing.assert_allclose(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rtol=1e-4)
+
+
+def test_long_context_extension_as_a_cooldown(tmp_path, train_data, base_ckpt):
+    """SmolLM2's 2k -> 8k step in miniature: a cooldown at twice the context (64 -> 128) and a new RoPE theta, on a
+    mix whose long source keeps only windows inside documents of 256+ tokens; transformers opens the result with
+    the new rope settings and computes the same logits past the old context."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slm.formats.mixplan import MixReader
+    from slm.stages.generate import load_model
+
+    (tmp_path / "long.yaml").write_text(
+        f"seq_len: 128\nseed: 2\nsources:\n  code: {train_data / 'tokens' / 'code'}\n"
+        f"  prose: {train_data / 'tokens' / 'prose'}\n  code_long: {{source: code, min_doc_tokens: 256}}\n"
+        "phases:\n  - {name: long-context, tokens: 4k, weights: {code_long: 0.4, code: 0.3, prose: 0.3}}\n")
+    proc = run_cli("mix", tmp_path / "long.yaml", "--out", tmp_path / "mix-long")
+    assert proc.returncode == 0, proc.stderr
+    reader = MixReader(tmp_path / "mix-long")
+    li = reader.plan.source_names.index("code_long")
+    starts, lengths = reader.sources[li].document_bounds()
+    for s in reader.samples(np.flatnonzero(reader.plan.locate(np.arange(len(reader)))[1] == li)):
+        d = np.searchsorted(starts, s.start, side="right") - 1
+        assert lengths[d] >= 256 and s.start + 129 <= starts[d] + lengths[d]
+    proc = run_cli("cooldown", "--from", base_ckpt, "--data", tmp_path / "mix-long", "--out", tmp_path / "long",
+                   "--steps", "2", "--set", "model.max_seq_len=128", "--set", "model.rope_theta=50000",
+                   "--set", "train.micro_batch_size=2", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "model max_seq_len 64 -> 128, rope_theta 10000.0 -> 50000" in proc.stderr
+    last = Path(proc.stdout.strip())
+    config = AutoConfig.from_pretrained(str(last))
+    theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", None))
+    assert config.max_position_embeddings == 128 and theta == 50000
+    hf = AutoModelForCausalLM.from_pretrained(str(last))
+    ids = torch.from_numpy(reader.sample(0).tokens[None, :120])
+    ours = load_model(Checkpoint.open(last), torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+    # Only the context and theta may change: the weights' shapes and meaning stay.
+    proc = run_cli("cooldown", "--from", base_ckpt, "--data", tmp_path / "mix-long", "--out", tmp_path / "bad",
+                   "--steps", "2", "--set", "model.max_seq_len=128", "--set", "model.num_heads=4", "--set", "train.micro_batch_size=2", "--device", "cpu")
+    assert proc.returncode == 1 and "may change only max_seq_len, rope_theta (model.num_heads is 2 there)" in \
+        proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    # The model's context must hold the mix's windows.
+    proc = run_cli("cooldown", "--from", base_ckpt, "--data", tmp_path / "mix-long", "--out", tmp_path / "bad2",
+                   "--steps", "2", "--set", "train.micro_batch_size=2", "--device", "cpu")
+    assert proc.returncode == 1 and "the mix's seq_len 128 is longer than the model's max_seq_len 64" in proc.stderr
+
+
+def test_recipe_long_context_steps():
+    from slm.recipes import load_step
+    from slm.stages.cooldown import CooldownConfig, with_recipe_step
+
+    for name, theta in (("smollm2-1_7b", 130000), ("smollm2-360m", 100000), ("smollm2-135m", 100000)):
+        cfg = with_recipe_step(CooldownConfig(source=Path("x"), data=None, out=None, recipe=f"{name}:long_context",
+                                              sets=["model.rope_theta=1"]))
+        assert cfg.tokens == 75 * 10**9
+        assert cfg.sets == ["model.max_seq_len=8192", f"model.rope_theta={theta}", "model.rope_theta=1"]  # flags win
+        mix = load_step(f"{name}:long_context", "mix")["mix"]
+        assert mix["seq_len"] == 8192 and sum(mix["phases"][0]["weights"].values()) == pytest.approx(1.0)
+        long = {k: v for k, v in mix["sources"].items() if isinstance(v, dict)}
+        assert {v["min_doc_tokens"] for v in long.values()} == {8192}
+        assert sum(mix["phases"][0]["weights"][k] for k in long) == pytest.approx(0.4)  # 40% long documents
+    proc = run_cli("cooldown", "--from", "x", "--recipe", "smollm2-1_7b:warmup", "--dry-run")
+    assert proc.returncode == 1 and "recipe smollm2-1_7b has no step 'warmup' (steps: long_context)" in proc.stderr

@@ -15,8 +15,9 @@ from slm.errors import SlmError
 
 @app.command("mix", rich_help_panel="Data")
 def mix(
-    mixture: Annotated[str, typer.Argument(metavar="MIX", help="A mixture YAML file, or a recipe name "
-                                                               "(tiny, smollm2-1_7b, stablelm-2-1_6b).",
+    mixture: Annotated[str, typer.Argument(metavar="MIX", help="A mixture YAML file, a recipe name "
+                                                               "(tiny, smollm2-1_7b, stablelm-2-1_6b), or a recipe's "
+                                                               "step (smollm2-1_7b:long_context).",
                                            show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The mix directory to write.")] = None,
     source: Annotated[Optional[list[str]], typer.Option(

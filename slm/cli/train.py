@@ -145,6 +145,10 @@ def cooldown(
     tokens: Tokens = None,
     lr_start: Annotated[Optional[float], typer.Option(help="Start here instead of the checkpoint's learning rate.")] = None,
     phase: Annotated[Optional[str], typer.Option(help="Start at this phase of the mix (e.g. decay).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(
+        "--recipe", help="RECIPE:STEP: a recipe's cooldown step, its --set values and length (e.g. "
+                         "smollm2-1_7b:long_context, the 2k -> 8k context extension); flags win.",
+        show_default=False)] = None,
     set_: Sets = None,
     valid: Valid = None,
     tokenizer: TokenizerOpt = None,
@@ -169,7 +173,8 @@ def cooldown(
     from slm.train.setup import DryRun
 
     cfg = CooldownConfig(source=source, data=data, out=out, steps=steps, tokens=_tokens(tokens), lr_start=lr_start,
-                         phase=phase, sets=_with_flags(set_, keep, engine, zero_stage, deepspeed_config),
+                         phase=phase, recipe=recipe,
+                         sets=_with_flags(set_, keep, engine, zero_stage, deepspeed_config),
                          valid=valid, tokenizer=tokenizer, device=device, require_resume=resume, requeue=requeue)
     if dry_run:
         _print_plan(plan(cfg, DryRun(gpu=gpu, gpus=gpus, mfu=mfu, gpu_hours=gpu_hours)), json_out)

@@ -5,7 +5,10 @@ A mix directory holds plan.json (below), ledger.md (the token ledger as a table)
 plan.json
     seq_len, seed, tokenizer_sha256
     sources  [{name, path, manifest_sha256, tokens, documents, sequences}]   sequences = (tokens - 1) // seq_len:
-             the windows of seq_len + 1 tokens at offsets 0, seq_len, 2 seq_len, ... of the source's token stream
+             the windows of seq_len + 1 tokens at offsets 0, seq_len, 2 seq_len, ... of the source's token stream;
+             a source with min_doc_tokens also has windows (a file of the mix directory: the int64 offsets of its
+             windows, all inside long documents), windows_sha256, tokens_all, documents_all, and its sequences,
+             tokens and documents count only those windows and documents
     phases   [{name, tokens, samples, block_size, weights {name: normalised weight},
                samples_per_source {name: N}, drawn_before {name: D}}]
 
@@ -110,8 +113,12 @@ class Phase:
 class MixPlan:
     """The pure data order of a plan.json (no file access beyond reading the plan)."""
 
-    def __init__(self, plan: dict):
+    def __init__(self, plan: dict, windows: list[np.ndarray | None] | None = None):
         self.plan = plan
+        self.windows = list(windows) if windows is not None else [None] * len(plan["sources"])
+        for s, w in zip(plan["sources"], self.windows):
+            if ("windows" in s) != (w is not None) or (w is not None and w.size != s["sequences"]):
+                raise SlmError(f"plan.json: source {s['name']!r}: its window table does not match the plan")
         self.seq_len = int(plan["seq_len"])
         self.seed = int(plan["seed"])
         self.source_names = [s["name"] for s in plan["sources"]]
@@ -183,8 +190,11 @@ class MixPlan:
             for e in np.unique(epoch):
                 es = epoch == e
                 out[es] = permute(k[es], int(self.sequences[s]), stable_key(self.source_keys[s], int(e)))
-            seq[sel] = out
-        return phase, source, seq * self.seq_len
+            seq[sel] = out if self.windows[s] is None else self.windows[s][out]
+        starts = seq.copy()
+        plain = np.array([w is None for w in self.windows])[source]
+        starts[plain] *= self.seq_len
+        return phase, source, starts
 
 
 @dataclass
@@ -203,16 +213,30 @@ class MixReader:
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir, "mix")
         self.plan_dict = read_json(self.dir / "plan.json")
-        self.plan = MixPlan(self.plan_dict)
-        self.seq_len = self.plan.seq_len
         self.tokenizer_sha256 = self.plan_dict["tokenizer_sha256"]
         self.sources: list[TokensDir] = []
+        windows = []
         for s in self.plan_dict["sources"]:
             td = TokensDir(Path(s["path"]))
             if verify and sha256_file(td.dir / "manifest.json") != s["manifest_sha256"]:
                 raise SlmError(f"{td.dir}: source {s['name']!r} changed since the mix was planned "
                                f"(its manifest.json hash differs); re-run `slm mix`")
             self.sources.append(td)
+            windows.append(self._windows(s) if "windows" in s else None)
+        self.plan = MixPlan(self.plan_dict, windows)
+        self.seq_len = self.plan.seq_len
+
+    def _windows(self, s: dict) -> np.ndarray:
+        path = self.dir / s["windows"]
+        try:
+            table = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise SlmError(f"{path}: cannot read the window table of source {s['name']!r} ({e})") from None
+        if table.dtype != np.dtype("<i8") or table.ndim != 1 or \
+                hashlib.sha256(table.tobytes()).hexdigest() != s.get("windows_sha256"):
+            raise SlmError(f"{path}: the window table of source {s['name']!r} is not the one plan.json names "
+                           "(changed or damaged); re-run `slm mix`")
+        return table
 
     def __len__(self) -> int:
         return self.plan.total_samples

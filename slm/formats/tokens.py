@@ -73,6 +73,24 @@ class TokensDir:
             parts.append(local + base)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
+    def document_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(stream offset, length in tokens) of every document, in order: from the shards' indexes alone."""
+        starts, lengths = [], []
+        for k, shard in enumerate(self.shards):
+            if len(shard) == 0:
+                continue
+            ends = np.cumsum(np.asarray(shard.lengths, dtype=np.int64))
+            doc_idx = np.asarray(shard.doc_idx, dtype=np.int64)
+            if doc_idx.size < 1 or doc_idx[0] != 0 or doc_idx[-1] != len(shard) or (np.diff(doc_idx) < 0).any():
+                raise SlmError(f"{shard.idx_path}: damaged document index (expected non-decreasing entries "
+                               f"from 0 to {len(shard)})")
+            bounds = np.concatenate([[0], ends])[doc_idx]  # sequence -> token
+            starts.append(bounds[:-1] + int(self.offsets[k]))
+            lengths.append(np.diff(bounds))
+        if not starts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(starts), np.concatenate(lengths)
+
     def documents(self):
         """Every document of the stream, in order (for inspection and tests)."""
         for shard in self.shards:

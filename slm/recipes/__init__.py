@@ -28,3 +28,18 @@ def load_recipe(name: str) -> dict:
     if not isinstance(data, dict):
         raise SlmError(f"{path}: a recipe must be a mapping")
     return data
+
+
+def load_step(spec: str, what: str) -> dict:
+    """A recipe's named step, RECIPE:STEP (e.g. smollm2-1_7b:long_context): a mapping of the recipe's top level
+    with a `mix:` and/or a `cooldown:` part. WHAT names the option for messages."""
+    name, sep, step = spec.partition(":")
+    if not sep or not step:
+        raise SlmError(f"{what} {spec!r}: expected RECIPE:STEP (e.g. smollm2-1_7b:long_context)")
+    recipe = load_recipe(name)
+    steps = [k for k, v in recipe.items() if isinstance(v, dict) and ("cooldown" in v or "mix" in v)
+             and k != "mix"]
+    if step not in steps:
+        raise SlmError(f"{what} {spec!r}: recipe {name} has no step {step!r}"
+                       f"{' (steps: ' + ', '.join(steps) + ')' if steps else ''}")
+    return recipe[step]

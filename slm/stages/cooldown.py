@@ -33,6 +33,8 @@ class CooldownConfig:
     tokens: int | None = None
     lr_start: float | None = None
     phase: str | None = None
+    recipe: str | None = None
+    """RECIPE:STEP: a recipe step's `cooldown:` part gives `set` (SECTION.FIELD: value) and `tokens` defaults."""
     sets: list[str] = field(default_factory=list)
     valid: Path | None = None
     tokenizer: Path | None = None
@@ -43,8 +45,45 @@ class CooldownConfig:
     """--requeue: after a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
 
 
+# What a cooldown may change in the checkpoint's model: the context it trains at and RoPE's base (SmolLM2's
+# 2k -> 8k extension raised theta from 10k to 130k); every other field shapes or means the weights.
+MODEL_CHANGES = {"max_seq_len", "rope_theta"}
+
+
+def with_recipe_step(cfg: CooldownConfig) -> CooldownConfig:
+    """CFG with a recipe step's settings under its own flags (flags win)."""
+    if not cfg.recipe:
+        return cfg
+    from dataclasses import replace
+
+    from slm.recipes import load_step
+    from slm.stages.mix import parse_budget
+
+    step = load_step(cfg.recipe, "--recipe").get("cooldown")
+    if not isinstance(step, dict):
+        raise SlmError(f"--recipe {cfg.recipe!r}: the step has no cooldown: section")
+    sets = step.get("set") or {}
+    if not isinstance(sets, dict):
+        raise SlmError(f"--recipe {cfg.recipe!r}: cooldown.set: expected a mapping of SECTION.FIELD: value")
+    tokens = cfg.tokens
+    if cfg.steps is None and tokens is None and step.get("tokens") is not None:
+        tokens = parse_budget(step["tokens"], f"--recipe {cfg.recipe}: cooldown.tokens")
+    return replace(cfg, sets=[f"{k}={v}" for k, v in sets.items()] + list(cfg.sets), tokens=tokens, recipe=None)
+
+
+def check_model_changes(before: dict, after: dict, where: str) -> list[str]:
+    """The changes of the model config a cooldown makes, as 'field a -> b'; refuses any outside MODEL_CHANGES."""
+    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    for k in changed:
+        if k not in MODEL_CHANGES:
+            raise SlmError(f"--set model.{k}: a cooldown continues {where}'s weights and may change only "
+                           f"{', '.join(sorted(MODEL_CHANGES))} (model.{k} is {before.get(k)!r} there)")
+    return [f"{k} {before.get(k)} -> {after.get(k)}" for k in changed]
+
+
 def dry_run(cfg: CooldownConfig, dry: setup.DryRun) -> dict:
     """The plan of the cooldown (the checkpoint's model and its run's training settings); writes nothing."""
+    cfg = with_recipe_step(cfg)
     source = Checkpoint.open(cfg.source)
     parent_cfg = setup.saved_config(source.dir.parent.parent) or {}
     resolved = resolve(None, None, cfg.sets, base={"recipe": parent_cfg.get("recipe"),
@@ -70,6 +109,7 @@ def run(cfg: CooldownConfig) -> Path:
 
 
 def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
+    cfg = with_recipe_step(cfg)
     if cfg.data is None or cfg.out is None:
         raise SlmError(f"--{'data' if cfg.data is None else 'out'}: missing")
     out = Path(cfg.out)
@@ -92,6 +132,8 @@ def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
         plan = None
     t = train_settings(resolved)
     model_cfg = setup.model_config_from(resolved["model"], tok)
+    changes = [] if source is None else check_model_changes(source.model_config.to_dict(), model_cfg.to_dict(),
+                                                             str(source.dir))
     seq_len = reader.seq_len
     setup.check_fits(model_cfg, tok, seq_len, str(cfg.data))
     sps = setup.samples_per_step(t.tokens_per_step, seq_len)
@@ -136,7 +178,7 @@ def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
             resolved["model"] = model_cfg.to_dict()
             (out / "config.yaml").write_text(to_yaml(resolved))
             info(f"cooldown: from {source.dir} (step {start}), {steps} steps, lr {lr_start:.3e} -> 0, "
-                 f"data from sample {data_start}")
+                 f"data from sample {data_start}{'; model ' + ', '.join(changes) if changes else ''}")
     else:
         setup.restore(resume, eng, d)
         start = resume.step

@@ -8,6 +8,9 @@ The YAML:
     sources:                 # name: tokens directory (relative paths are relative to the YAML file)
       web: ../tokens/web
       code: {path: ../tokens/code}
+      web_long:              # a filtered view: only windows inside documents of 8192+ tokens
+        source: web          # the tokens directory of another source (or path: ...)
+        min_doc_tokens: 8192
     phases:                  # one or more, in order
       - name: stable
         tokens: 6T           # budget: 6T / 500B / 20M / 1.5k / an integer
@@ -15,16 +18,23 @@ The YAML:
 
 Everything is checked before anything is written: sources exist and share one tokenizer, weights are positive,
 every phase can be served. A source repeated more than 4 epochs gets a warning (SmolLM2's rule of thumb).
+
+`min_doc_tokens` is the document-length filter of SmolLM2's long-context step (40% of its 8k-context mix came from
+documents of 8k+ tokens): the source then yields only the windows that lie whole inside one document at least that
+long, laid from each such document's first token ((length - 1) // seq_len windows per document). Their offsets are
+computed once from the shards' indexes and written to the mix directory (windows/NAME.npy, hashed in plan.json).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 from rich.table import Table
 
@@ -33,12 +43,13 @@ from slm.errors import SlmError
 from slm.formats.manifest import atomic_dir, new_manifest, write_json
 from slm.formats.mixplan import MixPlan
 from slm.formats.tokens import TokensDir
-from slm.recipes import find_recipe, load_recipe
+from slm.recipes import find_recipe, load_recipe, load_step
 
 EPOCH_WARNING = 4  # SmolLM2: most sources kept within 4-5 epochs
 DEFAULT_BLOCK = 4096
 TOP_KEYS = {"seq_len", "seed", "block_size", "sources", "phases", "name", "description"}
 PHASE_KEYS = {"name", "tokens", "weights"}
+SOURCE_KEYS = {"path", "source", "min_doc_tokens"}
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
 
@@ -70,7 +81,7 @@ def human(n: float) -> str:
 @dataclass
 class MixConfig:
     mix: str
-    """A mixture YAML file, or the name of a recipe whose `mix:` section to use."""
+    """A mixture YAML file, the name of a recipe whose `mix:` section to use, or RECIPE:STEP for a step's mix."""
     out: Path | None = None
     """The mix directory to write (not needed with --dry-run)."""
     sources: dict[str, str] = field(default_factory=dict)
@@ -95,6 +106,11 @@ def _load(cfg: MixConfig) -> tuple[dict, str, Path]:
         except UnicodeDecodeError:
             raise SlmError(f"{path}: not UTF-8 text") from None
         return data, str(path), path.parent.absolute()
+    if ":" in cfg.mix and find_recipe(cfg.mix.partition(":")[0]) is not None:
+        step = load_step(cfg.mix, "mix")
+        if "mix" not in step:
+            raise SlmError(f"recipe step {cfg.mix!r} has no mix: section")
+        return step["mix"], f"recipe {cfg.mix} (mix)", Path.cwd()
     if find_recipe(cfg.mix) is not None:
         recipe = load_recipe(cfg.mix)
         if "mix" not in recipe:
@@ -103,7 +119,7 @@ def _load(cfg: MixConfig) -> tuple[dict, str, Path]:
     raise SlmError(f"{cfg.mix}: no such file, and not a recipe name")
 
 
-def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir]]:
+def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir], list[np.ndarray | None]]:
     """Validate the mixture and compute the plan. Reads source manifests only; writes nothing."""
     data, where, base = _load(cfg)
     if not isinstance(data, dict):
@@ -128,10 +144,32 @@ def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir]]:
     if not isinstance(raw_sources, dict) or not raw_sources:
         raise SlmError(f"{where}: sources: expected a mapping of name: tokens directory")
     paths: dict[str, Path | None] = {}
+    same_as: dict[str, str] = {}  # source -> the source whose tokens directory it reads
+    min_doc: dict[str, int] = {}
     for name, value in raw_sources.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
             raise SlmError(f"{where}: sources: {name!r} is not a valid source name (letters, digits, _ . + -)")
         if isinstance(value, dict):
+            bad = set(value) - SOURCE_KEYS
+            if bad:
+                raise SlmError(f"{where}: sources.{name}: unknown key {sorted(bad, key=str)[0]!r} "
+                               f"(expected {', '.join(sorted(SOURCE_KEYS))})")
+            if "min_doc_tokens" in value:
+                m = value["min_doc_tokens"]
+                if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+                    raise SlmError(f"{where}: sources.{name}.min_doc_tokens: expected a positive integer, got {m!r}")
+                min_doc[name] = m
+            if value.get("source") is not None:
+                other = value["source"]
+                if value.get("path") is not None:
+                    raise SlmError(f"{where}: sources.{name}: give path or source, not both")
+                if not isinstance(other, str) or other not in raw_sources or other == name:
+                    raise SlmError(f"{where}: sources.{name}.source: expected the name of another source "
+                                   f"({', '.join(n for n in raw_sources if n != name)}), got {other!r}")
+                if isinstance(raw_sources[other], dict) and raw_sources[other].get("source") is not None:
+                    raise SlmError(f"{where}: sources.{name}.source: {other!r} itself names a source; "
+                                   "name the one with the path")
+                same_as[name] = other
             value = value.get("path")
         if value is not None and not isinstance(value, str):
             raise SlmError(f"{where}: sources.{name}: expected a path, got {value!r}")
@@ -143,8 +181,12 @@ def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir]]:
         paths[name] = Path(value).absolute()
     if cfg.source_root:
         for name in paths:
-            if paths[name] is None:
+            if paths[name] is None and name not in same_as:
                 paths[name] = Path(cfg.source_root).absolute() / name
+    for name, other in same_as.items():
+        if name in cfg.sources:
+            continue  # bound on the command line: that wins
+        paths[name] = paths[other]
 
     raw_phases = data.get("phases")
     if not isinstance(raw_phases, list) or not raw_phases:
@@ -175,13 +217,17 @@ def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir]]:
 
     used = [n for n in paths if any(n in p["weights"] for p in phases)]
     for n in paths:
-        if n not in used:
+        if n not in used and n not in same_as.values():
             warn(f"source {n!r} has weight in no phase and is left out")
     missing = [n for n in used if paths[n] is None]
     if missing:
-        raise SlmError(f"{where}: source {missing[0]!r} has no path: bind it with --source {missing[0]}=TOKENS_DIR "
-                       "or --source-root DIR")
-    dirs = [TokensDir(paths[n]) for n in used]
+        n = same_as.get(missing[0], missing[0])
+        raise SlmError(f"{where}: source {n!r} has no path: bind it with --source {n}=TOKENS_DIR or --source-root DIR")
+    opened: dict[Path, TokensDir] = {}
+    for n in used:  # a directory two sources read is opened (and its shards checked) once
+        if paths[n] not in opened:
+            opened[paths[n]] = TokensDir(paths[n])
+    dirs = [opened[paths[n]] for n in used]
     first = dirs[0]
     for name, d in zip(used, dirs):
         if d.tokenizer_sha256 != first.tokenizer_sha256:
@@ -191,12 +237,25 @@ def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir]]:
             d.shards  # opens every shard: each .bin must have the size its .idx and the manifest give
         except SlmError as e:
             raise SlmError(f"source {name!r}: {e} (truncated or damaged: encode it again)") from None
-        if (d.n_tokens - 1) // seq_len < 1:
+        if name not in min_doc and (d.n_tokens - 1) // seq_len < 1:
             raise SlmError(f"source {name!r} ({d.dir}): {d.n_tokens} tokens, fewer than one sample of "
                            f"seq_len + 1 = {seq_len + 1}")
 
-    sources = [{"name": n, "path": str(d.dir), "manifest_sha256": d.manifest_sha256(), "tokens": d.n_tokens,
-                "documents": d.n_documents, "sequences": (d.n_tokens - 1) // seq_len} for n, d in zip(used, dirs)]
+    sources, windows = [], []
+    for n, d in zip(used, dirs):
+        entry = {"name": n, "path": str(d.dir), "manifest_sha256": d.manifest_sha256(), "tokens": d.n_tokens,
+                 "documents": d.n_documents, "sequences": (d.n_tokens - 1) // seq_len}
+        table = None
+        if n in min_doc:
+            table, kept_docs, kept_tokens = long_windows(d, seq_len, min_doc[n])
+            if table.size == 0:
+                raise SlmError(f"source {n!r} ({d.dir}): no document has {max(min_doc[n], seq_len + 1)}+ tokens, "
+                               f"so min_doc_tokens {min_doc[n]} leaves no window of seq_len + 1 = {seq_len + 1}")
+            entry.update(tokens=kept_tokens, documents=kept_docs, sequences=int(table.size),
+                         min_doc_tokens=min_doc[n], tokens_all=d.n_tokens, documents_all=d.n_documents,
+                         windows=f"windows/{n}.npy", windows_sha256=windows_sha256(table))
+        sources.append(entry)
+        windows.append(table)
     plan_phases = []
     drawn = {n: 0 for n in used}
     for i, ph in enumerate(phases):
@@ -222,8 +281,25 @@ def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir]]:
             "total_samples": sum(p["samples"] for p in plan_phases),
             "total_tokens": sum(p["tokens"] for p in plan_phases)}
     plan["ledger"] = ledger(plan)
-    MixPlan(plan)  # constructs cleanly
-    return plan, dirs
+    MixPlan(plan, windows)  # constructs cleanly
+    return plan, dirs, windows
+
+
+def long_windows(d: TokensDir, seq_len: int, min_doc_tokens: int) -> tuple[np.ndarray, int, int]:
+    """Offsets of the windows of seq_len + 1 tokens inside documents of min_doc_tokens+ tokens, each document's
+    laid from its first token; and how many documents and tokens those documents hold."""
+    starts, lengths = d.document_bounds()
+    keep = lengths >= min_doc_tokens
+    starts, lengths = starts[keep], lengths[keep]
+    per_doc = np.maximum(lengths - 1, 0) // seq_len
+    total = int(per_doc.sum())
+    first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)  # index of each document's first window
+    table = np.repeat(starts, per_doc) + (np.arange(total, dtype=np.int64) - first) * seq_len
+    return table.astype(np.int64), int(keep.sum()), int(lengths.sum())
+
+
+def windows_sha256(table: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(table, dtype="<i8").tobytes()).hexdigest()
 
 
 def _apportion(total: int, weights: list[float]) -> list[int]:
@@ -272,13 +348,17 @@ def print_ledger(plan: dict) -> None:
 
 def run(cfg: MixConfig) -> tuple[Path | None, dict]:
     started = time.time()
-    plan, dirs = resolve(cfg)
+    plan, dirs, windows = resolve(cfg)
     print_ledger(plan)
     if cfg.dry_run:
         return None, plan
     if cfg.out is None:
         raise SlmError("--out: missing (or use --dry-run)")
     with atomic_dir(cfg.out) as tmp:
+        for s, table in zip(plan["sources"], windows):
+            if table is not None:
+                (tmp / "windows").mkdir(exist_ok=True)
+                np.save(tmp / s["windows"], table.astype("<i8"), allow_pickle=False)
         write_json(tmp / "plan.json", plan)
         (tmp / "ledger.md").write_text(ledger_markdown(plan), encoding="utf-8")
         write_json(tmp / "manifest.json", new_manifest(
