@@ -7,7 +7,8 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = ["examples/quickstart.sh", "examples/pipeline.sh", "examples/slurm/pretrain.sbatch",
-           "examples/slurm/stage.sbatch", "examples/slurm/chain.sh"]
+           "examples/slurm/stage.sbatch", "examples/slurm/chain.sh", "examples/recipes/cost.sh",
+           "examples/recipes/stablelm-2-1_6b/run.sh", "examples/recipes/smollm2-1_7b/run.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -42,3 +43,119 @@ def test_chain_submits_dependent_jobs(tmp_path):
     bad = subprocess.run(["bash", str(ROOT / "examples/slurm/stage.sbatch"), "tokenize"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "not a training stage" in bad.stderr
+
+
+# --- every `slm ...` line a user copies names a real command and real options -------------------------------------
+
+def _click_app():
+    import typer
+
+    from slm.cli import app
+
+    return typer.main.get_command(app)
+
+
+def slm_invocations(text: str, helpers=("run",)) -> list[tuple[list[str], list[str], str]]:
+    """(command path, --options, the line) of each `slm CMD [SUB] ...` in shell TEXT (README code blocks or scripts);
+    HELPERS are shell functions that pass their arguments to a training stage (`run pretrain ...`)."""
+    import re
+
+    text = re.sub(r"\\\n\s*", " ", text)  # continuation lines
+    found = []
+    for line in text.splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", line)  # comments
+        if re.match(r"\s*(echo|printf)\b", line):
+            continue
+        for m in re.finditer(rf"(?:^|[\s$(;|&\"`])(?:slm|\"\$slm\"|{'|'.join(helpers)})\s+([a-z][a-z-]*)(?:\s+([a-z][a-z-]*))?(.*?)(?=[);|`]|&&|$)",
+                             line):
+            cmd, sub, rest = m.group(1), m.group(2), m.group(3)
+            path = [cmd] + ([sub] if sub and cmd in ("tokenize", "selfknow") else [])
+            if sub and len(path) == 1:
+                rest = f"{sub} {rest}"
+            found.append((path, re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest), line.strip()))
+    return found
+
+
+def check_invocations(invocations) -> list[str]:
+    root = _click_app()  # typer's own click: groups are told by their commands
+    problems = []
+    for path, options, line in invocations:
+        cmd = root
+        for name in path:
+            cmd = cmd.commands.get(name) if hasattr(cmd, "commands") else None
+            if cmd is None:
+                break
+        if cmd is None:
+            problems.append(f"no command slm {' '.join(path)}: {line}")
+            continue
+        if hasattr(cmd, "commands"):
+            continue
+        known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+        problems += [f"slm {' '.join(path)} has no option {o}: {line}" for o in options if o not in known]
+    return problems
+
+
+def _readme_shell_blocks(path) -> str:
+    import re
+
+    return "\n".join(re.findall(r"```(?:bash|sh|shell)\n(.*?)```", path.read_text(encoding="utf-8"), re.S))
+
+
+@pytest.mark.parametrize("doc", ["README.md", "examples/recipes/README.md", "examples/recipes/stablelm-2-1_6b/run.sh",
+                                 "examples/recipes/smollm2-1_7b/run.sh", "examples/recipes/cost.sh",
+                                 "examples/pipeline.sh", "examples/quickstart.sh", "examples/slurm/chain.sh",
+                                 "examples/slurm/stage.sbatch", "examples/slurm/pretrain.sbatch"])
+def test_documented_commands_exist(doc):
+    """Each slm command line of the README and the example scripts names a command and options slm has."""
+    path = ROOT / doc
+    text = _readme_shell_blocks(path) if doc.endswith(".md") else path.read_text(encoding="utf-8")
+    invocations = slm_invocations(text)
+    if doc in ("README.md",) or doc.endswith("run.sh"):
+        assert len(invocations) >= 10, invocations  # the parser sees them
+    assert check_invocations(invocations) == []
+
+
+def test_invocation_checker_catches_mistakes():
+    bad = slm_invocations("x=$(slm mix m.yaml --outt mix)\nslm tokenise encode --out t\n"
+                          "run cooldown --from a --recipe r:s --data m \\\n  --stepz 3\nslm selfknow train --model m")
+    assert check_invocations(bad) == ["slm mix has no option --outt: x=$(slm mix m.yaml --outt mix)",
+                                      "no command slm tokenise: slm tokenise encode --out t",
+                                      "slm cooldown has no option --stepz: run cooldown --from a --recipe r:s --data m "
+                                      " --stepz 3"]
+
+
+def test_recipe_plans_match_the_recipes(tmp_path):
+    """examples/recipes: the mixes have the recipes' phases and name a dataset for every source with data of its
+    own; slm plans them (sources bound to a small tokens directory) and records the datasets."""
+    import json
+
+    import yaml
+
+    from conftest import run_cli
+    from slm.recipes import load_recipe, load_step
+
+    pairs = [("stablelm-2-1_6b/pretrain.yaml", load_recipe("stablelm-2-1_6b")["mix"]),
+             ("smollm2-1_7b/pretrain.yaml", load_recipe("smollm2-1_7b")["mix"]),
+             ("smollm2-1_7b/long-context.yaml", load_step("smollm2-1_7b:long_context", "x")["mix"])]
+    for name, recipe_mix in pairs:
+        mix = yaml.safe_load((ROOT / "examples/recipes" / name).read_text())
+        assert mix["phases"] == recipe_mix["phases"] and mix["seq_len"] == recipe_mix["seq_len"], name
+        assert set(mix["sources"]) == set(recipe_mix["sources"]), name
+        for src, spec in mix["sources"].items():
+            assert spec.get("dataset") or spec.get("source"), (name, src)
+    cool = yaml.safe_load((ROOT / "examples/recipes/stablelm-2-1_6b/cooldown.yaml").read_text())
+    assert sum(cool["phases"][0]["weights"].values()) == pytest.approx(1.0)
+    assert set(cool["sources"]) <= set(load_recipe("stablelm-2-1_6b")["mix"]["sources"])
+
+
+def test_recipe_costs_are_current():
+    """The cost tables of examples/recipes/README.md are what cost.sh prints now (slm's own dry-runs)."""
+    import sys
+
+    readme = (ROOT / "examples/recipes/README.md").read_text(encoding="utf-8")
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    for recipe in ("stablelm-2-1_6b", "smollm2-1_7b"):
+        proc = subprocess.run(["bash", str(ROOT / "examples/recipes/cost.sh"), recipe], capture_output=True,
+                              text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.count("\n") >= 6 and proc.stdout in readme, proc.stdout

@@ -92,7 +92,7 @@ def test_mix_yaml(scratch):
         "seq_len": scalars, "seed": scalars, "block_size": scalars,
         "sources": st.dictionaries(st.text(max_size=6), st.one_of(
             scalars, json_values, st.fixed_dictionaries({}, optional={"path": scalars, "source": scalars,
-                                                                      "min_doc_tokens": scalars})), max_size=3),
+                                                                      "min_doc_tokens": scalars, "dataset": scalars})), max_size=3),
         "phases": st.lists(st.fixed_dictionaries({}, optional={"name": scalars, "tokens": scalars,
                                                                 "weights": json_values}), max_size=3)}))
 

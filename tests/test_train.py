@@ -381,7 +381,8 @@ def test_recipe_long_context_steps():
         cfg = with_recipe_step(CooldownConfig(source=Path("x"), data=None, out=None, recipe=f"{name}:long_context",
                                               sets=["model.rope_theta=1"]))
         assert cfg.tokens == 75 * 10**9
-        assert cfg.sets == ["model.max_seq_len=8192", f"model.rope_theta={theta}", "model.rope_theta=1"]  # flags win
+        assert cfg.sets == ["model.max_seq_len=8192", f"model.rope_theta={theta}", "train.micro_batch_size=1",
+                            "model.rope_theta=1"]  # flags win
         mix = load_step(f"{name}:long_context", "mix")["mix"]
         assert mix["seq_len"] == 8192 and sum(mix["phases"][0]["weights"].values()) == pytest.approx(1.0)
         long = {k: v for k, v in mix["sources"].items() if isinstance(v, dict)}

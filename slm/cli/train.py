@@ -136,7 +136,8 @@ def pretrain(
 
 @app.command("cooldown", rich_help_panel="Training")
 def cooldown(
-    source: Annotated[Path, typer.Option("--from", help="The checkpoint (or run directory) to cool down.",
+    source: Annotated[Path, typer.Option("--from", help="The checkpoint (or run directory) to cool down; with "
+                                         "--dry-run, a recipe name plans one before it exists.",
                                          show_default=False)],
     data: Annotated[Optional[Path], typer.Option("--data", help="The mix to cool down on.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The cooldown's run directory.",

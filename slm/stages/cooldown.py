@@ -83,15 +83,23 @@ def check_model_changes(before: dict, after: dict, where: str) -> list[str]:
 
 def dry_run(cfg: CooldownConfig, dry: setup.DryRun) -> dict:
     """The plan of the cooldown (the checkpoint's model and its run's training settings); writes nothing."""
+    from slm.recipes import find_recipe, load_recipe, load_step
+
+    step_mix = (load_step(cfg.recipe, "--recipe").get("mix") or {}) if cfg.recipe else {}
     cfg = with_recipe_step(cfg)
-    source = Checkpoint.open(cfg.source)
-    parent_cfg = setup.saved_config(source.dir.parent.parent) or {}
-    resolved = resolve(None, None, cfg.sets, base={"recipe": parent_cfg.get("recipe"),
-                                                   "model": source.model_config.to_dict(),
-                                                   "train": parent_cfg.get("train", {})})
+    if not Path(cfg.source).exists() and find_recipe(str(cfg.source)) is not None:
+        # Planning before the checkpoint exists: the recipe's model and training settings stand for it.
+        recipe = load_recipe(str(cfg.source))
+        base = {"recipe": str(cfg.source), "model": recipe.get("model", {}), "train": recipe.get("train", {})}
+    else:
+        source = Checkpoint.open(cfg.source)
+        parent_cfg = setup.saved_config(source.dir.parent.parent) or {}
+        base = {"recipe": parent_cfg.get("recipe"), "model": source.model_config.to_dict(),
+                "train": parent_cfg.get("train", {})}
+    resolved = resolve(None, None, cfg.sets, base=base)
     t = train_settings(resolved)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer) if cfg.data else (None, None)
-    seq_len = reader.seq_len if reader else setup.recipe_seq_len(resolved.get("recipe"))
+    seq_len = reader.seq_len if reader else step_mix.get("seq_len") or setup.recipe_seq_len(resolved.get("recipe"))
     if not seq_len:
         raise SlmError("--data: missing (the plan needs the mix's seq_len)")
     steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step)

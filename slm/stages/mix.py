@@ -7,7 +7,7 @@ The YAML:
     block_size: 4096         # optional: samples per interleaving block (raised when a weight is tiny)
     sources:                 # name: tokens directory (relative paths are relative to the YAML file)
       web: ../tokens/web
-      code: {path: ../tokens/code}
+      code: {path: ../tokens/code, dataset: bigcode/starcoderdata}   # dataset: where it came from (recorded)
       web_long:              # a filtered view: only windows inside documents of 8192+ tokens
         source: web          # the tokens directory of another source (or path: ...)
         min_doc_tokens: 8192
@@ -49,7 +49,7 @@ EPOCH_WARNING = 4  # SmolLM2: most sources kept within 4-5 epochs
 DEFAULT_BLOCK = 4096
 TOP_KEYS = {"seq_len", "seed", "block_size", "sources", "phases", "name", "description"}
 PHASE_KEYS = {"name", "tokens", "weights"}
-SOURCE_KEYS = {"path", "source", "min_doc_tokens"}
+SOURCE_KEYS = {"path", "source", "min_doc_tokens", "dataset"}
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
 
@@ -146,6 +146,7 @@ def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir], list[np.ndarray | No
     paths: dict[str, Path | None] = {}
     same_as: dict[str, str] = {}  # source -> the source whose tokens directory it reads
     min_doc: dict[str, int] = {}
+    datasets: dict[str, str] = {}  # documentation: the public dataset a source was encoded from
     for name, value in raw_sources.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
             raise SlmError(f"{where}: sources: {name!r} is not a valid source name (letters, digits, _ . + -)")
@@ -154,6 +155,11 @@ def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir], list[np.ndarray | No
             if bad:
                 raise SlmError(f"{where}: sources.{name}: unknown key {sorted(bad, key=str)[0]!r} "
                                f"(expected {', '.join(sorted(SOURCE_KEYS))})")
+            if value.get("dataset") is not None:
+                if not isinstance(value["dataset"], str):
+                    raise SlmError(f"{where}: sources.{name}.dataset: expected text (where the data comes from, "
+                                   f"e.g. HuggingFaceFW/fineweb-edu), got {value['dataset']!r}")
+                datasets[name] = value["dataset"]
             if "min_doc_tokens" in value:
                 m = value["min_doc_tokens"]
                 if isinstance(m, bool) or not isinstance(m, int) or m < 1:
@@ -245,6 +251,9 @@ def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir], list[np.ndarray | No
     for n, d in zip(used, dirs):
         entry = {"name": n, "path": str(d.dir), "manifest_sha256": d.manifest_sha256(), "tokens": d.n_tokens,
                  "documents": d.n_documents, "sequences": (d.n_tokens - 1) // seq_len}
+        dataset = datasets.get(n) or datasets.get(same_as.get(n, ""))
+        if dataset:
+            entry["dataset"] = dataset
         table = None
         if n in min_doc:
             table, kept_docs, kept_tokens = long_windows(d, seq_len, min_doc[n])
