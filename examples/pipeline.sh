@@ -33,4 +33,4 @@ scores=$(slm eval "$base" "$final" "$release"/*-q4_k_m.gguf --suite slm-local --
 bill=$(slm carbon . --out carbon)
 
 slm info "$final"                                                         # where the final model came from
-cat "$scores/eval.md" "$bill/carbon.md"
+slm report . --out report.md                                              # losses, DPO, self-knowledge, quant, bench, eval, carbon

@@ -74,10 +74,10 @@ slm generate runs/selfknow --chat "Who are you?" --temperature 0 --max-new-token
 slm quantize runs/selfknow --out release --valid chatdata/chat/valid.jsonl
 
 # 16. Speed: prompt processing and generation tokens/s of the checkpoint (torch), two GGUF files (llama.cpp) and the
-#     INT4 IR (OpenVINO), each in its own process, with the memory-bandwidth bound of generation; the table goes to
-#     stdout (--format json or csv for programs, --out DIR for files and a plot).
+#     INT4 IR (OpenVINO), each in its own process, with the memory-bandwidth bound of generation: bench.md, .json,
+#     .csv and .png in bench/ (without --out the table goes to stdout; --format json or csv for programs).
 slm bench runs/selfknow release/selfknow-q8_0.gguf release/selfknow-q4_k_m.gguf release/selfknow-int4 \
-  --prompt 128 --gen 32 --repeat 3
+  --prompt 128 --gen 32 --repeat 3 --out bench
 
 # 17. Scores with lm-evaluation-harness: the base, chat and two quantized chat models side by side on slm's offline
 #     tasks (held-out bits per byte, cloze multiple choice, 3-shot arithmetic); the GGUF files are scored by
@@ -89,4 +89,9 @@ slm eval runs/cooldown runs/selfknow release/selfknow-q8_0.gguf release/selfknow
 #     assumptions and a paragraph for a model card. Set SLM_COUNTRY (USA, FRA, ...) for your grid's intensity.
 slm carbon . --out carbon
 
-echo "quickstart: done; outputs in $(pwd) (loss curves: runs/*/loss.png; summaries: runs/dpo/dpo.json, runs/selfknow/selfknow.json, release/quantize.json, eval/eval.json, carbon/carbon.md)" >&2
+# 19. One summary of it all, from the files the stages wrote: held-out loss after pretraining and cooldown against the
+#     unigram baseline, DPO's preference accuracy before and after, the self-knowledge check, the quantization,
+#     bench and eval tables and the carbon bill (also in report.md; `slm report . --json` for programs).
+slm report . --out report.md
+
+echo "quickstart: done; every stage's output is kept in $(pwd) (slm info DIR: what made it; loss curves: runs/*/loss.png)" >&2

@@ -10,7 +10,7 @@ from slm import __version__
 COMMANDS = [[], ["tokenize"], ["tokenize", "build"], ["tokenize", "train"], ["tokenize", "encode"],
             ["tokenize", "corpus"], ["mix"], ["pretrain"], ["cooldown"], ["generate"], ["plot"], ["sft"], ["dpo"],
             ["selfknow", "generate"], ["selfknow", "train"], ["chat-data"], ["quantize"], ["bench"], ["eval"],
-            ["carbon"], ["info"], ["status"]]
+            ["carbon"], ["info"], ["status"], ["report"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "slm")

@@ -159,3 +159,37 @@ def test_recipe_costs_are_current():
                               text=True, env=env)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.count("\n") >= 6 and proc.stdout in readme, proc.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_runs_on_the_tiny_recipe(tmp_path):
+    """examples/pipeline.sh as a user runs it, on the tiny recipe, with every training stage cut to a few steps (an
+    `slm` earlier on PATH adds --steps, the last value winning): each stage's printed path feeds the next, and the
+    closing report has every part."""
+    import sys
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "slm").write_text(
+        "#!/usr/bin/env bash\n"
+        'case "$1" in\n'
+        '  pretrain|cooldown|sft|dpo) set -- "$@" --steps 3 ;;\n'
+        '  selfknow) [ "$2" = train ] && set -- "$@" --steps 3; [ "$2" = generate ] && set -- "$@" --n 24 ;;\n'
+        '  chat-data) set -- "$@" --n 300 ;;\n'
+        '  quantize) set -- "$@" --type f16,q8_0,q4_k_m ;;\n'
+        '  bench) set -- "$@" --repeat 1 --gen 8 --prompt 32 ;;\n'
+        '  eval) set -- "$@" --limit 8 ;;\n'
+        "esac\n"
+        f'exec {sys.executable} -m slm "$@"\n')
+    (bindir / "slm").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", SLM_ENERGY="on")
+    proc = subprocess.run(["bash", str(ROOT / "examples/pipeline.sh"), str(tmp_path / "out"), "tiny"], env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    report = (out / "report.md").read_text()
+    for part in ("## Training", "| pretrain | runs/pretrain | 3 |", "| cooldown | runs/cooldown |", "| sft |",
+                 "| dpo |", "| selfknow |", "## DPO", "## Self-knowledge", "## Quantization (release)",
+                 "## Speed (bench)", "## Evaluation (eval, suite slm-local)", "## Carbon (carbon)"):
+        assert part in report, part
+    assert "runs/selfknow" in proc.stdout  # slm info's tree of the final model

@@ -91,3 +91,56 @@ def test_status_of_a_finished_and_a_running_run(tmp_path, base_ckpt, train_data)
     assert dead["state"].startswith("died"), dead
     bad = run_cli("status", tmp_path)
     assert bad.returncode == 1 and "not a training run" in bad.stderr
+
+
+def _stage_dir(d, kind, name, data):
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({"kind": kind, "slm_version": "x"}))
+    (d / name).write_text(json.dumps(data))
+
+
+def test_report_summarises_what_it_finds(tmp_path, base_ckpt):
+    """slm report: the training run's numbers from its metrics.jsonl, and the parts written by dpo, selfknow,
+    quantize, eval and carbon, with their numbers as the files have them; a directory with nothing, and a damaged
+    file, are one-line errors."""
+    import shutil
+
+    from slm.formats.checkpoint import read_metrics
+
+    root = tmp_path / "work"
+    shutil.copytree(base_ckpt.parent.parent, root / "runs" / "pretrain", symlinks=True)
+    (root / "runs" / "pretrain" / "dpo.json").write_text(json.dumps(
+        {"valid_pairs": 10, "preference_accuracy_before": 0.5, "preference_accuracy_after": 0.8, "reward_accuracy": 0.9}))
+    _stage_dir(root / "release", "quantize", "quantize.json", {
+        "reference": {"perplexity": 12.0}, "types": {"q8_0": {"bytes": 2_500_000, "bits_per_weight": 8.5,
+                                                              "perplexity": 12.01, "kl_mean": 0.0001,
+                                                              "top1_agreement": 0.995}}})
+    _stage_dir(root / "eval", "eval", "eval.json", {
+        "suite": "slm-local", "tasks": [{"task": "slm_cloze", "shots": 0, "metric": "acc_norm,none"}],
+        "models": [{"label": "pretrain", "scores": {"slm_cloze": {"metric": "acc_norm,none", "value": 0.25,
+                                                                   "stderr": 0.05, "n": 40, "shots": 0}}}]})
+    _stage_dir(root / "carbon", "carbon", "carbon.json", {
+        "total": {"energy_kwh": 0.0123, "kg_co2eq": 0.0045, "device_hours": 0.5}, "model_card": "It used little."})
+    proc = run_cli("report", root, "--out", tmp_path / "report.md")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (tmp_path / "report.md").read_text()
+    last = [r for r in read_metrics(root / "runs" / "pretrain") if "loss" in r][-1]
+    valid = [r for r in read_metrics(root / "runs" / "pretrain") if "valid_loss" in r]
+    assert f"| pretrain | runs/pretrain | 4 |" in proc.stdout and f"| {last['loss']:.3f} |" in proc.stdout
+    if valid:
+        assert f"| {valid[-1]['valid_loss']:.3f} |" in proc.stdout
+    assert "50% before, **80% after**; reward accuracy 90%" in proc.stdout
+    assert "| fp32 (torch) | - | 32 | 12.000 | 0 | 100% |" in proc.stdout
+    assert "| q8_0 | 2.50 MB | 8.50 | 12.010 | 0.00010 | 99.5% |" in proc.stdout
+    assert "| pretrain | 25.00 ± 5.00 |" in proc.stdout
+    assert "0.012300 kWh, 0.004500 kg CO2eq over 0.500 device-hours." in proc.stdout and "It used little." in proc.stdout
+    data = json.loads(run_cli("report", root, "--json").stdout)
+    assert data["dpo"][0]["preference_accuracy_after"] == 0.8 and data["training"][0]["stage"] == "pretrain"
+
+    (root / "eval" / "eval.json").write_text("{not json")
+    proc = run_cli("report", root)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {root / 'eval' / 'eval.json'}: not readable JSON")
+    assert proc.stderr.count("\n") == 1
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("report", tmp_path / "empty")
+    assert proc.returncode == 1 and "nothing slm wrote was found here" in proc.stderr

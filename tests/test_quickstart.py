@@ -31,9 +31,15 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert "".join(lines[8:i]).strip() and "".join(lines[i + 3:j]).strip()  # the generated text, the chat answer
     k = lines.index("release")
     assert "pebble" in "".join(lines[j + 2:k]).lower()  # who it is, asked with no system prompt
-    bench = [line for line in lines[k + 1:] if line.startswith("| ")]
-    assert lines[-2:] == ["eval", "carbon"]
-    assert len(bench) == 5 and [row.split("|")[2].strip() for row in bench[1:]] == ["torch", "llama.cpp",
+    assert lines[k + 1:k + 5] == ["bench", "eval", "carbon", f"# slm report: {out}"]
+    # The closing summary (also report.md): every part, with the numbers of the files it summarises.
+    report = "\n".join(lines[k + 4:]) + "\n"
+    assert report == (out / "report.md").read_text()
+    for section in ("## Training", "## DPO", "## Self-knowledge", "## Quantization (release)", "## Speed (bench)",
+                    "## Evaluation (eval, suite slm-local)", "## Carbon (carbon)"):
+        assert section in report, section
+    bench = [line for line in report.split("## Speed (bench)")[1].split("##")[0].splitlines() if line.startswith("| ")]
+    assert len(bench) == 6 and [row.split("|")[2].strip() for row in bench[2:]] == ["torch", "llama.cpp",
                                                                                       "llama.cpp", "openvino"]
     assert "the token ledger" in proc.stderr
     tok = Tokenizer(out / "tokenizer")
@@ -49,6 +55,11 @@ def test_quickstart_runs_every_stage(tmp_path):
     # The tiny model learned something: its held-out loss is far below the context-free (unigram) baseline.
     valid = [r for r in read_metrics(out / "runs" / "cooldown") if "valid_loss" in r]
     assert valid[-1]["valid_loss"] < valid[-1]["unigram_loss"] - 1.0
+    pre = [r for r in read_metrics(out / "runs" / "pretrain") if "valid_loss" in r][-1]
+    assert f"| pretrain | runs/pretrain | 150 | {pre['tokens_seen']:,} |" in report
+    assert f"| {pre['valid_loss']:.3f} | {pre['unigram_loss']:.3f} |" in report
+    assert f"| cooldown | runs/cooldown | 180 | {valid[-1]['tokens_seen']:,} |" in report
+    assert f"| {valid[-1]['valid_loss']:.3f} | {valid[-1]['unigram_loss']:.3f} |" in report
     cool = [r for r in read_metrics(out / "runs" / "cooldown") if "loss" in r]
     assert cool[-1]["lr"] == 0.0 and cool[-1]["step"] == 179
     # sft taught the answers (held-out loss on assistant tokens fell), dpo the preference: the held-out pairs'
@@ -59,6 +70,8 @@ def test_quickstart_runs_every_stage(tmp_path):
     summary = json.loads((out / "runs" / "dpo" / "dpo.json").read_text())
     assert summary["preference_accuracy_after"] > summary["preference_accuracy_before"] + 0.15, summary
     assert summary["reward_accuracy"] > 0.65, summary
+    assert (f"{summary['preference_accuracy_before']:.0%} before, **{summary['preference_accuracy_after']:.0%} "
+            "after**") in report
     assert (out / "runs" / "dpo" / "reference_logprobs" / "logprobs.safetensors").is_file()
     # selfknow: the pairs are dpo's format; the held-out questions' answers state the name and maker after C-RLFT,
     # and did not before
@@ -67,6 +80,7 @@ def test_quickstart_runs_every_stage(tmp_path):
     sk = json.loads((out / "runs" / "selfknow" / "selfknow.json").read_text())
     assert sk["before"]["name"] < 0.3 and sk["after"]["name"] > 0.7, sk
     assert sk["after"]["both"] > sk["before"]["both"] + 0.4, sk
+    assert f"the name Pebble in {sk['before']['name']:.0%} before, **{sk['after']['name']:.0%} after**" in report
     # quantize: every release format, each scored by its runtime against fp32
     q = json.loads((out / "release" / "quantize.json").read_text())
     t = q["types"]
@@ -75,6 +89,7 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert t["q4_0"]["kl_mean"] > t["q8_0"]["kl_mean"] > 0 and t["q8_0"]["top1_agreement"] > 0.98
     assert t["q4_k_m"]["tensor_types"].get("Q4_K", 0) > 0 and t["int4"]["top1_agreement"] > 0.9
     assert (out / "release" / "selfknow-q4_k_m.gguf").is_file()
+    assert f"| q4_k_m | {t['q4_k_m']['bytes'] / 1e6:,.2f} MB | {t['q4_k_m']['bits_per_weight']:.2f} |" in report
     # eval: lm-eval scored the base, chat and quantized models on the local tasks; the q8_0 file agrees with the
     # checkpoint it came from
     ev = json.loads((out / "eval" / "eval.json").read_text())
@@ -86,6 +101,8 @@ def test_quickstart_runs_every_stage(tmp_path):
     # carbon: every computing stage metered its energy; the bill adds them up
     bill = json.loads((out / "carbon" / "carbon.json").read_text())
     stages = {r["stage"] for r in bill["rows"]}
-    assert {"tokenize encode", "pretrain", "cooldown", "sft", "dpo", "selfknow train", "quantize", "eval"} <= stages
+    assert {"tokenize encode", "pretrain", "cooldown", "sft", "dpo", "selfknow train", "quantize", "bench",
+            "eval"} <= stages
+    assert f"{bill['total']['energy_kwh']:.6f} kWh" in report and bill["model_card"] in report
     assert bill["total"]["energy_kwh"] == pytest.approx(sum(r["energy_kwh"] for r in bill["rows"]))
     assert bill["total"]["energy_kwh"] > 0 and "kWh" in (out / "carbon" / "carbon.md").read_text()

@@ -157,3 +157,62 @@ def test_sbatch_preempted_requeues_itself_and_matches_an_uninterrupted_run(tmp_p
     assert a.step == steps
     wa, wb = a.hf_state_dict(), b.hf_state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "the requeued run's weights differ from an uninterrupted run"
+
+
+STAGE = ROOT / "examples" / "slurm" / "stage.sbatch"
+
+
+@pytest.mark.slow
+def test_stage_sbatch_jobs_chained_afterok(tmp_path, train_data, base_ckpt, slurm):
+    """examples/slurm/stage.sbatch under the real SLURM, two cooldown jobs on 2 tasks each, the second submitted with
+    --dependency=afterok on the first (as chain.sh does): it waits, starts after the first completed, continues its
+    checkpoint; a job whose stage fails ends FAILED with slm's one line in the log, and its dependant never runs."""
+    job_env = dict(slurm.env, SLM=f"{sys.executable} -m slm", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                   OMP_NUM_THREADS="1")
+    common = ["--data", str(train_data / "mix"), "--device", "cpu", "--set", "train.tokens_per_step=64",
+              "--set", "train.micro_batch_size=1"]
+
+    def submit(*args, dep=None, name):
+        cmd = ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=30",
+               f"--output={tmp_path / (name + '.log')}", f"--chdir={tmp_path}"]
+        if dep:
+            cmd.append(f"--dependency=afterok:{dep}")
+        out = subprocess.run([*cmd, str(STAGE), *args], env=job_env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().split(";")[0]
+
+    def wait(job):
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            info = slurm.job(job)
+            if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                return info
+            time.sleep(1)
+        raise AssertionError(f"job {job} did not end: {slurm.job(job)}")
+
+    first = submit("cooldown", "--from", str(base_ckpt), "--steps", "3", "--out", "runs/cool", *common, name="cool")
+    second = submit("cooldown", "--from", "runs/cool", "--steps", "2", "--out", "runs/cool2", *common, dep=first,
+                    name="cool2")
+    assert "Dependency" in slurm.job(second).get("Reason", "") or slurm.job(second).get("JobState") == "PENDING"
+    a, b = wait(first), wait(second)
+    logs = (tmp_path / "cool.log").read_text() + (tmp_path / "cool2.log").read_text()
+    assert a["JobState"] == "COMPLETED" and b["JobState"] == "COMPLETED", logs[-3000:]
+    assert b["StartTime"] >= a["EndTime"]
+    assert "2 task(s)" in logs and "slm exited with 0" in logs
+    c1, c2 = Checkpoint.open(tmp_path / "runs/cool"), Checkpoint.open(tmp_path / "runs/cool2")
+    assert c1.step == Checkpoint.open(base_ckpt).step + 3 and c2.step == c1.step + 2
+    assert c2.manifest["parent"] == str(c1.dir)
+
+    bad = submit("cooldown", "--from", str(tmp_path / "nowhere"), "--steps", "2", "--out", "runs/bad", *common,
+                 name="bad")
+    after = submit("cooldown", "--from", "runs/bad", "--steps", "2", "--out", "runs/never", *common, dep=bad,
+                   name="never")
+    assert wait(bad)["JobState"] == "FAILED"
+    assert "error: " in (tmp_path / "bad.log").read_text() and "nowhere" in (tmp_path / "bad.log").read_text()
+    deadline = time.time() + 60
+    while time.time() < deadline and slurm.job(after).get("JobState") == "PENDING" and \
+            "DependencyNeverSatisfied" not in slurm.job(after).get("Reason", ""):
+        time.sleep(1)
+    state = slurm.job(after)
+    assert state.get("JobState") in ("PENDING", "CANCELLED") and not (tmp_path / "runs/never").exists(), state
+    slurm.run("scancel", after, check=False)

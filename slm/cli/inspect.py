@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -71,3 +71,33 @@ def status(
             p = read_status(run_dir)
     except KeyboardInterrupt:
         pass
+
+
+@app.command("report", rich_help_panel="Inspection")
+def report(
+    directory: Annotated[Path, typer.Argument(help="A directory holding slm's outputs (a pipeline's working "
+                                              "directory).", show_default=False)],
+    json_: Annotated[bool, typer.Option("--json", help="Print the report's data as JSON.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the Markdown report to this "
+                                                "file.", show_default=False)] = None,
+) -> None:
+    """One summary of everything slm made under a directory: held-out losses of each training run against the
+    unigram baseline, DPO's preference accuracy before and after, the self-knowledge check, the quantization
+    quality table, the bench table, the eval table and the carbon bill; read from the files the stages wrote.
+
+    Example: slm report quickstart-out      slm report . --json | jq '.dpo[0].preference_accuracy_after'
+    """
+    import json
+
+    from slm.formats.manifest import write_text
+    from slm.errors import SlmError
+    from slm.stages.report import collect, render
+
+    data = collect(directory)
+    text = render(data)
+    if out is not None:
+        try:
+            write_text(Path(out), text)
+        except OSError as e:
+            raise SlmError(f"--out {out}: cannot write ({e.strerror})") from None
+    print(json.dumps(data, indent=2, default=str) if json_ else text, end="" if not json_ else "\n")
