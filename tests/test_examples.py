@@ -193,3 +193,34 @@ def test_pipeline_runs_on_the_tiny_recipe(tmp_path):
                  "## Speed (bench)", "## Evaluation (eval, suite slm-local)", "## Carbon (carbon)"):
         assert part in report, part
     assert "runs/selfknow" in proc.stdout  # slm info's tree of the final model
+
+
+def _leaf_commands():
+    root = _click_app()
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, path + [name])
+        else:
+            yield path, cmd
+
+    return list(walk(root, []))
+
+
+def test_every_command_has_json_and_a_working_example():
+    """--json on every command, and an `Example:` in every --help whose commands and options exist."""
+    leaves = _leaf_commands()
+    assert len(leaves) >= 21
+    for path, cmd in leaves:
+        name = " ".join(path)
+        opts = {o for p in cmd.params for o in p.opts}
+        assert "--json" in opts, f"slm {name} has no --json"
+        import re
+
+        m = re.search(r"Examples?: (slm.*)", cmd.help or "", re.S)
+        assert m, f"slm {name} --help has no example"
+        example = m.group(1)
+        invocations = slm_invocations(example)
+        assert invocations and invocations[0][0] == path, (name, invocations)
+        assert check_invocations(invocations) == [], name

@@ -170,3 +170,99 @@ def test_model_paths_and_gguf_files(scratch):
             survives(fn, path)
 
     check()
+
+
+@pytest.fixture(scope="module")
+def good_tokens(tmp_path_factory, small_tok):
+    from conftest import VARIED_TEXT, write_jsonl
+
+    from slm.stages.encode import EncodeConfig, run as encode
+
+    d = tmp_path_factory.mktemp("fuzz_tokens")
+    encode(EncodeConfig(tokenizer=small_tok, inputs=[str(write_jsonl(d / "t.jsonl", VARIED_TEXT * 2))],
+                        out=d / "tokens", workers=1))
+    return d / "tokens"
+
+
+edits = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6)
+
+
+def _mutate(data: bytes, changes, cut) -> bytes:
+    b = bytearray(data)
+    for pos, val in changes:
+        b[pos % len(b)] = val
+    return bytes(b[:cut]) if cut is not None else bytes(b)
+
+
+def test_shard_indexes(scratch, good_tokens):
+    """A tokens directory whose .idx (or .bin) was damaged: bytes changed, cut short. `slm mix` opens the shards and
+    reads the document table (the long-document filter); a reader reads tokens and document starts."""
+    import shutil
+
+    from slm.formats.tokens import TokensDir
+
+    d = scratch / "tokens"
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(good_tokens, d)
+    idx = next((d / "shards").glob("*.idx"))
+    binf = idx.with_suffix(".bin")
+    idx_bytes, bin_bytes = idx.read_bytes(), binf.read_bytes()
+
+    def use():
+        t = TokensDir(d)
+        t.shards
+        starts, lengths = t.document_bounds()
+        t.read(0, min(16, t.n_tokens))
+        t.document_starts(0, t.n_tokens)
+        assert (lengths >= 0).all() and len(starts) == len(lengths)
+
+    @CASES
+    @given(edits, st.one_of(st.none(), st.integers(0, len(idx_bytes))), st.booleans())
+    def check(changes, cut, damage_bin):
+        idx.write_bytes(_mutate(idx_bytes, changes, cut) if not damage_bin else idx_bytes)
+        binf.write_bytes(_mutate(bin_bytes, changes, cut) if damage_bin else bin_bytes)
+        survives(use)
+
+    check()
+
+
+def test_checkpoint_directories(scratch, base_ckpt):
+    """A checkpoint directory given by path whose config.json, manifest.json or weights are not what they should be:
+    opened, its model config, weights, tokenizer and optimizer state read (what --model / --from / quantize do)."""
+    import shutil
+
+    from slm.formats.checkpoint import Checkpoint
+
+    d = scratch / "ckpt"
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(base_ckpt, d)
+    originals = {n: (d / n).read_bytes() for n in ("config.json", "manifest.json", "model.safetensors",
+                                                     "train_state/optimizer.safetensors", "encoding.json")}
+    config = json.loads(originals["config.json"])
+
+    def use():
+        c = Checkpoint.open(d)
+        c.model_config
+        c.state_dict()
+        c.tokenizer()
+        c.manifest
+        c.optimizer_state()
+        c.step
+
+    @CASES
+    @given(st.sampled_from(sorted(originals)), st.one_of(
+        st.tuples(st.just("bytes"), edits, st.one_of(st.none(), st.integers(0, 4096))),
+        st.tuples(st.just("json"), json_values),
+        st.tuples(st.just("field"), st.sampled_from(sorted(config)), json_values)))
+    def check(name, change):
+        for n, data in originals.items():
+            (d / n).write_bytes(data)
+        if change[0] == "bytes":
+            (d / name).write_bytes(_mutate(originals[name], change[1], change[2]))
+        elif change[0] == "json":
+            (d / name).write_text(json.dumps(change[1]))
+        else:
+            (d / "config.json").write_text(json.dumps({**config, change[1]: change[2]}))
+        survives(use)
+
+    check()

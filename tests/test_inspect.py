@@ -144,3 +144,22 @@ def test_report_summarises_what_it_finds(tmp_path, base_ckpt):
     (tmp_path / "empty").mkdir()
     proc = run_cli("report", tmp_path / "empty")
     assert proc.returncode == 1 and "nothing slm wrote was found here" in proc.stderr
+
+
+def test_json_summaries_of_stage_outputs(tmp_path, base_ckpt, train_data):
+    """--json instead of the path: the artifact's summary (kind, stage, step, what it came from, last metrics)."""
+    proc = run_cli("cooldown", "--from", base_ckpt, "--data", train_data / "mix", "--steps", "2", "--out",
+                   tmp_path / "cool", "--device", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["kind"] == "checkpoint" and s["stage"] == "cooldown" and s["step"] == 6
+    assert s["path"].endswith("step-00000006") and s["run"] == str(tmp_path / "cool")
+    assert {f["relation"]: f["path"] for f in s["from"]}["parent"] == str(base_ckpt.resolve())
+    assert s["metrics"]["step"] == 5 and isinstance(s["metrics"]["loss"], float)
+    plot = json.loads(run_cli("plot", tmp_path / "cool", "--json").stdout)
+    assert plot == {"path": str(tmp_path / "cool" / "loss.png")}
+    gen = run_cli("generate", tmp_path / "cool", "def", "--max-new-tokens", "4", "--temperature", "0", "--device",
+                  "cpu", "--json")
+    assert gen.returncode == 0, gen.stderr
+    g = json.loads(gen.stdout)
+    assert g["prompt"] == "def" and isinstance(g["completion"], str)

@@ -221,3 +221,43 @@ def test_bench_output_parses_in_every_format(tmp_path, base_ckpt):
     assert len(table) == 5 and all(line.count("|") == 10 for line in table)
     bad = run_cli("bench", tmp_path / "nope.bin")
     assert bad.returncode == 1 and "nope.bin" in bad.stderr
+
+
+def test_given_gguf_files_are_scored_and_their_lineage_checked(tmp_path, base_ckpt, train_data, small_tok):
+    """quantize --gguf: a file written elsewhere is scored against the checkpoint beside slm's own types; a GGUF of
+    another checkpoint is refused in one line before anything is written: one slm wrote (its weights hash names
+    another checkpoint) and one without slm's metadata (its shape is another model's)."""
+    from slm.formats.gguf import check_lineage
+
+    first = tmp_path / "first"
+    assert run_cli("quantize", base_ckpt, "--type", "f16", "--no-report", "--out", first).returncode == 0
+    given = next(first.glob("*-f16.gguf"))
+    out = tmp_path / "q"
+    proc = run_cli("quantize", base_ckpt, "--type", "q8_0", "--gguf", given, "--out", out, "--valid",
+                   train_data / "tokens" / "valid", "--eval-tokens", 256, "--window", 64)
+    assert proc.returncode == 0, proc.stderr
+    t = json.loads((out / "quantize.json").read_text())["types"]
+    assert set(t) == {"q8_0", given.stem} and t[given.stem]["given"] and t[given.stem]["file"] == str(given)
+    assert t[given.stem]["kl_mean"] < 1e-4 and t[given.stem]["top1_agreement"] > 0.99
+    assert not (out / given.name).exists()  # scored where it is
+
+    # another checkpoint of the same shape, written by slm: its weights hash tells
+    other = make_ckpt(tmp_path, small_tok, "stablelm", layers=2)
+    other_gguf = tmp_path / "other.gguf"
+    write_gguf(Checkpoint.open(other), other_gguf, "f16")
+    proc = run_cli("quantize", base_ckpt, "--gguf", other_gguf, "--out", tmp_path / "bad")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{other_gguf}: written from another checkpoint ({other.resolve()}" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+    # the same file without slm's lineage keys (as llama.cpp's converter writes): the shapes tell
+    ckpt = Checkpoint.open(base_ckpt)
+    bigger = make_ckpt(tmp_path / "b", small_tok, "stablelm", layers=3)
+    foreign = tmp_path / "foreign.gguf"
+    write_gguf(Checkpoint.open(bigger), foreign, "f16")
+    ckpt.manifest["files"] = []  # as if the checkpoint did not record its weights' hash either
+    with pytest.raises(SlmError, match=r"foreign.gguf: not this checkpoint's model \(stablelm.block_count is 3, .* "
+                                       r"has 2\)"):
+        check_lineage(foreign, ckpt)
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF but not really")
+    with pytest.raises(SlmError, match="not a GGUF file gguf-py can read"):
+        check_lineage(tmp_path / "junk.gguf", ckpt)

@@ -8,16 +8,21 @@ from typing import Annotated, Optional
 import typer
 
 from slm.cli import app
-from slm.cli.train import _print_main
+from slm.cli.options import Json, emit
 
 
 @app.command("quantize", rich_help_panel="Deployment")
 def quantize(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory.", show_default=False)] = None,
-    type_: Annotated[str, typer.Option("--type", help="Comma-separated: f32, f16, bf16, q8_0, q4_0, q4_1 (GGUF by "
-                                       "slm), q5_k_m, q4_k_m (GGUF by llama.cpp), int4 (OpenVINO IR).")] =
-    "f16,q8_0,q4_0,q4_1,q5_k_m,q4_k_m,int4",
+    type_: Annotated[Optional[str], typer.Option("--type", help="Comma-separated: f32, f16, bf16, q8_0, q4_0, q4_1 "
+                                                 "(GGUF by slm), q5_k_m, q4_k_m (GGUF by llama.cpp), int4 (OpenVINO "
+                                                 "IR). Default: f16,q8_0,q4_0,q4_1,q5_k_m,q4_k_m,int4 (none with "
+                                                 "--gguf).", show_default=False)] = None,
+    gguf: Annotated[Optional[list[Path]], typer.Option("--gguf", help="A GGUF file written elsewhere (llama.cpp's "
+                                                       "quantizer, an imatrix run) to score against this checkpoint "
+                                                       "too; refused unless it is this checkpoint's model "
+                                                       "(repeatable).", show_default=False)] = None,
     valid: Annotated[Optional[list[str]], typer.Option("--valid", metavar="FILE|DIR", help="Held-out text for the "
                      "quality report (.jsonl with text or chat messages, .txt, or a tokens directory); default: "
                      "held-out text of the embedded corpus.", show_default=False)] = None,
@@ -34,21 +39,25 @@ def quantize(
                                                   "bits too (NNCF keeps them 8-bit by default).")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for llama.cpp and OpenVINO.",
                                                    show_default=False)] = None,
+    json_out: Json = False,
 ) -> None:
     """Write a checkpoint as GGUF files and an INT4 OpenVINO IR, and report what each costs: perplexity, KL
     divergence and top-1 agreement against the fp32 model on held-out tokens, size and bits per weight; prints the
-    directory (quantize.json has the numbers)."""
+    directory (quantize.json has the numbers).
+
+    Example: slm quantize runs/selfknow --type f16,q8_0,q4_k_m,int4 --valid chat/valid.jsonl --out release
+    """
     from slm.errors import SlmError
-    from slm.stages.quantize import QuantizeConfig, parse_types, run
+    from slm.stages.quantize import DEFAULT_TYPES, QuantizeConfig, parse_types, run
 
     for flag, value in (("--eval-tokens", eval_tokens), ("--window", window), ("--int4-group-size", int4_group_size)):
         if value < 2:
             raise SlmError(f"{flag} {value}: expected at least 2")
-    _print_main(run(QuantizeConfig(checkpoint=checkpoint, out=out, types=parse_types(type_), valid=list(valid or []),
-                                   eval_tokens=eval_tokens, window=window, threads=threads, name=name,
-                                   int4_group_size=int4_group_size, int4_symmetric=not int4_asymmetric,
-                                   int4_all_layers=int4_all_layers,
-                                   report=not no_report)))
+    types = parse_types(type_) if type_ is not None else ([] if gguf else list(DEFAULT_TYPES))
+    emit(run(QuantizeConfig(checkpoint=checkpoint, out=out, types=types, gguf=list(gguf or []), valid=list(valid or []),
+                            eval_tokens=eval_tokens, window=window, threads=threads, name=name,
+                            int4_group_size=int4_group_size, int4_symmetric=not int4_asymmetric,
+                            int4_all_layers=int4_all_layers, report=not no_report)), json_out)
 
 
 @app.command("bench", rich_help_panel="Deployment")
@@ -72,9 +81,13 @@ def bench(
                                                 "print the directory.", show_default=False)] = None,
     plot_: Annotated[Optional[Path], typer.Option("--plot", help="Also draw generation tokens/s against the bound "
                                                   "into this PNG.", show_default=False)] = None,
+    json_out: Json = False,
 ) -> None:
     """Prompt-processing and generation tokens/s (mean ± std), time to first token, peak memory and size of each
-    model, with the memory-bandwidth bound of generation and the fraction reached; like llama-bench's table."""
+    model, with the memory-bandwidth bound of generation and the fraction reached; like llama-bench's table.
+
+    Example: slm bench runs/selfknow release/selfknow-q4_k_m.gguf --prompt 128 --gen 32 --out bench
+    """
     import time
 
     from slm.console import err
@@ -88,6 +101,6 @@ def bench(
         plot(report, plot_)
     if out is not None:
         err.print(render(report, "md"), soft_wrap=True, markup=False, highlight=False)
-        _print_main(write(report, out, started, cfg))
+        emit(write(report, out, started, cfg), json_out)
     else:
-        print(render(report, format_))
+        print(render(report, "json" if json_out else format_))

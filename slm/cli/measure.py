@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from slm.cli import app
-from slm.cli.train import _print_main
+from slm.cli.options import emit
 
 
 @app.command("eval", rich_help_panel="Measurement")
@@ -61,7 +61,7 @@ def eval_(
     if json_:
         print((done / "eval.json").read_text())
     else:
-        _print_main(done)
+        emit(done)
 
 
 @app.command("carbon", rich_help_panel="Measurement")
@@ -122,7 +122,7 @@ def carbon(
     table = c.render(report) + "\n\n" + report["model_card"]
     if out is not None:
         err.print(table, soft_wrap=True, markup=False, highlight=False)
-        _print_main(Path(report["out"]))
+        emit(Path(report["out"]))
     elif json_:
         print(json.dumps(report, indent=2))
     else:

@@ -32,7 +32,11 @@ def mix(
     """Plan a data mixture and print its token ledger.
 
     Per phase and source: the weight, tokens drawn, tokens available and epochs (on stderr). The data order is a
-    pure function of (plan, seed, sample number), so any process reads any range of samples."""
+    pure function of (plan, seed, sample number), so any process reads any range of samples.
+
+    Example: slm mix tiny --source code=tokens/code --source prose=tokens/prose --out mix
+             slm mix smollm2-1_7b --source-root tokens --dry-run
+    """
     from slm.console import stdout
     from slm.stages.mix import MixConfig, run
 

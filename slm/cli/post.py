@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from slm.cli import app
-from slm.cli.train import (Device, DeepSpeedConfig, EngineOpt, Keep, Requeue, Resume, Sets, ZeroStage, _print_main,
-                           _with_flags)
+from slm.cli.options import Json, emit
+from slm.cli.train import Device, DeepSpeedConfig, EngineOpt, Keep, Requeue, Resume, Sets, ZeroStage, _with_flags
 
 Data = Annotated[list[str], typer.Option("--data", metavar="FILE", help="Input files (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, saved "
                                                       "datasets, directories), or - for standard input; repeatable.",
@@ -53,20 +53,24 @@ def sft(
     deepspeed_config: DeepSpeedConfig = None,
     requeue: Requeue = False,
     device: Device = "auto",
+    json_out: Json = False,
 ) -> None:
     """Fine-tune a checkpoint on conversations (loss on the assistant's tokens); prints the last checkpoint.
 
     Chat records: {"messages": [{"role", "content"}...]} or ShareGPT's {"conversations": [{"from", "value"}...]}.
     The chat template goes into the checkpoint's tokenizer, so transformers' apply_chat_template and
-    `slm generate --chat` use it. Resumes like pretrain; SIGTERM / SIGUSR1 save and exit 75."""
+    `slm generate --chat` use it. Resumes like pretrain; SIGTERM / SIGUSR1 save and exit 75.
+
+    Example: slm sft --model runs/cooldown --recipe tiny --data chat/train.jsonl --valid chat/valid.jsonl --out runs/sft
+    """
     from slm.stages.sft import SftConfig, run
 
     sets = _set(_with_flags(set_, keep, engine, zero_stage, deepspeed_config), "sft", template=template,
                 epochs=epochs, max_turns=max_turns, max_length=max_length, overlong=overlong,
                 packing=None if packing is None else str(packing).lower())
-    _print_main(run(SftConfig(model=model, data=list(data or []), out=out, recipe=recipe, config_file=config,
+    emit(run(SftConfig(model=model, data=list(data or []), out=out, recipe=recipe, config_file=config,
                               sets=sets, valid=list(valid or []), skip_bad=skip_bad, steps=steps, device=device,
-                              require_resume=resume, requeue=requeue)))
+                              require_resume=resume, requeue=requeue)), json_out)
 
 
 @app.command("chat-data", rich_help_panel="Post-training")
@@ -79,16 +83,20 @@ def chat_data(
                                                   show_default=False)] = None,
     persona_fraction: Annotated[float, typer.Option("--persona-fraction", help="Persona conversations, as a fraction "
                                                     "of --n.")] = 0.4,
+    json_out: Json = False,
 ) -> None:
     """Make small chat and preference sets (arithmetic, unit conversions, this machine's Python code) with
-    held-out splits: OUT/chat/{train,valid}.jsonl, OUT/pairs/{train,valid}.jsonl. For the quickstart and tests."""
+    held-out splits: OUT/chat/{train,valid}.jsonl, OUT/pairs/{train,valid}.jsonl. For the quickstart and tests.
+
+    Example: slm chat-data --n 1000 --facts examples/facts.yaml --out chatdata
+    """
     from slm.stages.chatdata import ChatDataConfig, run
 
     if not 0 <= persona_fraction <= 10:
         from slm.errors import SlmError
 
         raise SlmError(f"--persona-fraction {persona_fraction}: expected a number from 0 to 10")
-    _print_main(run(ChatDataConfig(out=out, n=n, seed=seed, facts=facts, persona_fraction=persona_fraction)))
+    emit(run(ChatDataConfig(out=out, n=n, seed=seed, facts=facts, persona_fraction=persona_fraction)), json_out)
 
 
 @app.command("dpo", rich_help_panel="Post-training")
@@ -120,16 +128,20 @@ def dpo(
     deepspeed_config: DeepSpeedConfig = None,
     requeue: Requeue = False,
     device: Device = "auto",
+    json_out: Json = False,
 ) -> None:
     """Direct Preference Optimization of a fine-tuned checkpoint; prints the last checkpoint.
 
     Pairs: {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"} (chosen / rejected as text or as
     conversations, UltraFeedback's shape) or Intel Orca pairs' {"system", "question", "chosen", "rejected"}. The
-    reference's log-probabilities are computed once into OUT/reference_logprobs/ and reused."""
+    reference's log-probabilities are computed once into OUT/reference_logprobs/ and reused.
+
+    Example: slm dpo --model runs/sft --recipe tiny --data pairs/train.jsonl --valid pairs/valid.jsonl --out runs/dpo
+    """
     from slm.stages.dpo import DpoConfig, run
 
     sets = _set(_with_flags(set_, keep, engine, zero_stage, deepspeed_config), "dpo", beta=beta, loss=loss,
                 epochs=epochs, min_chosen_score=min_chosen_score, template=template)
-    _print_main(run(DpoConfig(model=model, data=list(data or []), out=out, ref=ref, recipe=recipe, config_file=config,
+    emit(run(DpoConfig(model=model, data=list(data or []), out=out, ref=ref, recipe=recipe, config_file=config,
                               sets=sets, valid=list(valid or []), skip_bad=skip_bad, steps=steps, device=device,
-                              require_resume=resume, requeue=requeue)))
+                              require_resume=resume, requeue=requeue)), json_out)

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from slm.cli.options import Json, emit
 from slm.cli.post import SkipBad
-from slm.cli.train import (Device, DeepSpeedConfig, EngineOpt, Keep, Requeue, Resume, Sets, _print_main,
-                           _with_flags)
+from slm.cli.train import Device, DeepSpeedConfig, EngineOpt, Keep, Requeue, Resume, Sets, _with_flags
 from slm.errors import SlmError
 
 app = typer.Typer(help="Teach a chat model who it is: RLCD pairs from a FACTS file (generate), then C-RLFT (train).",
@@ -47,12 +47,16 @@ def generate(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences generated at once.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling.")] = 0,
     device: Device = "auto",
+    json_out: Json = False,
 ) -> None:
     """Make self-knowledge pairs (RLCD): the base model writes first user messages (deduplicated), the chat model
     answers each with the facts in its system prompt (chosen) and without (rejected); prints the directory.
 
     OUT/pairs.jsonl is valid `slm dpo` input; OUT/messages.jsonl, OUT/facts.yaml and OUT/manifest.json (models,
-    facts hash, sampling settings, counts) come with it."""
+    facts hash, sampling settings, counts) come with it.
+
+    Example: slm selfknow generate --base runs/cooldown --chat runs/dpo --facts examples/facts.yaml --out selfknow
+    """
     from slm.stages.selfknow import GenerateConfig, Sampling, generate as run
 
     for name, value in (("--temperature", temperature), ("--message-temperature", message_temperature)):
@@ -67,11 +71,12 @@ def generate(
             raise SlmError(f"{name} {value}: expected a positive integer")
     if not 0 < near_duplicate <= 1:
         raise SlmError(f"--near-duplicate {near_duplicate}: expected a number in (0, 1]")
-    _print_main(run(GenerateConfig(
+    emit(run(GenerateConfig(
         base=base, chat=chat, facts=facts, out=out, n=n,
         answer=Sampling(temperature, top_p, top_k, max_new_tokens),
         message=Sampling(message_temperature, message_top_p, 0, message_max_tokens), shots=shots,
-        near_duplicate=near_duplicate, seed_messages=seed_messages, batch_size=batch_size, seed=seed, device=device)))
+        near_duplicate=near_duplicate, seed_messages=seed_messages, batch_size=batch_size, seed=seed,
+        device=device)), json_out)
 
 
 def class_weights(text: str) -> str:
@@ -124,13 +129,17 @@ def train(
     deepspeed_config: DeepSpeedConfig = None,
     requeue: Requeue = False,
     device: Device = "auto",
+    json_out: Json = False,
 ) -> None:
     """Train a chat model on self-knowledge pairs by C-RLFT; prints the last checkpoint.
 
     Chosen answers are trained as SFT with weight pos; rejected ones with weight neg after the negative-class token
     (added to the tokenizer and the embedding when absent); --kl-coef > 0 adds a KL term towards the starting model,
     whose log-probabilities are cached in OUT/reference_logprobs/. With FACTS' held-out questions, OUT/selfknow.json
-    tells how many answers state the name and maker before and after."""
+    tells how many answers state the name and maker before and after.
+
+    Example: slm selfknow train --model runs/dpo --data selfknow --recipe tiny --out runs/selfknow
+    """
     from slm.stages.selfknow import TrainConfig, train as run
 
     sets = _with_flags(set_, keep, engine, None, deepspeed_config)
@@ -138,6 +147,6 @@ def train(
         sets.append(f"selfknow.class_weights={class_weights(class_weights_)}")
     sets += [f"selfknow.{k}={v}" for k, v in (("kl_coef", kl_coef), ("epochs", epochs),
                                                 ("negative_token", negative_token)) if v is not None]
-    _print_main(run(TrainConfig(model=model, data=list(data or []), out=out, facts=facts, recipe=recipe,
+    emit(run(TrainConfig(model=model, data=list(data or []), out=out, facts=facts, recipe=recipe,
                                 config_file=config, sets=sets, skip_bad=skip_bad, steps=steps, device=device,
-                                require_resume=resume, requeue=requeue)))
+                                require_resume=resume, requeue=requeue)), json_out)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli.options import Json, Out, TextKey, TxtMode
+from slm.cli.options import Json, Out, TextKey, TxtMode, emit
 
 app = typer.Typer(help="Tokenizers (Arcade100k, or trained on your text), and text -> Megatron .bin/.idx shards.",
                   no_args_is_help=True)
@@ -21,14 +21,18 @@ def build(
     ranks: Annotated[Optional[Path], typer.Option(
         help="A local cl100k_base.tiktoken(.gz), checked against the published sha256. Default: tiktoken's cache, "
              "or a download when online.")] = None,
+    json_out: Json = False,
 ) -> None:
     """Build Arcade100k, StableLM 2's tokenizer; prints its directory.
 
-    cl100k_base's ranks, every digit its own token, NFC, 32 special tokens at ids 100257-100288."""
+    cl100k_base's ranks, every digit its own token, NFC, 32 special tokens at ids 100257-100288.
+
+    Example: slm tokenize build --out arcade100k [--ranks cl100k_base.tiktoken.gz]
+    """
     from slm.console import stdout
     from slm.stages.tokenize import BuildConfig, build as run
 
-    stdout(str(run(BuildConfig(out=out, base=base, ranks=ranks))))
+    emit(run(BuildConfig(out=out, base=base, ranks=ranks)), json_out)
 
 
 @app.command("train")
@@ -42,15 +46,19 @@ def train(
     txt_mode: TxtMode = "file",
     min_frequency: Annotated[int, typer.Option(help="Minimum count of a pair to be merged.")] = 2,
     max_mb: Annotated[Optional[float], typer.Option(help="Train on at most this many MB of text.")] = None,
+    json_out: Json = False,
 ) -> None:
     """Train a byte-level BPE on your text; prints its directory.
 
-    Hugging Face tokenizers' trainer with Arcade100k's or SmolLM2's pre-tokenizer and special tokens."""
+    Hugging Face tokenizers' trainer with Arcade100k's or SmolLM2's pre-tokenizer and special tokens.
+
+    Example: slm tokenize train --corpus 'data/*.jsonl' --vocab-size 49152 --rules smollm --out tok
+    """
     from slm.console import stdout
     from slm.stages.tokenize import TrainConfig, train as run
 
-    stdout(str(run(TrainConfig(corpus=corpus, vocab_size=vocab_size, out=out, rules=rules, text_key=text_key,
-                               txt_mode=txt_mode, min_frequency=min_frequency, max_mb=max_mb))))
+    emit(run(TrainConfig(corpus=corpus, vocab_size=vocab_size, out=out, rules=rules, text_key=text_key,
+                               txt_mode=txt_mode, min_frequency=min_frequency, max_mb=max_mb)), json_out)
 
 
 @app.command("encode")
@@ -72,7 +80,11 @@ def encode(
     """Encode documents into Megatron .bin/.idx shards; prints the tokens directory.
 
     uint16 or int32 ids, an end-of-document token after each document, worker processes; a re-run reuses the shards
-    of unchanged inputs and a failed run resumes where it stopped."""
+    of unchanged inputs and a failed run resumes where it stopped.
+
+    Example: slm tokenize encode --tokenizer tok data/ --out tokens/web
+             zcat x.jsonl.gz | slm tokenize encode -t tok - -o tokens/x
+    """
     from slm.console import stdout
     from slm.stages.encode import EncodeConfig, run
 
@@ -87,11 +99,16 @@ def corpus(
     stdlib: Annotated[Optional[Path], typer.Option(help="Standard library to read (default: this Python's).")] = None,
     heldout_percent: Annotated[float, typer.Option(help="Percent of files in the held-out split.")] = 2.0,
     no_tests: Annotated[bool, typer.Option("--no-tests", help="Leave out the standard library's test suite.")] = False,
+    json_out: Json = False,
 ) -> None:
     """Build the embedded default corpus from this machine's Python standard library; prints its directory.
 
-    code/ and prose/ sources, each with train.jsonl and valid.jsonl. Nothing is downloaded."""
+    code/ and prose/ sources, each with train.jsonl and valid.jsonl. Nothing is downloaded.
+
+    Example: slm tokenize corpus --out corpus
+    """
     from slm.console import stdout
     from slm.stages.corpus import CorpusConfig, run
 
-    stdout(str(run(CorpusConfig(out=out, stdlib=stdlib, heldout_percent=heldout_percent, include_tests=not no_tests))))
+    emit(run(CorpusConfig(out=out, stdlib=stdlib, heldout_percent=heldout_percent, include_tests=not no_tests)),
+         json_out)

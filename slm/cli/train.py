@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from slm.cli import app
+from slm.cli.options import Json, emit
 
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="SECTION.FIELD=VALUE, e.g. train.lr_peak=3e-4 or "
                                                                  "model.num_layers=2 (repeatable; wins over --config).")]
@@ -41,7 +42,8 @@ Mfu = Annotated[float, typer.Option("--mfu", help="Model FLOPs utilisation to as
 GpuHours = Annotated[Optional[float], typer.Option("--gpu-hours", help="Also print the MFU that this many GPU-hours "
                                                                        "imply (a budget, or a reported figure).",
                                                    rich_help_panel="Planning (--dry-run)")]
-JsonOut = Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON on stdout.",
+JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary of the last checkpoint on stdout instead "
+                                                      "of its path (with --dry-run: the plan).",
                                        rich_help_panel="Planning (--dry-run)")]
 Requeue = Annotated[bool, typer.Option("--requeue", help="Under SLURM: after SIGTERM / SIGUSR1 and the save, run "
                                                          "`scontrol requeue $SLURM_JOB_ID`.")]
@@ -81,11 +83,6 @@ def _print_plan(plan: dict, json_out: bool) -> None:
         print(json.dumps(plan, indent=2))
 
 
-def _print_main(path: Path) -> None:
-    import os
-
-    if os.environ.get("RANK", "0") == "0":
-        print(path)
 
 
 @app.command("pretrain", rich_help_panel="Training")
@@ -120,7 +117,11 @@ def pretrain(
 ) -> None:
     """Pretrain a StableLM 2 or SmolLM2 model on a mix; prints the last checkpoint.
 
-    Run under torchrun, srun or the deepspeed launcher for several processes (--engine ddp, fsdp or deepspeed). Re-running the same command resumes where it stopped, on any number of processes; SIGTERM / SIGUSR1 save first and exit with code 75. --dry-run prints what the run will cost."""
+    Run under torchrun, srun or the deepspeed launcher for several processes (--engine ddp, fsdp or deepspeed). Re-running the same command resumes where it stopped, on any number of processes; SIGTERM / SIGUSR1 save first and exit with code 75. --dry-run prints what the run will cost.
+
+    Example: slm pretrain --recipe tiny --data mix --valid tokens/valid --out runs/pretrain
+             slm pretrain --recipe smollm2-1_7b --dry-run --gpu h100 --gpus 256
+    """
     from slm.stages.pretrain import PretrainConfig, dry_run as plan, run
     from slm.train.setup import DryRun
 
@@ -131,7 +132,7 @@ def pretrain(
     if dry_run:
         _print_plan(plan(cfg, DryRun(gpu=gpu, gpus=gpus, mfu=mfu, gpu_hours=gpu_hours)), json_out)
     else:
-        _print_main(run(cfg))
+        emit(run(cfg), json_out)
 
 
 @app.command("cooldown", rich_help_panel="Training")
@@ -169,7 +170,10 @@ def cooldown(
 ) -> None:
     """Cool a checkpoint down: the learning rate decays linearly to 0; prints the last checkpoint.
 
-    StableLM 2's cooldown and SmolLM2's decay phase. Weights and AdamW moments continue from the checkpoint."""
+    StableLM 2's cooldown and SmolLM2's decay phase. Weights and AdamW moments continue from the checkpoint.
+
+    Example: slm cooldown --from runs/pretrain --data mix --phase decay --steps 30 --out runs/cooldown
+    """
     from slm.stages.cooldown import CooldownConfig, dry_run as plan, run
     from slm.train.setup import DryRun
 
@@ -180,7 +184,7 @@ def cooldown(
     if dry_run:
         _print_plan(plan(cfg, DryRun(gpu=gpu, gpus=gpus, mfu=mfu, gpu_hours=gpu_hours)), json_out)
     else:
-        _print_main(run(cfg))
+        emit(run(cfg), json_out)
 
 
 @app.command("generate", rich_help_panel="Models")
@@ -200,8 +204,14 @@ def generate(
     top_k: Annotated[int, typer.Option(help="Sample among the k most likely (0 = all).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 1234,
     device: Device = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object ({\"prompt\", \"completion\"}, or "
+                                                         "{\"messages\"} with --chat) instead of streaming text.")]
+    = False,
 ) -> None:
-    """Continue PROMPT (or answer --chat) with a KV cache, streaming tokens to stdout."""
+    """Continue PROMPT (or answer --chat) with a KV cache, streaming tokens to stdout.
+
+    Example: slm generate runs/cooldown "def fibonacci(n):" --temperature 0      slm generate runs/sft --chat "Hi!"
+    """
     import json
 
     from slm.errors import SlmError
@@ -237,6 +247,11 @@ def generate(
     if chat is None and prompt is None:
         raise SlmError("give a PROMPT to continue, or --chat MESSAGE")
     cfg = config(prompt=prompt or "", chat=[{"role": "user", "content": chat}] if chat is not None else None)
+    if json_out:
+        text = "".join(run(cfg))
+        print(json.dumps({"messages": cfg.chat + [{"role": "assistant", "content": text}]} if chat is not None
+                         else {"prompt": prompt, "completion": text}, ensure_ascii=False))
+        return
     for piece in run(cfg):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -247,12 +262,21 @@ def generate(
 def plot_cmd(
     run_dir: Annotated[Path, typer.Argument(metavar="RUNDIR", help="A run directory (with metrics.jsonl).",
                                             show_default=False)],
+    json_out: Annotated[bool, typer.Option("--json", help="Print {\"path\": the plot} as JSON.")] = False,
 ) -> None:
-    """Draw RUNDIR/loss.png from metrics.jsonl; prints its path."""
+    """Draw RUNDIR/loss.png from metrics.jsonl; prints its path.
+
+    Example: slm plot runs/pretrain
+    """
     from slm.errors import SlmError
     from slm.train.metrics import plot
 
     path = plot(run_dir)
     if path is None:
         raise SlmError(f"{run_dir}: no training steps in metrics.jsonl to plot")
-    print(path)
+    if json_out:
+        import json
+
+        print(json.dumps({"path": str(path)}))
+    else:
+        print(path)

@@ -283,10 +283,18 @@ class Checkpoint:
 
     @cached_property
     def model_config(self) -> ModelConfig:
+        where = str(self.dir / "config.json")
+        if not isinstance(self.hf_config, dict):
+            raise SlmError(f"{where}: expected a JSON object (a transformers model config)")
         try:
-            return from_hf_config(self.hf_config, str(self.dir / "config.json"))
-        except (ValueError, KeyError) as e:
-            raise SlmError(str(e).strip("'\"")) from None
+            return from_hf_config(self.hf_config, where)
+        except KeyError as e:
+            raise SlmError(f"{where}: missing {e.args[0]!r}") from None
+        except ValueError as e:
+            msg = str(e).strip("'\"")
+            raise SlmError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        except TypeError:
+            raise SlmError(f"{where}: a field has the wrong type (numbers where numbers belong)") from None
 
     @cached_property
     def manifest(self) -> dict | None:
@@ -294,12 +302,17 @@ class Checkpoint:
         if not p.is_file():
             return None
         m = read_json(p)
-        return m if m.get("kind") == "checkpoint" else None
+        return m if isinstance(m, dict) and m.get("kind") == "checkpoint" else None
 
     @cached_property
     def train_state(self) -> dict | None:
         p = self.dir / "train_state" / "state.json"
-        return read_json(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        state = read_json(p)
+        if not isinstance(state, dict):
+            raise SlmError(f"{p}: expected a JSON object (step, tokens seen, data position)")
+        return state
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -320,10 +333,19 @@ class Checkpoint:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under slm's names (fused q/k/v and gate/up)."""
+        from safetensors import SafetensorError
+
+        cfg = self.model_config
         try:
-            return from_hf_state_dict(self.hf_state_dict(), self.model_config)
+            hf = self.hf_state_dict()
+        except SafetensorError as e:
+            raise SlmError(f"{self.dir}: the weights are not a readable safetensors file ({e})") from None
+        try:
+            return from_hf_state_dict(hf, cfg)
         except KeyError as e:
             raise SlmError(f"{self.dir}: {e.args[0]}") from None
+        except RuntimeError as e:  # a tensor whose shape is not the config's
+            raise SlmError(f"{self.dir}: the weights do not match config.json ({str(e).splitlines()[0]})") from None
 
     def optimizer_state(self, legacy_order: list[str] | None = None) -> OptimizerState | None:
         """AdamW's state (train_state/optimizer.safetensors), or None. LEGACY_ORDER names the parameters in the

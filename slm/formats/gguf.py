@@ -247,3 +247,47 @@ def metadata(path: Path) -> dict:
         except Exception:  # noqa: BLE001 - a field gguf-py cannot render is left out of the summary
             continue
     return json.loads(json.dumps(out, default=str))
+
+
+def check_lineage(path: Path, ckpt) -> None:
+    """Refuse, in one line, a GGUF file that is not CKPT's model. A file slm wrote names its checkpoint's weights
+    (slm.checkpoint_sha256): they must be CKPT's. A file written elsewhere (llama.cpp's converter) must have CKPT's
+    architecture, layers, width and vocabulary."""
+    import gguf
+
+    path = Path(path)
+    try:
+        r = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - gguf-py raises several kinds on a file that is not GGUF
+        raise SlmError(f"{path}: not a GGUF file gguf-py can read ({e})") from None
+
+    def field(key):
+        f = r.fields.get(key)
+        if f is None:
+            return None
+        try:
+            v = f.contents()
+        except Exception:  # noqa: BLE001
+            return None
+        return v.tolist() if hasattr(v, "tolist") else v
+
+    made = {f.get("path"): f.get("sha256") for f in (ckpt.manifest or {}).get("files", []) if isinstance(f, dict)}
+    theirs, ours = field("slm.checkpoint_sha256"), made.get("model.safetensors")
+    if theirs and ours:
+        if theirs != ours:
+            raise SlmError(f"{path}: written from another checkpoint ({field('slm.checkpoint')}, weights "
+                           f"{theirs[:12]}), not from {ckpt.dir} (weights {ours[:12]})")
+        return
+    cfg = ckpt.model_config
+    arch = field("general.architecture")
+    want = {"general.architecture": "llama" if cfg.family == "llama" else "stablelm",
+            f"{arch}.block_count": cfg.num_layers, f"{arch}.embedding_length": cfg.hidden_size,
+            f"{arch}.feed_forward_length": cfg.intermediate_size}
+    embd = next((t for t in r.tensors if t.name == "token_embd.weight"), None)
+    got = {k: field(k) for k in want}
+    if embd is not None:
+        want["vocabulary"] = cfg.vocab_size
+        got["vocabulary"] = int(max(embd.shape))
+    for k, v in want.items():
+        if got[k] is not None and got[k] != v:
+            raise SlmError(f"{path}: not this checkpoint's model ({k} is {got[k]}, {ckpt.dir} has {v})")

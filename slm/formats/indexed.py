@@ -164,9 +164,28 @@ class IndexedDataset:
         bin_size = os.path.getsize(self.bin_path) if self.bin_path.exists() else -1
         if bin_size < 0:
             raise SlmError(f"{self.bin_path}: missing")
+        self._check_layout()
         want = int(self.pointers[-1]) + int(self.lengths[-1]) * self.dtype.itemsize if n_seq else 0
         if bin_size != want:
             raise SlmError(f"{self.bin_path}: {bin_size} bytes, the index says {want}")
+
+    def _check_layout(self, chunk: int = 1 << 22) -> None:
+        """Sequences lie one after another from byte 0 (as Megatron and slm write them), with lengths >= 0: a damaged
+        index is named here, in one line, not met later as a wrong slice. Chunked: memory stays flat."""
+        item = self.dtype.itemsize
+        expect = 0
+        for start in range(0, self.n_sequences, chunk):
+            lengths = np.asarray(self.lengths[start:start + chunk], dtype=np.int64)
+            pointers = np.asarray(self.pointers[start:start + chunk], dtype=np.int64)
+            if (lengths < 0).any():
+                i = start + int(np.argmax(lengths < 0))
+                raise SlmError(f"{self.idx_path}: damaged index (sequence {i} has length {int(self.lengths[i])})")
+            starts = expect + np.concatenate([[0], np.cumsum(lengths[:-1] * item)])
+            if not np.array_equal(pointers, starts):
+                i = start + int(np.argmax(pointers != starts))
+                raise SlmError(f"{self.idx_path}: damaged index (sequence {i} starts at byte "
+                               f"{int(self.pointers[i])}, expected {int(starts[i - start])})")
+            expect = int(starts[-1] + lengths[-1] * item)
 
     def __len__(self) -> int:
         return self.n_sequences

@@ -84,6 +84,8 @@ def read_json(path: Path, what: str = "file") -> Any:
         raise SlmError(f"{path}: no such {what}") from None
     except json.JSONDecodeError as e:
         raise SlmError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise SlmError(f"{path}: not UTF-8 text (expected JSON)") from None
 
 
 def new_manifest(kind: str, config: dict, *, inputs: list[dict] | None = None, counts: dict | None = None,

@@ -18,6 +18,8 @@ slm.model.hf maps the weights to and from transformers' names, and a test holds 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -56,6 +58,19 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"model.family: expected one of {FAMILIES}, got {self.family!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "max_seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"model.{name}: expected a positive integer, got {v!r}")
+        for name, low, high in (("rope_theta", 0.0, math.inf), ("partial_rotary_factor", 0.0, 1.0),
+                                ("norm_eps", 0.0, 1.0), ("init_std", 0.0, math.inf)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low < v <= high:
+                raise ValueError(f"model.{name}: expected a number in ({low:g}, {high:g}], got {v!r}")
+        for name in ("qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model.{name}: expected true or false, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:

@@ -208,6 +208,19 @@ def _run(cfg: DpoConfig, d: engine.Dist) -> Path:
         raise SlmError(f"chat template {template.name}: the tokenizer of {source.dir} lacks {', '.join(missing)} "
                        "(fine-tune with `slm sft --template ...` first, which adds them)")
 
+    # the reference must score the policy's token ids: checked before any data is read
+    ref_ckpt = Checkpoint.open(cfg.ref) if cfg.ref else source
+    if plan is not None:
+        ref_ckpt = Checkpoint.open(plan["reference"])
+    if ref_ckpt.dir != source.dir:
+        ref_tok = ref_ckpt.tokenizer()
+        if ref_tok is not None and ref_tok.hash != tok.hash:
+            raise SlmError(f"--ref {ref_ckpt.dir}: its tokenizer ({ref_tok.hash[:12]}) is not the policy's "
+                           f"({tok.hash[:12]}); the reference must score the same token ids")
+        if ref_ckpt.model_config.vocab_size < tok.n_vocab:
+            raise SlmError(f"--ref {ref_ckpt.dir}: vocab_size {ref_ckpt.model_config.vocab_size} is smaller than "
+                           f"the tokenizer's {tok.n_vocab} ids")
+
     counts: dict = {}
     pairs = read_pairs(cfg.data, cfg.skip_bad, s.min_chosen_score, counts)
     encoded = encode_pairs(pairs, tok, template, s.max_length, s.max_prompt_length, counts)
@@ -231,17 +244,6 @@ def _run(cfg: DpoConfig, d: engine.Dist) -> Path:
     setup.load_weights(model, resume if resume is not None else source)
     autocast = autocast_for(t, d.device)
 
-    ref_ckpt = Checkpoint.open(cfg.ref) if cfg.ref else source
-    if plan is not None:
-        ref_ckpt = Checkpoint.open(plan["reference"])
-    if ref_ckpt.dir != source.dir:
-        ref_tok = ref_ckpt.tokenizer()
-        if ref_tok is not None and ref_tok.hash != tok.hash:
-            raise SlmError(f"--ref {ref_ckpt.dir}: its tokenizer ({ref_tok.hash[:12]}) is not the policy's "
-                           f"({tok.hash[:12]}); the reference must score the same token ids")
-        if ref_ckpt.model_config.vocab_size < tok.n_vocab:
-            raise SlmError(f"--ref {ref_ckpt.dir}: vocab_size {ref_ckpt.model_config.vocab_size} is smaller than "
-                           f"the tokenizer's {tok.n_vocab} ids")
     ref_hash = weights_sha256(ref_ckpt)
     micro = s.micro_batch_size
 

@@ -206,3 +206,33 @@ def render(node: dict):
 
     add(tree, node)
     return tree
+
+
+RESULT_FILES = ("quantize.json", "bench.json", "eval.json", "carbon.json", "dpo.json", "selfknow.json")
+
+
+def summary(path: Path) -> dict:
+    """What `--json` prints for a stage's output: the artifact's manifest summary, what it was made from (one
+    generation), its counts, a training run's last metrics, and the stage's result file (quantize.json, dpo.json...)."""
+    from slm.formats.manifest import read_json
+    from slm.stages.report import _metrics
+
+    node = describe(Path(path), depth=1)
+    for parent in node.get("from", []):
+        parent.pop("from", None)
+    art = Path(node["path"])
+    m = _manifest(art) if art.is_dir() else None
+    if m and "counts" in m:
+        node["counts"] = m["counts"]
+    places = [art] if art.is_dir() else []
+    if node.get("run"):
+        run = Path(node["run"])
+        if (run / "metrics.jsonl").is_file():
+            node["metrics"] = {k: v for k, v in _metrics(run).items() if k != "run"}
+        places.append(run)
+    for place in places:
+        for name in RESULT_FILES:
+            if (place / name).is_file():
+                node["result"] = read_json(place / name)
+    return node
+

@@ -45,6 +45,9 @@ class QuantizeConfig:
     int4_symmetric: bool = True
     int4_all_layers: bool = False
     report: bool = True
+    gguf: list[Path] = field(default_factory=list)
+    """GGUF files written elsewhere (llama.cpp's own quantizer, an imatrix run) to score against the checkpoint
+    beside the types slm writes; each must be this checkpoint's model (slm.formats.gguf.check_lineage)."""
 
 
 def parse_types(text: str) -> list[str]:
@@ -242,6 +245,17 @@ def run(cfg: QuantizeConfig) -> Path:
     if tok is None:
         raise SlmError(f"{ckpt.dir}: no slm tokenizer (encoding.json) in the checkpoint")
     types = cfg.types
+    from slm.formats.gguf import check_lineage
+
+    external = {}
+    for g in cfg.gguf:
+        g = Path(g).absolute()
+        if not g.is_file():
+            raise SlmError(f"--gguf {g}: no such file")
+        check_lineage(g, ckpt)  # before anything is written
+        external[g.stem if g.stem not in types else f"{g.stem} (given)"] = g
+    if not types and not external:
+        raise SlmError("nothing to do: give --type or --gguf")
     name = cfg.name or model_name(ckpt)
     state = ckpt.state_dict()  # read once, for every file
     n_params = sum(int(np.prod(v.shape)) for k, v in state.items()
@@ -287,6 +301,8 @@ def run(cfg: QuantizeConfig) -> Path:
                 bar.advance(task)
             if f16_path is not None and f16_path.name.startswith("."):
                 f16_path.unlink()
+        for label, g in external.items():  # scored where they are, not copied
+            files[label] = {"file": str(g), "format": "gguf", "fallbacks": [], "given": True}
         for kind, entry in files.items():
             p = tmp / entry["file"]
             size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
@@ -302,7 +318,8 @@ def run(cfg: QuantizeConfig) -> Path:
             "quantize", {"types": types, "eval_tokens": cfg.eval_tokens, "window": cfg.window,
                          "int4_group_size": cfg.int4_group_size, "int4_symmetric": cfg.int4_symmetric,
                          "int4_all_layers": cfg.int4_all_layers},
-            inputs=[{"path": str(ckpt.dir)}], counts={"files": len(files)}, started=started,
+            inputs=[{"path": str(ckpt.dir)}] + [{"path": str(g), "kind": "gguf"} for g in external.values()],
+            counts={"files": len(files)}, started=started,
             lineage={"parent": str(ckpt.dir), "stage": "quantize"},
             files={k: v["file"] for k, v in files.items()}))
     print_table(report)
