@@ -174,9 +174,9 @@ def test_pipeline_runs_on_the_tiny_recipe(tmp_path):
         "#!/usr/bin/env bash\n"
         'case "$1" in\n'
         '  pretrain|cooldown|sft|dpo) set -- "$@" --steps 3 ;;\n'
-        '  selfknow) [ "$2" = train ] && set -- "$@" --steps 3; [ "$2" = generate ] && set -- "$@" --n 24 ;;\n'
-        '  chat-data) set -- "$@" --n 300 ;;\n'
-        '  quantize) set -- "$@" --type f16,q8_0,q4_k_m ;;\n'
+        '  selfknow) [ "$2" = train ] && set -- "$@" --steps 3; [ "$2" = generate ] && set -- "$@" --n 12 ;;\n'
+        '  chat-data) set -- "$@" --n 200 ;;\n'
+        '  quantize) set -- "$@" --type f16,q8_0,q4_k_m --eval-tokens 512 ;;\n'
         '  bench) set -- "$@" --repeat 1 --gen 8 --prompt 32 ;;\n'
         '  eval) set -- "$@" --limit 8 ;;\n'
         "esac\n"

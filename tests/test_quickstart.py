@@ -39,7 +39,7 @@ def test_quickstart_runs_every_stage(tmp_path):
                     "## Evaluation (eval, suite slm-local)", "## Carbon (carbon)"):
         assert section in report, section
     bench = [line for line in report.split("## Speed (bench)")[1].split("##")[0].splitlines() if line.startswith("| ")]
-    assert len(bench) == 6 and [row.split("|")[2].strip() for row in bench[2:]] == ["torch", "llama.cpp",
+    assert len(bench) == 5 and [row.split("|")[2].strip() for row in bench[1:]] == ["torch", "llama.cpp",
                                                                                       "llama.cpp", "openvino"]
     assert "the token ledger" in proc.stderr
     tok = Tokenizer(out / "tokenizer")
