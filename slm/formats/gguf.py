@@ -166,9 +166,8 @@ def write_gguf(ckpt, path: Path, kind: str, name: str | None = None, state: dict
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     # where the file came from: `slm info` follows it, and a stage given a GGUF and a checkpoint can check they match
     w.add_string("slm.checkpoint", str(Path(ckpt.dir).resolve()))
-    made = {f.get("path"): f.get("sha256") for f in (ckpt.manifest or {}).get("files", []) if isinstance(f, dict)}
-    if made.get("model.safetensors"):
-        w.add_string("slm.checkpoint_sha256", made["model.safetensors"])
+    if weights := _recorded_weights_sha256(ckpt):
+        w.add_string("slm.checkpoint_sha256", weights)
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_layers)
@@ -249,6 +248,12 @@ def metadata(path: Path) -> dict:
     return json.loads(json.dumps(out, default=str))
 
 
+def _recorded_weights_sha256(ckpt) -> str | None:
+    """The sha256 of model.safetensors as the checkpoint's manifest records it (None for a foreign checkpoint)."""
+    made = {f.get("path"): f.get("sha256") for f in (ckpt.manifest or {}).get("files", []) if isinstance(f, dict)}
+    return made.get("model.safetensors")
+
+
 def check_lineage(path: Path, ckpt) -> None:
     """Refuse, in one line, a GGUF file that is not CKPT's model. A file slm wrote names its checkpoint's weights
     (slm.checkpoint_sha256): they must be CKPT's. A file written elsewhere (llama.cpp's converter) must have CKPT's
@@ -271,8 +276,7 @@ def check_lineage(path: Path, ckpt) -> None:
             return None
         return v.tolist() if hasattr(v, "tolist") else v
 
-    made = {f.get("path"): f.get("sha256") for f in (ckpt.manifest or {}).get("files", []) if isinstance(f, dict)}
-    theirs, ours = field("slm.checkpoint_sha256"), made.get("model.safetensors")
+    theirs, ours = field("slm.checkpoint_sha256"), _recorded_weights_sha256(ckpt)
     if theirs and ours:
         if theirs != ours:
             raise SlmError(f"{path}: written from another checkpoint ({field('slm.checkpoint')}, weights "

@@ -215,7 +215,7 @@ def summary(path: Path) -> dict:
     """What `--json` prints for a stage's output: the artifact's manifest summary, what it was made from (one
     generation), its counts, a training run's last metrics, and the stage's result file (quantize.json, dpo.json...)."""
     from slm.formats.manifest import read_json
-    from slm.stages.report import _metrics
+    from slm.stages.report import last_metrics
 
     node = describe(Path(path), depth=1)
     for parent in node.get("from", []):
@@ -228,7 +228,7 @@ def summary(path: Path) -> dict:
     if node.get("run"):
         run = Path(node["run"])
         if (run / "metrics.jsonl").is_file():
-            node["metrics"] = {k: v for k, v in _metrics(run).items() if k != "run"}
+            node["metrics"] = {k: v for k, v in last_metrics(run).items() if k != "run"}
         places.append(run)
     for place in places:
         for name in RESULT_FILES:

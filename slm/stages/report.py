@@ -42,7 +42,7 @@ def _kind(d: Path) -> str | None:
 
 
 def _run_stage(run: Path) -> str:
-    """The stage a run directory trained: its newest checkpoint's manifest says, else its metrics' first lines."""
+    """The stage a run directory trained, as its newest checkpoint's manifest says (else the directory's name)."""
     from slm.formats.checkpoint import Checkpoint
 
     try:
@@ -52,7 +52,8 @@ def _run_stage(run: Path) -> str:
     return str(stage or run.name)
 
 
-def _metrics(run: Path) -> dict:
+def last_metrics(run: Path) -> dict:
+    """A run's last training step and last validation, from RUN/metrics.jsonl."""
     last_train, last_valid, first_valid = None, None, None
     try:
         lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
@@ -93,7 +94,7 @@ def collect(root: Path, depth: int = 3) -> dict:
     def walk(d: Path, left: int) -> None:
         kind = _kind(d)
         if (d / "metrics.jsonl").is_file() and (d / "checkpoints").is_dir():
-            entry = _metrics(d)
+            entry = last_metrics(d)
             entry["stage"] = _run_stage(d)
             entry["dir"] = _rel(d, root)
             report["training"].append(entry)
