@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,52 @@ def run_cli(*args, cwd=None, env=None, check=False) -> subprocess.CompletedProce
     if check and proc.returncode != 0:
         raise AssertionError(f"slm {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+HOOKS = ROOT / "tests" / "hooks"
+
+
+class Gate:
+    """Holds a training subprocess at a step until the test lets it go (tests/hooks/sitecustomize.py), so that a
+    test which signals or kills a run never races the machine's speed. Give `env()` to the subprocess."""
+
+    def __init__(self, path: Path, step: int):
+        self.path, self.step = Path(path), step
+        self.path.touch()
+
+    def env(self, base: dict | None = None) -> dict:
+        env = dict(os.environ if base is None else base)
+        env["PYTHONPATH"] = os.pathsep.join([str(HOOKS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env.update(SLM_TEST_GATE=str(self.path), SLM_TEST_GATE_STEP=str(self.step))
+        return env
+
+    def markers(self, kind: str) -> list[Path]:
+        return sorted(self.path.parent.glob(f"{self.path.name}.{kind}-*"))
+
+    def wait(self, kind: str = "reached", proc=None, timeout: float = 600) -> None:
+        """Until a process reached the step ("reached") or received a signal there ("signal")."""
+        deadline = time.monotonic() + timeout
+        while not self.markers(kind):
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"the process ended (exit {proc.returncode}) before the gate saw '{kind}'")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no '{kind}' at the gate {self.path} within {timeout} s")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        """Hold the next process that reaches the step again (forgetting what earlier ones marked)."""
+        for m in self.markers("reached") + self.markers("signal"):
+            m.unlink()
+        self.path.touch()
+
+    def open(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def signal(self, proc, sig) -> None:
+        """Send SIG to a process held at the step, wait until it has arrived, then let the run go on."""
+        proc.send_signal(sig)
+        self.wait("signal", proc)
+        self.open()
 
 
 TEST_MODEL = """

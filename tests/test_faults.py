@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import Gate, run_cli
 
 from slm.errors import SlmError, Stopped
 from slm.formats.checkpoint import Checkpoint, read_metrics, verify_checkpoint
@@ -225,13 +225,11 @@ def test_requeue_under_slurm_runs_scontrol_after_the_save(tmp_path, train_data):
     (bindir / "scontrol").chmod(0o755)
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
     run = tmp_path / "run"
-    proc = subprocess.Popen(cli_args(train_data, run, 40, "--requeue", "--set", "train.save_every=1000"), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
+    gate = Gate(tmp_path / "gate", step=2)
+    proc = subprocess.Popen(cli_args(train_data, run, 40, "--requeue", "--set", "train.save_every=1000"),
+                            env=gate.env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gate.wait("reached", proc)
+    gate.signal(proc, signal.SIGUSR1)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     step = Checkpoint.open(run).step
@@ -248,18 +246,22 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_same_weights(tmp_path, tr
     run = tmp_path / "run"
     args = cli_args(train_data, run, steps, "--set", "train.save_every=2")
     rng = random.Random(20261125)
-    kills = 0
-    while kills < 6:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.5, 5.0))  # start-up takes about 2 s; a step and a save some tens of ms
-        if proc.poll() is not None:
-            break  # finished before the kill: nothing left to interrupt
+    gate = Gate(tmp_path / "gate", step=steps - 1)
+    for kill in range(6):
+        # Held at a random step, a process can never finish before its kill, however fast the machine; the kill
+        # comes at a random moment before that (start-up, a step, a save) or, at the latest, at the gate.
+        gate.step = rng.randrange(1, steps)
+        gate.close()
+        proc = subprocess.Popen(args, env=gate.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + rng.uniform(0.5, 5.0)  # start-up takes about 2 s; a step and a save ms
+        while time.monotonic() < deadline and not gate.markers("reached") and proc.poll() is None:
+            time.sleep(0.01)
+        assert proc.poll() is None, f"kill {kill}: the run ended (exit {proc.returncode}) before it was killed"
         proc.kill()
         proc.wait()
-        kills += 1
+    gate.open()
     done = subprocess.run(args, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert kills >= 3, "the run finished too fast to be interrupted"
     last = Checkpoint.open(run)
     assert last.step == steps and same_weights(last.dir, whole)
     a, b = last.optimizer_state(), Checkpoint(whole).optimizer_state()

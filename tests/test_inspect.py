@@ -5,10 +5,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import run_cli
+from conftest import Gate, run_cli
 
 
 def _walk(node):
@@ -65,25 +64,19 @@ def test_status_of_a_finished_and_a_running_run(tmp_path, base_ckpt, train_data)
     from slm.stages.status import status
 
     out = tmp_path / "long"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    gate = Gate(tmp_path / "gate", step=1)  # held after its second step, however fast the machine trains
+    env = gate.env(dict(os.environ, OMP_NUM_THREADS="1"))
     proc = subprocess.Popen([sys.executable, "-m", "slm", "pretrain", "--config", str(train_data / "model.yaml"),
                              "--data", str(train_data / "mix"), "--out", str(out), "--steps", "300", "--device",
                              "cpu", "--set", "train.save_every=0"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.DEVNULL, text=True)
     try:
-        deadline = time.time() + 120
-        p = {}
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "progress.json").is_file():
-                p = status(out)
-                if p.get("state") == "running" and p.get("step", 0) >= 2 and p.get("eta_s"):
-                    proc.send_signal(signal.SIGSTOP)  # hold it there while we look
-                    break
-            time.sleep(0.05)
-        assert p.get("state") == "running", (p, proc.poll())
+        gate.wait("reached", proc)
+        p = status(out)
+        assert p.get("state") == "running" and p.get("eta_s"), p
         shown = json.loads(run_cli("status", out, "--json").stdout)
         assert shown["state"] == "running" and shown["total_steps"] == 300 and shown["tokens_per_s"] > 0
-        assert shown["pid"] == proc.pid and shown["eta_s"] > 0 and 2 <= shown["step"] < 300
+        assert shown["pid"] == proc.pid and shown["eta_s"] > 0 and 1 <= shown["step"] < 300
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, Gate
 
 from slm.formats.checkpoint import Checkpoint, read_metrics
 
@@ -127,18 +127,21 @@ def test_sbatch_preempted_requeues_itself_and_matches_an_uninterrupted_run(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run, log = tmp_path / "run", tmp_path / "job.log"
-    job_env = dict(slurm.env, SLM=f"{sys.executable} -m slm", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    gate = Gate(tmp_path / "gate", step=9)  # each task waits after its 10th step until the signal has reached it
+    job_env = gate.env(dict(slurm.env, SLM=f"{sys.executable} -m slm",
+                            PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))
     out = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=30",
                           f"--output={log}", f"--chdir={tmp_path}", str(SBATCH), "tiny", str(train_data / "mix"),
                           str(run), *args], env=job_env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 10):
-        time.sleep(0.2)
-    assert metrics.exists(), log.read_text() if log.exists() else "no job log"
+    try:
+        gate.wait("reached", timeout=300)
+    except AssertionError:
+        raise AssertionError(log.read_text() if log.exists() else "no job log") from None
     slurm.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@120 sends before the time limit
+    gate.wait("signal", timeout=120)
+    gate.open()
     deadline = time.time() + 600
     while time.time() < deadline:
         info = slurm.job(job)

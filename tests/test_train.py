@@ -5,13 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, Gate, run_cli
 
 from slm.errors import Stopped
 from slm.formats.checkpoint import Checkpoint, read_metrics
@@ -212,12 +211,10 @@ def test_sigterm_saves_and_resumes(tmp_path, train_data):
     args = [sys.executable, "-m", "slm", "pretrain", "--config", str(train_data / "model.yaml"), "--data",
             str(train_data / "mix"), "--out", str(out), "--steps", "30", "--device", "cpu",
             "--set", "train.save_every=1000"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    gate = Gate(tmp_path / "gate", step=5)
+    proc = subprocess.Popen(args, env=gate.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gate.wait("reached", proc)
+    gate.signal(proc, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75 and "stopped by SIGTERM" in stderr and stdout == ""  # EX_TEMPFAIL: run again
     stopped_at = Checkpoint.open(out).step
