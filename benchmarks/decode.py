@@ -37,7 +37,7 @@ def make_checkpoint(d: Path, hidden: int, layers: int, vocab_texts: int) -> Path
     from slm.formats.checkpoint import write_checkpoint
     from slm.formats.tokenizer import Tokenizer, padded_vocab_size
     from slm.model.transformer import ModelConfig, build
-    from slm.stages.tokenize import TrainConfig, train
+    from slm.stages.tokenize import TrainConfig, train_bpe as train
 
     corpus = d / "corpus.jsonl"
     import sysconfig

@@ -1,4 +1,4 @@
-"""Benchmark: batched sampling with a KV cache (slm.stages.generate.generate_batch, what `slm selfknow generate`
+"""Benchmark: batched sampling with a KV cache (slm.inference.sampling.generate_batch, what `slm selfknow generate`
 runs) against the same prompts one at a time with the same cache code, in one run.
 
     python benchmarks/generate_batch.py [--threads N] [--prompts 64] [--batch 64] [--new 64] [--rounds 3] [--device cpu]
@@ -25,8 +25,8 @@ import time
 
 import torch
 
+from slm.inference.sampling import generate_batch
 from slm.model.transformer import ModelConfig, build
-from slm.stages.generate import generate_batch
 
 TINY = ModelConfig(family="stablelm", vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
                    intermediate_size=768, partial_rotary_factor=0.25, qkv_bias=True, max_seq_len=512)

@@ -49,7 +49,8 @@ def main() -> None:
 
     from slm.formats.checkpoint import Checkpoint
     from slm.formats.gguf import write_gguf
-    from slm.stages.quantize import _llama_quantize
+    from slm.formats.gguf import LLAMA_CPP_TYPES
+    from slm.inference.llamacpp import quantize_gguf
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,8 +62,8 @@ def main() -> None:
             row["slm_f16_s"] = timed(lambda: write_gguf(ckpt, d / "f16.gguf", "f16"), args.rounds)
             row["slm_q4_0_s"] = timed(lambda: write_gguf(ckpt, d / "q4_0.gguf", "q4_0"), args.rounds)
             try:
-                row["slm_q5_k_m_s"] = timed(lambda: _llama_quantize(d / "f16.gguf", d / "q5.gguf", "q5_k_m", None),
-                                            args.rounds)
+                row["slm_q5_k_m_s"] = timed(lambda: quantize_gguf(d / "f16.gguf", d / "q5.gguf",
+                                                                  LLAMA_CPP_TYPES["q5_k_m"], None, "q5_k_m"), args.rounds)
             except Exception as e:  # noqa: BLE001 - reported in the output
                 row["slm_q5_k_m_s"] = f"unavailable: {e}"
             if args.llama_cpp:

@@ -47,7 +47,7 @@ def main() -> None:
     from slm.formats.tokenizer import Tokenizer
     from slm.stages.corpus import CorpusConfig, run as build_corpus
     from slm.stages.encode import EncodeConfig, run as encode
-    from slm.stages.tokenize import BuildConfig, TrainConfig, build, train
+    from slm.stages.tokenize import BuildConfig, TrainConfig, build_arcade as build, train_bpe as train
 
     work = Path(tempfile.mkdtemp(prefix="slm-bench-"))
     corpus = args.corpus or build_corpus(CorpusConfig(out=work / "corpus"))

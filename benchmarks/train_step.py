@@ -172,10 +172,10 @@ ENGINE_GLOBAL_BATCH = 16  # sequences of the tiny shape's 256 tokens: the tiny r
 def engine_worker(name: str, rounds: int, steps: int) -> None:
     """One process of an --engines measurement (under torchrun for 2): slm's engine API, as the training loop uses
     it, on random tokens; rank 0 prints tokens/s as JSON."""
-    from slm.train import engine
+    from slm.train import dist, engine
     from slm.train.config import TrainSettings
 
-    d = engine.setup("cpu")
+    d = dist.setup("cpu")
     cfg, micro, seq = SHAPES["tiny"][0], ENGINE_GLOBAL_BATCH // 2, SHAPES["tiny"][2]
     accumulation = ENGINE_GLOBAL_BATCH // (micro * d.world)
     t = TrainSettings(tokens_per_step=ENGINE_GLOBAL_BATCH * seq, micro_batch_size=micro, dtype="fp32", engine=name)
@@ -194,7 +194,7 @@ def engine_worker(name: str, rounds: int, steps: int) -> None:
                 s, _ = eng.forward_model(tokens[:, :-1], targets=tokens[:, 1:])
                 loss_sum += s.detach()
                 if last:
-                    engine.all_reduce_sum(loss_sum, d)
+                    dist.all_reduce_sum(loss_sum, d)
                 eng.backward(s * (d.world / n_global), last)
         eng.finish_step(True)
 
@@ -202,12 +202,12 @@ def engine_worker(name: str, rounds: int, steps: int) -> None:
     step()
     times = []
     for _ in range(rounds):
-        engine.barrier(d)
+        dist.barrier(d)
         times.append(timed(step, steps, torch.device("cpu")))
     if d.main:
         print(json.dumps({"engine": eng.describe(), "processes": d.world, "threads": torch.get_num_threads(),
                           "tokens_per_s": round(ENGINE_GLOBAL_BATCH * seq / statistics.median(times), 1)}))
-    engine.teardown(d)
+    dist.teardown(d)
 
 
 def engines_rows(args, results: dict) -> None:

@@ -22,7 +22,7 @@ from rich.text import Text
 
 err = Console(stderr=True, highlight=False)
 
-# "[rank R/W] " before every line a process of a multi-process run writes (set by slm.train.engine.setup).
+# "[rank R/W] " before every line a process of a multi-process run writes (set by slm.train.dist.setup).
 _rank_prefix = ""
 
 

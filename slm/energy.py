@@ -1,13 +1,13 @@
 """The energy meter every computing stage runs: codecarbon's offline tracker, one per node.
 
-`slm` starts a meter around each computing command (slm.cli.main). It measures the whole machine (codecarbon's
+`slm` starts a meter around each computing command (slm.cli.main, which knows which commands compute). It measures the whole machine (codecarbon's
 "machine" mode: CPU through RAPL when the kernel exposes it, else the CPU's TDP scaled by load; GPUs through NVML;
 RAM estimated from its size) and only in the process with local rank 0, so a SLURM job with eight ranks per node is
 counted once per node, not eight times (codecarbon's known pitfall when every rank runs a tracker).
 
 Where the reading goes:
-- stages that write one directory (tokenize, quantize, bench, eval, ...): the meter stops when the stage writes its
-  manifest, and the manifest gets `energy` (the record below) and `energy_kwh`;
+- stages that write one directory (tokenize, quantize, bench, eval, ...): the stage stops the meter with `take()` as
+  it writes its manifest, which gets `energy` (the record below) and `energy_kwh`;
 - training runs (pretrain, cooldown, sft, dpo, selfknow train), which can be stopped and resumed: each process with
   local rank 0 writes RUN/energy/<start>-<host>-<pid>.json when it ends (by finishing or after a signal), so a run's
   energy is the sum over its sessions and nodes (`slm carbon` adds them up).
@@ -29,8 +29,7 @@ import socket
 import time
 from pathlib import Path
 
-COMPUTING = {"tokenize", "pretrain", "cooldown", "sft", "dpo", "selfknow", "quantize", "bench", "eval", "chat-data",
-             "mix"}
+from slm.formats.manifest import write_json
 
 TRAINING = {"pretrain", "cooldown", "sft", "dpo", "selfknow train"}
 
@@ -98,8 +97,6 @@ class Meter:
     def __exit__(self, *exc) -> None:
         record = self.stop()
         if record is not None and self.run_dir is not None and self.run_dir.is_dir():
-            from slm.formats.manifest import write_json
-
             d = self.run_dir / "energy"
             d.mkdir(exist_ok=True)
             write_json(d / f"{self.started_utc}-{record['host']}-{os.getpid()}.json", record)
@@ -132,14 +129,6 @@ def make_record(stage: str, data, tracker, wall: float) -> dict:
         "kg_co2eq": float(data.emissions), "pue_applied": float(data.pue or 1.0),
         "codecarbon_version": codecarbon.__version__,
     }
-
-
-def stage_of(argv: list[str]) -> str | None:
-    """The computing stage a command line runs (None: not one, or only help / a dry run)."""
-    words = [a for a in argv[1:] if not a.startswith("-")][:2]
-    if not words or words[0] not in COMPUTING or {"--help", "-h", "--dry-run"} & set(argv):
-        return None
-    return f"{words[0]} {words[1]}" if words[0] in ("tokenize", "selfknow") and len(words) > 1 else words[0]
 
 
 def attach(run_dir: Path) -> None:

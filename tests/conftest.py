@@ -59,7 +59,7 @@ def cl100k_ranks_path() -> Path:
 
 @pytest.fixture(scope="session")
 def arcade_dir(tmp_path_factory, cl100k_ranks_path) -> Path:
-    from slm.stages.tokenize import BuildConfig, build
+    from slm.stages.tokenize import BuildConfig, build_arcade as build
 
     out = tmp_path_factory.mktemp("arcade") / "arcade100k"
     build(BuildConfig(out=out, ranks=cl100k_ranks_path))
@@ -87,7 +87,7 @@ def small_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_tok(tmp_path_factory, small_corpus) -> Path:
     """A small byte-level BPE (arcade rules) trained on local text: fast, uint16 ids."""
-    from slm.stages.tokenize import TrainConfig, train
+    from slm.stages.tokenize import TrainConfig, train_bpe as train
 
     out = tmp_path_factory.mktemp("tok") / "tok"
     train(TrainConfig(corpus=[str(small_corpus)], vocab_size=1024, out=out))

@@ -9,7 +9,7 @@ from conftest import VARIED_TEXT, run_cli, stdlib_samples, write_jsonl
 
 from slm.formats.tokenizer import Tokenizer
 from slm.formats.tokens import TokensDir
-from slm.stages.encode import EncodeConfig, run
+from slm.stages.encode import EncodeConfig, run, summary
 
 DOCS = [t for t in VARIED_TEXT if t.strip()] + stdlib_samples(2)
 
@@ -20,8 +20,9 @@ def tok(small_tok):
 
 
 def encode(tok, inputs, out, **kw):
-    path, summary = run(EncodeConfig(tokenizer=tok.dir, inputs=[str(i) for i in inputs], out=out, workers=kw.pop("workers", 1), **kw))
-    return TokensDir(path), summary
+    path = run(EncodeConfig(tokenizer=tok.dir, inputs=[str(i) for i in inputs], out=out, workers=kw.pop("workers", 1),
+                            **kw))
+    return TokensDir(path), summary(path)
 
 
 def decoded_docs(tok, td, eos=True):

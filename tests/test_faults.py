@@ -17,8 +17,10 @@ import torch
 from conftest import Gate, run_cli
 
 from slm.errors import SlmError, Stopped
-from slm.formats.checkpoint import Checkpoint, read_metrics, verify_checkpoint
-from slm.stages.pretrain import PretrainConfig, run as pretrain
+from slm.formats.checkpoint import Checkpoint, verify_checkpoint
+from slm.formats.metrics import read_metrics
+from slm.stages.pretrain import PretrainConfig
+from slm.stages.pretrain import run as pretrain
 
 
 def _pretrain(data, out, steps, *sets, **kw):

@@ -100,7 +100,7 @@ def test_mix_yaml(scratch):
     @given(st.one_of(mixes.map(json.dumps), st.text(max_size=80)))
     def check(text):
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        survives(resolve, MixConfig(mix=str(path), dry_run=True))
+        survives(resolve, MixConfig(mix=str(path)))
 
     check()
 
@@ -157,8 +157,8 @@ def test_mt_bench_questions(scratch):
 
 def test_model_paths_and_gguf_files(scratch):
     """What `slm eval` / `slm info` are given as a model: any bytes in a .gguf file, any directory content."""
-    from slm.stages.eval import model_backend
-    from slm.stages.info import describe
+    from slm.evaluation.models import model_backend
+    from slm.views.info import describe
 
     path = scratch / "m.gguf"
 
@@ -176,7 +176,8 @@ def test_model_paths_and_gguf_files(scratch):
 def good_tokens(tmp_path_factory, small_tok):
     from conftest import VARIED_TEXT, write_jsonl
 
-    from slm.stages.encode import EncodeConfig, run as encode
+    from slm.stages.encode import EncodeConfig
+    from slm.stages.encode import run as encode
 
     d = tmp_path_factory.mktemp("fuzz_tokens")
     encode(EncodeConfig(tokenizer=small_tok, inputs=[str(write_jsonl(d / "t.jsonl", VARIED_TEXT * 2))],

@@ -61,7 +61,7 @@ def test_status_of_a_finished_and_a_running_run(tmp_path, base_ckpt, train_data)
     text = run_cli("status", run, "--follow").stdout  # a finished run: one report, then it returns
     assert "state            done" in text and "4/4 (100%)" in text
 
-    from slm.stages.status import status
+    from slm.views.status import status
 
     out = tmp_path / "long"
     gate = Gate(tmp_path / "gate", step=1)  # held after its second step, however fast the machine trains
@@ -98,7 +98,7 @@ def test_report_summarises_what_it_finds(tmp_path, base_ckpt):
     file, are one-line errors."""
     import shutil
 
-    from slm.formats.checkpoint import read_metrics
+    from slm.formats.metrics import read_metrics
 
     root = tmp_path / "work"
     shutil.copytree(base_ckpt.parent.parent, root / "runs" / "pretrain", symlinks=True)

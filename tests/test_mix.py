@@ -8,8 +8,12 @@ from conftest import run_cli, write_jsonl
 from slm.errors import SlmError
 from slm.formats.mixplan import MixReader, cumulative_counts, permute
 from slm.formats.tokenizer import Tokenizer
-from slm.stages.encode import EncodeConfig, run as encode
-from slm.stages.mix import MixConfig, parse_budget, resolve, run as mix
+from slm.formats.manifest import read_json
+from slm.recipes import parse_budget
+from slm.stages.encode import EncodeConfig
+from slm.stages.encode import run as encode
+from slm.stages.mix import MixConfig, resolve
+from slm.stages.mix import run as mix
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +61,8 @@ def test_ledger_by_hand(tmp_path, sources):
 
 
 def test_reader_draws_exactly_the_ledger(tmp_path, sources):
-    out, plan = mix(MixConfig(mix=str(write_mix(tmp_path / "m.yaml", sources, PHASES)), out=tmp_path / "mix"))
+    out = mix(MixConfig(mix=str(write_mix(tmp_path / "m.yaml", sources, PHASES)), out=tmp_path / "mix"))
+    plan = read_json(out / "plan.json")
     r = MixReader(out)
     phase, source, start = r.plan.locate(np.arange(len(r)))
     for p, ph in enumerate(plan["phases"]):
@@ -71,7 +76,7 @@ def test_reader_draws_exactly_the_ledger(tmp_path, sources):
 
 
 def test_samples_and_document_starts(tmp_path, sources, small_tok):
-    out, _ = mix(MixConfig(mix=str(write_mix(tmp_path / "m.yaml", sources, PHASES, seq_len=64)), out=tmp_path / "mix"))
+    out = mix(MixConfig(mix=str(write_mix(tmp_path / "m.yaml", sources, PHASES, seq_len=64)), out=tmp_path / "mix"))
     r = MixReader(out)
     eos = Tokenizer(small_tok).eos_id
     streams = [src.read(0, src.n_tokens) for src in r.sources]
@@ -85,7 +90,7 @@ def test_samples_and_document_starts(tmp_path, sources, small_tok):
 
 
 def test_determinism_and_world_size_independence(tmp_path, sources):
-    out, _ = mix(MixConfig(mix=str(write_mix(tmp_path / "m.yaml", sources, PHASES)), out=tmp_path / "mix"))
+    out = mix(MixConfig(mix=str(write_mix(tmp_path / "m.yaml", sources, PHASES)), out=tmp_path / "mix"))
     one = MixReader(out)
     full, _ = one.batch(np.arange(len(one)))
     again, _ = MixReader(out).batch(np.arange(len(one)))
@@ -103,7 +108,7 @@ def test_determinism_and_world_size_independence(tmp_path, sources):
     for n in (156, 0, 77, 3):
         assert np.array_equal(one.sample(n).tokens, full[n])
     # Another seed, another order, the same ledger.
-    out2, _ = mix(MixConfig(mix=str(write_mix(tmp_path / "m2.yaml", sources, PHASES, seed=8)), out=tmp_path / "mix2"))
+    out2 = mix(MixConfig(mix=str(write_mix(tmp_path / "m2.yaml", sources, PHASES, seed=8)), out=tmp_path / "mix2"))
     other, _ = MixReader(out2).batch(np.arange(len(one)))
     assert not np.array_equal(other, full)
 
@@ -222,7 +227,7 @@ def test_changed_source_is_detected(tmp_path, small_tok):
     src = tmp_path / "s"
     encode(EncodeConfig(tokenizer=small_tok, inputs=[str(write_jsonl(tmp_path / "s.jsonl", ["1" * 100]))], out=src,
                         workers=1))
-    out, _ = mix(MixConfig(mix=str(write_mix(tmp_path / "m.yaml", {"a": src}, [{"tokens": 50, "weights": {"a": 1}}])),
+    out = mix(MixConfig(mix=str(write_mix(tmp_path / "m.yaml", {"a": src}, [{"tokens": 50, "weights": {"a": 1}}])),
                            out=tmp_path / "mix"))
     MixReader(out)
     encode(EncodeConfig(tokenizer=small_tok, inputs=[str(write_jsonl(tmp_path / "s.jsonl", ["2" * 100]))], out=src,
@@ -262,7 +267,8 @@ def test_min_doc_tokens_keeps_only_windows_inside_long_documents(tmp_path, sourc
         "seq_len": 10, "seed": 3,
         "sources": {"a": str(sources["a"]), "a_long": {"source": "a", "min_doc_tokens": 250}, "b": str(sources["b"])},
         "phases": [{"name": "long", "tokens": 2000, "weights": {"a_long": 0.4, "a": 0.3, "b": 0.3}}]}))
-    out, plan = mix(MixConfig(mix=str(tmp_path / "m.yaml"), out=tmp_path / "mix"))
+    out = mix(MixConfig(mix=str(tmp_path / "m.yaml"), out=tmp_path / "mix"))
+    plan = read_json(out / "plan.json")
     long = {s["name"]: s for s in plan["sources"]}["a_long"]
     # by hand: (300 - 1) // 10 = 29 windows from offset 300, (404 - 1) // 10 = 40 from offset 600
     assert long["sequences"] == 69 and long["documents"] == 2 and long["tokens"] == 704

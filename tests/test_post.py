@@ -13,13 +13,16 @@ from conftest import run_cli
 
 from slm.errors import SlmError
 from slm.formats.chat import ChatTemplate, parse_chat, parse_pair
-from slm.formats.checkpoint import Checkpoint, read_metrics
+from slm.formats.checkpoint import Checkpoint
+from slm.formats.metrics import read_metrics
 from slm.formats.records import BadRecord
 from slm.formats.tokenizer import Tokenizer, with_special_tokens
 from slm.model.loss import linear_token_logprobs
-from slm.stages.dpo import DpoConfig, read_pairs, run as dpo
-from slm.stages.sft import SftConfig, prepare, run as sft
-from slm.train.chat_data import Rows, encode_chat, pack
+from slm.stages.dpo import DpoConfig, read_pairs
+from slm.stages.dpo import run as dpo
+from slm.stages.sft import SftConfig, prepare
+from slm.stages.sft import run as sft
+from slm.train.chat_batches import Rows, encode_chat, pack
 from slm.train.preference import dpo_losses
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"},
@@ -143,7 +146,7 @@ def test_best_fit_packing_and_packed_rows_train_as_separate_conversations():
     assert len(rows) == math.ceil(sum(lengths) / 10)  # 39 tokens in 4 rows: best fit leaves no row wasted here
 
     from slm.model.transformer import ModelConfig, build
-    from slm.train.chat_data import Encoded
+    from slm.train.chat_batches import Encoded
 
     cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                       intermediate_size=64, max_seq_len=32)
@@ -298,11 +301,11 @@ def test_dpo_reference_cache_and_exact_resume(tmp_path, base_ckpt, post_data):
     assert valid[-1]["valid_loss"] < math.log(2) and "valid_accuracy" in valid[-1]  # it learns the pairs
     # the cache equals the log-probabilities computed on the fly by the reference
     from safetensors.torch import load_file
+    from slm.train.start import load_weights, new_model
 
     from slm.formats.chat import ChatTemplate
     from slm.stages.dpo import encode_pairs, template_of
     from slm.train.preference import reference_logprobs
-    from slm.train.setup import load_weights, new_model
 
     cache = load_file(str(tmp_path / "whole" / "reference_logprobs" / "logprobs.safetensors"))["logprobs"]
     ref = Checkpoint.open(sft_ckpt)
@@ -341,12 +344,12 @@ def test_dpo_losses_equal_trls_on_the_same_model_and_pairs(tmp_path, base_ckpt, 
     import contextlib
 
     from datasets import Dataset
+    from slm.train.start import load_weights, new_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from slm.stages.dpo import encode_pairs, template_of
     from slm.train.preference import reference_logprobs
-    from slm.train.setup import load_weights, new_model
 
     ref_ckpt = _sft(base_ckpt, post_data, tmp_path / "sft", 3)
     policy_ckpt = _sft(ref_ckpt, post_data, tmp_path / "more", 2)  # another model with the same tokenizer
@@ -386,7 +389,7 @@ def test_dpo_stopped_by_a_signal_resumes_exactly(tmp_path, base_ckpt, post_data,
     import signal
 
     from slm.errors import Stopped
-    from slm.train.metrics import MetricsLog
+    from slm.formats.metrics import MetricsLog
 
     sft_ckpt = _sft(base_ckpt, post_data, tmp_path / "sft", 2)
     sets = ["dpo.batch_size=8", "dpo.micro_batch_size=4", "dpo.lr=1e-3", "dpo.max_length=48",

@@ -44,7 +44,7 @@ def llama_logits(path, ids):
 
 
 def torch_logits(ckpt_dir, ids):
-    from slm.stages.generate import load_model
+    from slm.inference.load import load_model
 
     model = load_model(Checkpoint.open(ckpt_dir), torch.device("cpu"))
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_llama_cpp_tokenizes_as_slm_arcade100k(tmp_path, arcade_dir):
 
 
 def test_smollm_rules_tokenize_alike(tmp_path, small_corpus):
-    from slm.stages.tokenize import TrainConfig, train
+    from slm.stages.tokenize import TrainConfig, train_bpe as train
 
     tok_dir = train(TrainConfig(corpus=[str(small_corpus)], vocab_size=700, out=tmp_path / "smol", rules="smollm"))
     ckpt = make_ckpt(tmp_path, tok_dir, "llama", kv_heads=2)
@@ -141,7 +141,7 @@ def test_the_quality_report_is_consistent(tmp_path, base_ckpt, train_data):
 def test_int4_openvino(tmp_path, base_ckpt, small_tok):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
-    from slm.formats.openvino import OpenVinoScorer, weight_types
+    from slm.inference.openvino import OpenVinoScorer, weight_types
 
     out = tmp_path / "q"
     proc = run_cli("quantize", base_ckpt, "--type", "int4", "--out", out, "--eval-tokens", 256, "--window", 64)

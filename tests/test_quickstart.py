@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from slm.formats.checkpoint import read_metrics
+from slm.formats.metrics import read_metrics
 from slm.formats.mixplan import MixReader
 from slm.formats.tokenizer import Tokenizer
 

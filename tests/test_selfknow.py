@@ -9,13 +9,14 @@ import torch
 from conftest import run_cli
 
 from slm.errors import SlmError
-from slm.formats.checkpoint import Checkpoint, read_metrics
-from slm.formats.dedup import Deduper, jaccard, normalize, shingles
+from slm.formats.checkpoint import Checkpoint
 from slm.formats.facts import load_facts
+from slm.formats.metrics import read_metrics
+from slm.inference.sampling import generate_batch
 from slm.model.transformer import ModelConfig, build
-from slm.stages.generate import generate_batch
-from slm.train.chat_data import Encoded
+from slm.train.chat_batches import Encoded
 from slm.train.crlft import CrlftRows, make_loss_fn
+from slm.train.dedup import Deduper, jaccard, normalize, shingles
 
 FACTS = """\
 name: Pebble
@@ -162,7 +163,8 @@ SELFKNOW = ["--set", "selfknow.max_length=48", "--set", "selfknow.batch_size=8",
 def chat_ckpt(tmp_path_factory, base_ckpt):
     from test_post import POST, write_post_data
 
-    from slm.stages.sft import SftConfig, run as sft
+    from slm.stages.sft import SftConfig
+    from slm.stages.sft import run as sft
 
     d = tmp_path_factory.mktemp("selfknow")
     data = write_post_data(d)
@@ -216,7 +218,7 @@ def _pairs_file(path, n=24):
 
 
 def test_train_learns_the_name_and_adds_the_negative_token_once(tmp_path, chat_ckpt):
-    from slm.stages.selfknow import TrainConfig, train
+    from slm.stages.selfknow import TrainConfig, run as train
 
     chat, facts = chat_ckpt
     data = _pairs_file(tmp_path / "pairs.jsonl")
@@ -244,7 +246,7 @@ def test_train_learns_the_name_and_adds_the_negative_token_once(tmp_path, chat_c
 
 
 def test_kl_term_uses_cached_reference_logprobs(tmp_path, chat_ckpt):
-    from slm.stages.selfknow import TrainConfig, train
+    from slm.stages.selfknow import TrainConfig, run as train
 
     chat, _ = chat_ckpt
     data = _pairs_file(tmp_path / "pairs.jsonl", 8)
@@ -312,7 +314,7 @@ def test_chat_data_persona_conversations(tmp_path):
     """chat-data's persona conversations: the system prompt is selfknow's, and the answer takes the identity from it
     (or is generic without one); --facts makes some of them that persona."""
     from slm.formats.facts import parse_facts
-    from slm.stages.chatdata import ChatDataConfig, run
+    from slm.stages.chat_data import ChatDataConfig, run
 
     (tmp_path / "facts.yaml").write_text(FACTS)
     out = run(ChatDataConfig(out=tmp_path / "cd", n=200, facts=tmp_path / "facts.yaml"))
@@ -336,7 +338,7 @@ def test_train_resumes_exactly(tmp_path, chat_ckpt):
     """selfknow train stopped after 2 steps and resumed to 4 gives the weights of 4 steps in one go (bit for bit)."""
     import torch
 
-    from slm.stages.selfknow import TrainConfig, train
+    from slm.stages.selfknow import TrainConfig, run as train
 
     chat, _ = chat_ckpt
     data = _pairs_file(tmp_path / "pairs.jsonl", 16)

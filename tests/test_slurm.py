@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import ROOT, Gate
 
-from slm.formats.checkpoint import Checkpoint, read_metrics
+from slm.formats.checkpoint import Checkpoint
+from slm.formats.metrics import read_metrics
 
 SBATCH = ROOT / "examples" / "slurm" / "pretrain.sbatch"
 

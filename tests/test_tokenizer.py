@@ -125,7 +125,7 @@ def test_trained_tokenizer_parity_and_reload(small_tok):
 
 
 def test_smollm_rules(tmp_path, small_corpus):
-    from slm.stages.tokenize import TrainConfig, train
+    from slm.stages.tokenize import TrainConfig, train_bpe as train
 
     out = train(TrainConfig(corpus=[str(small_corpus)], vocab_size=700, out=tmp_path / "smol", rules="smollm"))
     tok = Tokenizer(out)

@@ -13,9 +13,12 @@ import torch
 from conftest import ROOT, Gate, run_cli
 
 from slm.errors import Stopped
-from slm.formats.checkpoint import Checkpoint, read_metrics
-from slm.stages.cooldown import CooldownConfig, run as cooldown
-from slm.stages.pretrain import PretrainConfig, run as pretrain
+from slm.formats.checkpoint import Checkpoint
+from slm.formats.metrics import read_metrics
+from slm.stages.cooldown import CooldownConfig
+from slm.stages.cooldown import run as cooldown
+from slm.stages.pretrain import PretrainConfig
+from slm.stages.pretrain import run as pretrain
 
 GOLDEN = ROOT / "tests" / "data" / "golden_loss.txt"
 
@@ -120,7 +123,7 @@ def test_auto_dtype_follows_the_cpu(monkeypatch, tmp_path):
 def test_checkpoint_opens_in_transformers(tmp_path, train_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slm.stages.generate import load_model
+    from slm.inference.load import load_model
 
     last = _pretrain(train_data, tmp_path / "run", 3)
     hf = AutoModelForCausalLM.from_pretrained(str(last))
@@ -177,8 +180,8 @@ def test_cooldown_reaches_zero_and_continues_the_lineage(tmp_path, train_data):
 
 
 def test_cooldown_stopped_by_a_signal_resumes_exactly(tmp_path, train_data, monkeypatch):
+    from slm.formats.metrics import MetricsLog
     from slm.train import loop
-    from slm.train.metrics import MetricsLog
 
     _pretrain(train_data, tmp_path / "run", 4)
     kw = dict(source=tmp_path / "run", data=train_data / "mix", lr_start=1e-3, device="cpu", steps=6)
@@ -331,7 +334,7 @@ def test_long_context_extension_as_a_cooldown(tmp_path, train_data, base_ckpt):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from slm.formats.mixplan import MixReader
-    from slm.stages.generate import load_model
+    from slm.inference.load import load_model
 
     (tmp_path / "long.yaml").write_text(
         f"seq_len: 128\nseed: 2\nsources:\n  code: {train_data / 'tokens' / 'code'}\n"

@@ -1,4 +1,4 @@
-"""`slm quantize` (and later `slm bench`): release formats of a checkpoint and their cost in quality."""
+"""`slm quantize | bench`: release formats of a checkpoint, what they cost in quality, and how fast they run."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli import app
+from slm.cli.app import app
 from slm.cli.options import Json, emit
+from slm.errors import SlmError
 
 
 @app.command("quantize", rich_help_panel="Deployment")
@@ -47,7 +48,6 @@ def quantize(
 
     Example: slm quantize runs/selfknow --type f16,q8_0,q4_k_m,int4 --valid chat/valid.jsonl --out release
     """
-    from slm.errors import SlmError
     from slm.stages.quantize import DEFAULT_TYPES, QuantizeConfig, parse_types, run
 
     for flag, value in (("--eval-tokens", eval_tokens), ("--window", window), ("--int4-group-size", int4_group_size)):
@@ -88,19 +88,12 @@ def bench(
 
     Example: slm bench runs/selfknow release/selfknow-q4_k_m.gguf --prompt 128 --gen 32 --out bench
     """
-    import time
+    from slm.stages.bench import BenchConfig, run, table
 
-    from slm.console import err
-    from slm.stages.bench import BenchConfig, plot, render, run, write
-
-    started = time.time()
     cfg = BenchConfig(models=list(models), backend=backend, prompt=prompt, gen=gen, repeat=repeat, threads=threads,
-                      batch=batch, dtype=dtype, compile=compile_, bandwidth=bandwidth, out=out, format=format_, plot=plot_)
-    report = run(cfg)
-    if plot_ is not None:
-        plot(report, plot_)
+                      batch=batch, dtype=dtype, compile=compile_, bandwidth=bandwidth, out=out, plot=plot_,
+                      format="json" if json_out and out is None else format_)
     if out is not None:
-        err.print(render(report, "md"), soft_wrap=True, markup=False, highlight=False)
-        emit(write(report, out, started, cfg), json_out)
+        emit(run(cfg), json_out)
     else:
-        print(render(report, "json" if json_out else format_))
+        print(table(cfg))

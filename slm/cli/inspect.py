@@ -1,13 +1,18 @@
-"""`slm info` (and later `slm status`): what an artifact is, where it came from, where a run is."""
+"""`slm info | status | report`: read-only views of what slm wrote (slm.views): what an artifact is and where it
+came from, where a run is, and one summary of a pipeline's results."""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from slm.cli import app
+from slm.cli.app import app
+from slm.errors import SlmError
 
 
 @app.command("info", rich_help_panel="Inspection")
@@ -22,22 +27,18 @@ def info(
 
     Example: slm info runs/selfknow      slm info release/selfknow-q4_k_m.gguf --json | jq .from
     """
-    import json
+    from slm.views import info as info_view
 
-    from slm.stages.info import describe, render
-
-    node = describe(path, depth)
+    node = info_view.describe(path, depth)
     if json_:
         print(json.dumps(node, indent=2, default=str))
     else:
-        import sys
-
         from rich.console import Console
 
         out = Console(highlight=False)
         if not sys.stdout.isatty():  # a pipe or a file: whole lines, no terminal width
             out = Console(highlight=False, width=100_000, no_color=True)
-        out.print(render(node), crop=False)
+        out.print(info_view.render(node), crop=False)
 
 
 @app.command("status", rich_help_panel="Inspection")
@@ -54,21 +55,19 @@ def status(
 
     Example: slm status runs/pretrain --follow
     """
-    import time
+    from slm.views import status as status_view
 
-    from slm.stages.status import as_json, render, status as read_status
-
-    p = read_status(run_dir)
+    p = status_view.status(run_dir)
     if not follow:
-        print(as_json(p) if json_ else render(run_dir, p))
+        print(status_view.as_json(p) if json_ else status_view.render(run_dir, p))
         return
     try:
         while True:
-            print(as_json(p) if json_ else render(run_dir, p) + "\n", flush=True)
+            print(status_view.as_json(p) if json_ else status_view.render(run_dir, p) + "\n", flush=True)
             if p.get("state") != "running":
                 break
             time.sleep(max(0.2, interval))
-            p = read_status(run_dir)
+            p = status_view.status(run_dir)
     except KeyboardInterrupt:
         pass
 
@@ -87,17 +86,10 @@ def report(
 
     Example: slm report quickstart-out      slm report . --json | jq '.dpo[0].preference_accuracy_after'
     """
-    import json
+    from slm.views import report as report_view
 
-    from slm.formats.manifest import write_text
-    from slm.errors import SlmError
-    from slm.stages.report import collect, render
-
-    data = collect(directory)
-    text = render(data)
+    data = report_view.collect(directory)
+    text = report_view.render(data)
     if out is not None:
-        try:
-            write_text(Path(out), text)
-        except OSError as e:
-            raise SlmError(f"--out {out}: cannot write ({e.strerror})") from None
+        report_view.write(Path(out), text)
     print(json.dumps(data, indent=2, default=str) if json_ else text, end="" if not json_ else "\n")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from slm.cli import app
+from slm.cli.app import app
 from slm.cli.options import emit
+from slm.errors import SlmError
 
 
 @app.command("eval", rich_help_panel="Measurement")
@@ -92,10 +94,6 @@ def carbon(
     Examples: slm carbon runs/ tokens/ release/ eval/ --pue 1.1 --out carbon/
               slm carbon estimate --gpu-hours 92000 --gpu a100-40gb --pue 1.2 --region USA:virginia
     """
-    import json
-
-    from slm.console import err
-    from slm.errors import SlmError
     from slm.stages import carbon as c
 
     if dirs and dirs[0] == "estimate":
@@ -103,27 +101,16 @@ def carbon(
             raise SlmError(f"carbon estimate: unexpected argument {dirs[1]!r}")
         if gpu_hours is None:
             raise SlmError("carbon estimate: give --gpu-hours")
-        r = c.estimate(gpu_hours, gpu, power, pue, intensity, region)
-        if json_:
-            print(json.dumps(r, indent=2))
-            return
-        print(f"{r['gpu_hours']:,.0f} GPU-hours x {r['power_w']:g} W x PUE {r['pue']:g} = {r['energy_kwh']:,.0f} kWh; "
-              f"x {r['intensity_kg_per_kwh'] * 1000:.0f} g/kWh ({r['intensity_source']}) = {r['t_co2eq']:,.2f} tCO2eq")
-        err.print("the same energy elsewhere: " + ", ".join(f"{k} {v['t_co2eq']:.1f} t" for k, v in
-                                                           r["by_region"].items()), soft_wrap=True, highlight=False)
+        print(json.dumps(c.estimate(gpu_hours, gpu, power, pue, intensity, region), indent=2) if json_
+              else c.estimate_text(gpu_hours, gpu, power, pue, intensity, region))
         return
     for flag, value in (("--gpu-hours", gpu_hours), ("--gpu", gpu), ("--power", power)):
         if value is not None:
             raise SlmError(f"{flag}: only with `slm carbon estimate`")
-    report = c.run(c.CarbonConfig(dirs=[Path(d) for d in dirs], pue=pue, intensity=intensity, region=region, out=out))
-    for d in report["unmeasured"]:
-        err.print(f"warning: {d}: no energy reading (made with SLM_ENERGY=off or without codecarbon)",
-                  soft_wrap=True, highlight=False)
-    table = c.render(report) + "\n\n" + report["model_card"]
+    cfg = c.CarbonConfig(dirs=[Path(d) for d in dirs], pue=pue, intensity=intensity, region=region, out=out)
     if out is not None:
-        err.print(table, soft_wrap=True, markup=False, highlight=False)
-        emit(Path(report["out"]))
+        emit(c.run(cfg))
     elif json_:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(c.report(cfg), indent=2))
     else:
-        print(table)
+        print(c.text(cfg))

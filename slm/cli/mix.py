@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli import app
+from slm.cli.app import app
 from slm.cli.options import Json
 from slm.errors import SlmError
 
@@ -37,8 +37,7 @@ def mix(
     Example: slm mix tiny --source code=tokens/code --source prose=tokens/prose --out mix
              slm mix smollm2-1_7b --source-root tokens --dry-run
     """
-    from slm.console import stdout
-    from slm.stages.mix import MixConfig, run
+    from slm.stages.mix import MixConfig, dry_run as plan, run
 
     bindings = {}
     for item in source or []:
@@ -46,9 +45,11 @@ def mix(
         if not sep or not name or not path:
             raise SlmError(f"--source {item!r}: expected NAME=TOKENS_DIR")
         bindings[name] = path
-    path, plan = run(MixConfig(mix=mixture, out=out, sources=bindings, source_root=source_root, seq_len=seq_len,
-                               seed=seed, dry_run=dry_run))
-    if json_out:
-        stdout(json.dumps(plan, indent=2))
-    elif path is not None:
-        stdout(str(path))
+    cfg = MixConfig(mix=mixture, out=out, sources=bindings, source_root=source_root, seq_len=seq_len, seed=seed)
+    if dry_run:
+        p = plan(cfg)
+        if json_out:
+            print(json.dumps(p, indent=2), flush=True)
+        return
+    path = run(cfg)
+    print(json.dumps(json.loads((path / "plan.json").read_text()), indent=2) if json_out else str(path), flush=True)

@@ -1,30 +1,133 @@
-"""Option types shared by the commands, defined once."""
+"""Options shared by the commands, defined once. An option that stands for a configuration field (train.keep,
+sft.epochs, dpo.beta ...) takes its help from that field's docstring in slm/train/config.py, so the help says what
+the field does; the docstrings are read from the source (importing the module would load torch for `--help`)."""
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
+
+CONFIG_SOURCE = Path(__file__).resolve().parents[1] / "train" / "config.py"
+SECTION_OF_CLASS = {"TrainSettings": "train", "SftSettings": "sft", "DpoSettings": "dpo",
+                    "SelfknowSettings": "selfknow"}
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """{"section.field": its docstring, on one line} for the settings dataclasses of slm/train/config.py."""
+    out: dict[str, str] = {}
+    section = name = None
+    lines = iter(CONFIG_SOURCE.read_text(encoding="utf-8").splitlines())
+    for line in lines:
+        if m := re.match(r"class (\w+)", line):
+            section, name = SECTION_OF_CLASS.get(m.group(1)), None
+        elif section and (m := re.match(r" {4}(\w+): [^=]+=", line)):
+            name = m.group(1)
+        elif section and name and line.startswith(' ' * 4 + '"""'):
+            doc = line.strip()[3:]
+            while not doc.endswith('"""'):
+                doc += " " + next(lines).strip()
+            out[f"{section}.{name}"] = " ".join(doc[:-3].split())
+            name = None
+        else:
+            name = None
+    return out
+
+
+def field_help(key: str, note: str = "") -> str:
+    """The help of an option that sets KEY ("section.field"): the field's docstring, then KEY and NOTE."""
+    return f"{field_docs()[key]} ({key}{'; ' + note if note else ''})"
+
+
+# -- every command ----------------------------------------------------------------------------------------------
 Out = Annotated[Path, typer.Option("--out", "-o", help="The output directory to write (replaced atomically).",
                                    show_default=False)]
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the output path.")]
 TextKey = Annotated[str, typer.Option("--text-key", help="The JSON field / column that holds each document's text.")]
 TxtMode = Annotated[str, typer.Option("--txt-mode", help=".txt inputs: 'file' = one document per file, "
                                                          "'paragraph' = one per block separated by blank lines.")]
+Device = Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda.")]
+
+# -- the training stages (pretrain, cooldown, sft, dpo, selfknow train) --------------------------------------------
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="SECTION.FIELD=VALUE, e.g. train.lr_peak=3e-4 or "
+                                                                 "train.save_every=100 (repeatable; wins over every "
+                                                                 "other source of settings).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps to run.")]
+StopAfter = Annotated[Optional[int], typer.Option("--steps", help="Stop after this many steps.")]
+Tokens = Annotated[Optional[str], typer.Option("--tokens", help="Tokens to train on (e.g. 20M, 2T); rounded up to "
+                                                                "whole steps.")]
+Valid = Annotated[Optional[Path], typer.Option("--valid", help="Held-out tokens directory: validation loss as it "
+                                                               "trains, against the unigram baseline.")]
+TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="The data's tokenizer directory, if it moved "
+                                                                          "since the data was encoded.")]
+Keep = Annotated[Optional[int], typer.Option("--keep", help=field_help("train.keep"))]
+Resume = Annotated[bool, typer.Option("--resume", help="Require a checkpoint in the run directory to resume from "
+                                                       "(resuming is automatic when there is one).")]
+EngineOpt = Annotated[Optional[str], typer.Option("--engine", help=field_help("train.engine"))]
+ZeroStage = Annotated[Optional[int], typer.Option("--zero-stage", help=field_help("train.zero_stage"))]
+DeepSpeedConfig = Annotated[Optional[Path], typer.Option("--deepspeed-config", help=field_help(
+    "train.deepspeed_config", "implies --engine deepspeed"))]
+Requeue = Annotated[bool, typer.Option("--requeue", help="Under SLURM: after SIGTERM / SIGUSR1 and the save, run "
+                                                         "`scontrol requeue $SLURM_JOB_ID`.")]
+RunOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="The run directory.", show_default=False)]
+Data = Annotated[list[str], typer.Option("--data", metavar="FILE", help="Input files (.jsonl, .jsonl.gz, .jsonl.zst, "
+                                         ".parquet, saved datasets, directories), or - for standard input; "
+                                         "repeatable.", show_default=False)]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip records that do not parse, and count them.")]
+
+# -- --dry-run: the plan of a training run -------------------------------------------------------------------------
+PLANNING = "Planning (--dry-run)"
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (parameters, tokens, FLOPs, memory per "
+                                                         "process, time, GPU-hours) and train nothing.",
+                                         rich_help_panel=PLANNING)]
+Gpu = Annotated[str, typer.Option("--gpu", help="Plan for this GPU: h200, h100, h100-pcie, a100-80gb, a100-40gb, l40s, "
+                                                "a10, l4, rtx-4090, rtx-3090.", rich_help_panel=PLANNING)]
+Gpus = Annotated[Optional[int], typer.Option("--gpus", help="Plan for this many GPUs (processes); default "
+                                                            "WORLD_SIZE or 1.", rich_help_panel=PLANNING)]
+Mfu = Annotated[float, typer.Option("--mfu", help="Model FLOPs utilisation to assume.", rich_help_panel=PLANNING)]
+GpuHours = Annotated[Optional[float], typer.Option("--gpu-hours", help="Also print the MFU that this many GPU-hours "
+                                                                       "imply (a budget, or a reported figure).",
+                                                   rich_help_panel=PLANNING)]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary of the last checkpoint on stdout instead "
+                                                      "of its path (with --dry-run: the plan).",
+                                       rich_help_panel=PLANNING)]
+
+
+def train_sets(sets: list[str] | None, keep: int | None = None, engine: str | None = None,
+               zero_stage: int | None = None, deepspeed_config: Path | None = None) -> list[str]:
+    """The options that stand for train.* fields, as --set items (which win over the recipe and --config)."""
+    out = list(sets or [])
+    if keep is not None:
+        out.append(f"train.keep={keep}")
+    if deepspeed_config is not None:
+        out.append(f"train.deepspeed_config={Path(deepspeed_config).absolute()}")
+        engine = engine or "deepspeed"
+    if engine is not None:
+        out.append(f"train.engine={engine}")
+    if zero_stage is not None:
+        out.append(f"train.zero_stage={zero_stage}")
+    return out
+
+
+def section_sets(sets: list[str], section: str, **values) -> list[str]:
+    """SETS and SECTION.FIELD=VALUE for each option given (not None)."""
+    return sets + [f"{section}.{k}={v}" for k, v in values.items() if v is not None]
 
 
 def emit(path: Path, json_out: bool = False) -> None:
-    """A stage's stdout: its output path, or with --json a summary of what it wrote (slm.stages.info.summary).
+    """A stage's stdout: its output path, or with --json a summary of what it wrote (slm.views.info.summary).
     Only rank 0 prints, so that `$(torchrun ... slm pretrain ...)` gets one path."""
-    import json
-    import os
-
     if os.environ.get("RANK", "0") != "0":
         return
     if json_out:
-        from slm.stages.info import summary
+        from slm.views.info import summary
 
         print(json.dumps(summary(Path(path)), indent=2, default=str), flush=True)
     else:

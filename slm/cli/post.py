@@ -7,18 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli import app
-from slm.cli.options import Json, emit
-from slm.cli.train import Device, DeepSpeedConfig, EngineOpt, Keep, Requeue, Resume, Sets, ZeroStage, _with_flags
-
-Data = Annotated[list[str], typer.Option("--data", metavar="FILE", help="Input files (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, saved "
-                                                      "datasets, directories), or - for standard input; repeatable.",
-                                         show_default=False)]
-SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip records that do not parse, and count them.")]
-
-
-def _set(sets: list[str], section: str, **values) -> list[str]:
-    return sets + [f"{section}.{k}={v}" for k, v in values.items() if v is not None]
+from slm.cli.app import app
+from slm.cli.options import (Data, DeepSpeedConfig, Device, EngineOpt, Json, Keep, Requeue, Resume, RunOut, Sets,
+                             SkipBad, StopAfter, ZeroStage, emit, field_help, section_sets, train_sets)
+from slm.errors import SlmError
 
 
 @app.command("sft", rich_help_panel="Post-training")
@@ -26,24 +18,20 @@ def sft(
     model: Annotated[Optional[Path], typer.Option("--model", help="The checkpoint (or run directory) to fine-tune.",
                                                   show_default=False)] = None,
     data: Data = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The run directory.", show_default=False)] = None,
+    out: RunOut = None,
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="Take sft: settings from this recipe (default: "
                                                                   "the model's).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A YAML with sft: / train: sections.")] = None,
-    template: Annotated[Optional[str], typer.Option("--template", help="chatml, zephyr or a Jinja file "
-                                                                       "(sft.template).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the data (sft.epochs).")] = None,
-    max_turns: Annotated[Optional[int], typer.Option("--max-turns", help="Drop conversations with more user turns "
-                                                                          "(sft.max_turns; StableLM 2: 8).")] = None,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per sequence "
-                                                                            "(sft.max_length).")] = None,
-    overlong: Annotated[Optional[str], typer.Option("--overlong", help="truncate or drop conversations longer than "
-                                                                       "max_length (sft.overlong).")] = None,
-    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Pack conversations into "
-                                                    "sequences (sft.packing).", show_default=False)] = None,
+    template: Annotated[Optional[str], typer.Option("--template", help=field_help("sft.template"))] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help=field_help("sft.epochs"))] = None,
+    max_turns: Annotated[Optional[int], typer.Option("--max-turns", help=field_help("sft.max_turns"))] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help=field_help("sft.max_length"))] = None,
+    overlong: Annotated[Optional[str], typer.Option("--overlong", help=field_help("sft.overlong"))] = None,
+    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help=field_help("sft.packing"),
+                                                    show_default=False)] = None,
     valid: Annotated[Optional[list[str]], typer.Option("--valid", metavar="FILE", help="Held-out chat files: validation loss on "
                                                                        "assistant tokens.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Stop after this many steps.")] = None,
+    steps: StopAfter = None,
     skip_bad: SkipBad = False,
     set_: Sets = None,
     keep: Keep = None,
@@ -65,7 +53,7 @@ def sft(
     """
     from slm.stages.sft import SftConfig, run
 
-    sets = _set(_with_flags(set_, keep, engine, zero_stage, deepspeed_config), "sft", template=template,
+    sets = section_sets(train_sets(set_, keep, engine, zero_stage, deepspeed_config), "sft", template=template,
                 epochs=epochs, max_turns=max_turns, max_length=max_length, overlong=overlong,
                 packing=None if packing is None else str(packing).lower())
     emit(run(SftConfig(model=model, data=list(data or []), out=out, recipe=recipe, config_file=config,
@@ -90,13 +78,12 @@ def chat_data(
 
     Example: slm chat-data --n 1000 --facts examples/facts.yaml --out chatdata
     """
-    from slm.stages.chatdata import ChatDataConfig, run
+    from slm.stages.chat_data import ChatDataConfig, run
 
     if not 0 <= persona_fraction <= 10:
-        from slm.errors import SlmError
-
         raise SlmError(f"--persona-fraction {persona_fraction}: expected a number from 0 to 10")
-    emit(run(ChatDataConfig(out=out, n=n, seed=seed, facts=facts, persona_fraction=persona_fraction)), json_out)
+    emit(run(ChatDataConfig(out=out, n=n, seed=seed, facts=facts, persona_fraction=persona_fraction)),
+         json_out)
 
 
 @app.command("dpo", rich_help_panel="Post-training")
@@ -104,21 +91,20 @@ def dpo(
     model: Annotated[Optional[Path], typer.Option("--model", help="The fine-tuned checkpoint (or run directory).",
                                                   show_default=False)] = None,
     data: Data = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The run directory.", show_default=False)] = None,
+    out: RunOut = None,
     ref: Annotated[Optional[Path], typer.Option("--ref", help="The reference checkpoint (default: --model).")] = None,
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="Take dpo: settings from this recipe (default: "
                                                                   "the model's).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A YAML with dpo: / train: sections.")] = None,
-    beta: Annotated[Optional[float], typer.Option("--beta", help="dpo.beta (SmolLM2: 0.5).")] = None,
-    loss: Annotated[Optional[str], typer.Option("--loss", help="sigmoid, ipo or hinge (dpo.loss).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="dpo.epochs.")] = None,
-    min_chosen_score: Annotated[Optional[float], typer.Option("--min-chosen-score", help="Drop pairs whose chosen "
-                                                              "answer scored below this (StableLM 2: 8).")] = None,
-    template: Annotated[Optional[str], typer.Option("--template", help="chatml, zephyr or a Jinja file (default: "
-                                                                       "the model's).")] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", help=field_help("dpo.beta"))] = None,
+    loss: Annotated[Optional[str], typer.Option("--loss", help=field_help("dpo.loss"))] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help=field_help("dpo.epochs"))] = None,
+    min_chosen_score: Annotated[Optional[float], typer.Option("--min-chosen-score",
+                                                              help=field_help("dpo.min_chosen_score"))] = None,
+    template: Annotated[Optional[str], typer.Option("--template", help=field_help("dpo.template"))] = None,
     valid: Annotated[Optional[list[str]], typer.Option("--valid", metavar="FILE", help="Held-out preference files: accuracy and "
                                                                        "rewards as it trains, before and after.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Stop after this many steps.")] = None,
+    steps: StopAfter = None,
     skip_bad: SkipBad = False,
     set_: Sets = None,
     keep: Keep = None,
@@ -140,7 +126,7 @@ def dpo(
     """
     from slm.stages.dpo import DpoConfig, run
 
-    sets = _set(_with_flags(set_, keep, engine, zero_stage, deepspeed_config), "dpo", beta=beta, loss=loss,
+    sets = section_sets(train_sets(set_, keep, engine, zero_stage, deepspeed_config), "dpo", beta=beta, loss=loss,
                 epochs=epochs, min_chosen_score=min_chosen_score, template=template)
     emit(run(DpoConfig(model=model, data=list(data or []), out=out, ref=ref, recipe=recipe, config_file=config,
                               sets=sets, valid=list(valid or []), skip_bad=skip_bad, steps=steps, device=device,

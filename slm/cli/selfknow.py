@@ -7,13 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli.options import Json, emit
-from slm.cli.post import SkipBad
-from slm.cli.train import Device, DeepSpeedConfig, EngineOpt, Keep, Requeue, Resume, Sets, _with_flags
+from slm.cli.app import app as slm_app
+from slm.cli.options import (DeepSpeedConfig, Device, EngineOpt, Json, Keep, Requeue, Resume, RunOut, Sets, SkipBad,
+                             StopAfter, emit, field_help, train_sets)
 from slm.errors import SlmError
 
 app = typer.Typer(help="Teach a chat model who it is: RLCD pairs from a FACTS file (generate), then C-RLFT (train).",
                   no_args_is_help=True)
+slm_app.add_typer(app, name="selfknow", rich_help_panel="Post-training")
 
 Facts = Annotated[Optional[Path], typer.Option("--facts", help="FACTS.yaml: name, maker, training data, limits, "
                                                                "examples (slm/formats/facts.py).", show_default=False)]
@@ -57,7 +58,8 @@ def generate(
 
     Example: slm selfknow generate --base runs/cooldown --chat runs/dpo --facts examples/facts.yaml --out selfknow
     """
-    from slm.stages.selfknow import GenerateConfig, Sampling, generate as run
+    from slm.inference.chat import Sampling
+    from slm.stages.selfknow_pairs import GenerateConfig, run
 
     for name, value in (("--temperature", temperature), ("--message-temperature", message_temperature)):
         if value < 0:
@@ -103,24 +105,22 @@ def train(
     data: Annotated[Optional[list[str]], typer.Option("--data", metavar="DIR|FILE", help="A `slm selfknow generate` "
                                                       "directory, or preference files (repeatable).",
                                                       show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The run directory.", show_default=False)] = None,
+    out: RunOut = None,
     facts: Annotated[Optional[Path], typer.Option("--facts", help="FACTS.yaml for the before/after check on its "
                                                   "held-out questions (default: the data directory's).",
                                                   show_default=False)] = None,
-    class_weights_: Annotated[Optional[str], typer.Option("--class-weights", help="Weight of each class "
-                                                          "(selfknow.class_weights; OpenChat: pos=1.0,neg=0.1).",
-                                                          show_default=False)] = None,
-    kl_coef: Annotated[Optional[float], typer.Option("--kl-coef", help="KL term towards the reference on positive "
-                                                     "answers (selfknow.kl_coef; 0: no reference model).",
+    class_weights_: Annotated[Optional[str], typer.Option("--class-weights", help=field_help(
+        "selfknow.class_weights", "as pos=W,neg=W"), show_default=False)] = None,
+    kl_coef: Annotated[Optional[float], typer.Option("--kl-coef", help=field_help("selfknow.kl_coef"),
                                                      show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="selfknow.epochs (StableLM 2: 6).",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help=field_help("selfknow.epochs"),
                                                   show_default=False)] = None,
-    negative_token: Annotated[Optional[str], typer.Option("--negative-token", help="The negative-class marker "
-                                                          "(selfknow.negative_token).", show_default=False)] = None,
+    negative_token: Annotated[Optional[str], typer.Option("--negative-token", help=field_help(
+        "selfknow.negative_token"), show_default=False)] = None,
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="Take selfknow: settings from this recipe "
                                                                   "(default: the model's).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A YAML with selfknow: / train: sections.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Stop after this many steps.")] = None,
+    steps: StopAfter = None,
     skip_bad: SkipBad = False,
     set_: Sets = None,
     keep: Keep = None,
@@ -140,9 +140,9 @@ def train(
 
     Example: slm selfknow train --model runs/dpo --data selfknow --recipe tiny --out runs/selfknow
     """
-    from slm.stages.selfknow import TrainConfig, train as run
+    from slm.stages.selfknow import TrainConfig, run
 
-    sets = _with_flags(set_, keep, engine, None, deepspeed_config)
+    sets = train_sets(set_, keep, engine, None, deepspeed_config)
     if class_weights_ is not None:
         sets.append(f"selfknow.class_weights={class_weights(class_weights_)}")
     sets += [f"selfknow.{k}={v}" for k, v in (("kl_coef", kl_coef), ("epochs", epochs),

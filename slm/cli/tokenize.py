@@ -8,10 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from slm.cli.app import app as slm_app
 from slm.cli.options import Json, Out, TextKey, TxtMode, emit
 
 app = typer.Typer(help="Tokenizers (Arcade100k, or trained on your text), and text -> Megatron .bin/.idx shards.",
                   no_args_is_help=True)
+slm_app.add_typer(app, name="tokenize", rich_help_panel="Data")
 
 
 @app.command("build")
@@ -29,8 +31,7 @@ def build(
 
     Example: slm tokenize build --out arcade100k [--ranks cl100k_base.tiktoken.gz]
     """
-    from slm.console import stdout
-    from slm.stages.tokenize import BuildConfig, build as run
+    from slm.stages.tokenize import BuildConfig, run
 
     emit(run(BuildConfig(out=out, base=base, ranks=ranks)), json_out)
 
@@ -54,8 +55,7 @@ def train(
 
     Example: slm tokenize train --corpus 'data/*.jsonl' --vocab-size 49152 --rules smollm --out tok
     """
-    from slm.console import stdout
-    from slm.stages.tokenize import TrainConfig, train as run
+    from slm.stages.tokenize import TrainConfig, run
 
     emit(run(TrainConfig(corpus=corpus, vocab_size=vocab_size, out=out, rules=rules, text_key=text_key,
                                txt_mode=txt_mode, min_frequency=min_frequency, max_mb=max_mb)), json_out)
@@ -85,12 +85,11 @@ def encode(
     Example: slm tokenize encode --tokenizer tok data/ --out tokens/web
              zcat x.jsonl.gz | slm tokenize encode -t tok - -o tokens/x
     """
-    from slm.console import stdout
-    from slm.stages.encode import EncodeConfig, run
+    from slm.stages.encode import EncodeConfig, run, summary
 
-    path, summary = run(EncodeConfig(tokenizer=tokenizer, inputs=inputs, out=out, workers=workers, text_key=text_key,
-                                     eos=not no_eos, skip_bad=skip_bad, txt_mode=txt_mode, shard_mb=shard_mb))
-    stdout(json.dumps(summary) if json_out else str(path))
+    path = run(EncodeConfig(tokenizer=tokenizer, inputs=inputs, out=out, workers=workers, text_key=text_key,
+                            eos=not no_eos, skip_bad=skip_bad, txt_mode=txt_mode, shard_mb=shard_mb))
+    print(json.dumps(summary(path)) if json_out else str(path), flush=True)
 
 
 @app.command("corpus")
@@ -107,7 +106,6 @@ def corpus(
 
     Example: slm tokenize corpus --out corpus
     """
-    from slm.console import stdout
     from slm.stages.corpus import CorpusConfig, run
 
     emit(run(CorpusConfig(out=out, stdlib=stdlib, heldout_percent=heldout_percent, include_tests=not no_tests)),

@@ -2,87 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from slm.cli import app
-from slm.cli.options import Json, emit
-
-Sets = Annotated[Optional[list[str]], typer.Option("--set", help="SECTION.FIELD=VALUE, e.g. train.lr_peak=3e-4 or "
-                                                                 "model.num_layers=2 (repeatable; wins over --config).")]
-Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps to run.")]
-Tokens = Annotated[Optional[str], typer.Option("--tokens", help="Tokens to train on (e.g. 20M, 2T); rounded up to "
-                                                                "whole steps.")]
-Valid = Annotated[Optional[Path], typer.Option("--valid", help="Held-out tokens directory: validation loss as it "
-                                                               "trains, against the unigram baseline.")]
-TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="The data's tokenizer directory, if it moved "
-                                                                          "since the data was encoded.")]
-Device = Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda.")]
-Keep = Annotated[Optional[int], typer.Option("--keep", help="Keep the newest N checkpoints (train.keep).")]
-Resume = Annotated[bool, typer.Option("--resume", help="Require a checkpoint in the run directory to resume from "
-                                                       "(resuming is automatic when there is one).")]
-EngineOpt = Annotated[Optional[str], typer.Option("--engine", help="single, ddp, fsdp or deepspeed (train.engine; "
-                                                                   "default: ddp under torchrun / srun).")]
-ZeroStage = Annotated[Optional[int], typer.Option("--zero-stage", help="DeepSpeed ZeRO stage 1, 2 or 3 "
-                                                                       "(train.zero_stage; default 1).")]
-DeepSpeedConfig = Annotated[Optional[Path], typer.Option("--deepspeed-config", help="A DeepSpeed JSON merged over "
-                                                         "train.* (implies --engine deepspeed).")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (parameters, tokens, FLOPs, memory per "
-                                                         "process, time, GPU-hours) and train nothing.",
-                                         rich_help_panel="Planning (--dry-run)")]
-Gpu = Annotated[str, typer.Option("--gpu", help="Plan for this GPU: h200, h100, h100-pcie, a100-80gb, a100-40gb, l40s, "
-                                                "a10, l4, rtx-4090, rtx-3090.", rich_help_panel="Planning (--dry-run)")]
-Gpus = Annotated[Optional[int], typer.Option("--gpus", help="Plan for this many GPUs (processes); default "
-                                                            "WORLD_SIZE or 1.", rich_help_panel="Planning (--dry-run)")]
-Mfu = Annotated[float, typer.Option("--mfu", help="Model FLOPs utilisation to assume.",
-                                    rich_help_panel="Planning (--dry-run)")]
-GpuHours = Annotated[Optional[float], typer.Option("--gpu-hours", help="Also print the MFU that this many GPU-hours "
-                                                                       "imply (a budget, or a reported figure).",
-                                                   rich_help_panel="Planning (--dry-run)")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary of the last checkpoint on stdout instead "
-                                                      "of its path (with --dry-run: the plan).",
-                                       rich_help_panel="Planning (--dry-run)")]
-Requeue = Annotated[bool, typer.Option("--requeue", help="Under SLURM: after SIGTERM / SIGUSR1 and the save, run "
-                                                         "`scontrol requeue $SLURM_JOB_ID`.")]
-
-
-def _with_flags(sets: list[str] | None, keep: int | None = None, engine: str | None = None,
-                zero_stage: int | None = None, deepspeed_config: Path | None = None) -> list[str]:
-    """The options that stand for train.* fields, as --set items (which win over the recipe and --config)."""
-    out = list(sets or [])
-    if keep is not None:
-        out.append(f"train.keep={keep}")
-    if deepspeed_config is not None:
-        out.append(f"train.deepspeed_config={Path(deepspeed_config).absolute()}")
-        engine = engine or "deepspeed"
-    if engine is not None:
-        out.append(f"train.engine={engine}")
-    if zero_stage is not None:
-        out.append(f"train.zero_stage={zero_stage}")
-    return out
+from slm.cli.app import app
+from slm.cli.options import (DeepSpeedConfig, Device, DryRunOpt, EngineOpt, Gpu, GpuHours, Gpus, JsonOut, Keep, Mfu,
+                             Requeue, Resume, Sets, Steps, TokenizerOpt, Tokens, Valid, ZeroStage, emit, train_sets)
+from slm.errors import SlmError
 
 
 def _tokens(value: str | None) -> int | None:
     if value is None:
         return None
-    from slm.stages.mix import parse_budget
+    from slm.recipes import parse_budget
 
     return parse_budget(value, "--tokens")
 
 
 def _print_plan(plan: dict, json_out: bool) -> None:
-    import json
-
     from slm.train.cost import print_plan
 
     print_plan(plan)
     if json_out:
         print(json.dumps(plan, indent=2))
-
-
 
 
 @app.command("pretrain", rich_help_panel="Training")
@@ -123,10 +69,10 @@ def pretrain(
              slm pretrain --recipe smollm2-1_7b --dry-run --gpu h100 --gpus 256
     """
     from slm.stages.pretrain import PretrainConfig, dry_run as plan, run
-    from slm.train.setup import DryRun
+    from slm.train.cost import DryRun
 
     cfg = PretrainConfig(data=data, out=out, recipe=recipe, config_file=config,
-                         sets=_with_flags(set_, keep, engine, zero_stage, deepspeed_config), steps=steps,
+                         sets=train_sets(set_, keep, engine, zero_stage, deepspeed_config), steps=steps,
                          tokens=_tokens(tokens), init=init, valid=valid, tokenizer=tokenizer, device=device,
                          require_resume=resume, requeue=requeue)
     if dry_run:
@@ -175,11 +121,11 @@ def cooldown(
     Example: slm cooldown --from runs/pretrain --data mix --phase decay --steps 30 --out runs/cooldown
     """
     from slm.stages.cooldown import CooldownConfig, dry_run as plan, run
-    from slm.train.setup import DryRun
+    from slm.train.cost import DryRun
 
     cfg = CooldownConfig(source=source, data=data, out=out, steps=steps, tokens=_tokens(tokens), lr_start=lr_start,
                          phase=phase, recipe=recipe,
-                         sets=_with_flags(set_, keep, engine, zero_stage, deepspeed_config),
+                         sets=train_sets(set_, keep, engine, zero_stage, deepspeed_config),
                          valid=valid, tokenizer=tokenizer, device=device, require_resume=resume, requeue=requeue)
     if dry_run:
         _print_plan(plan(cfg, DryRun(gpu=gpu, gpus=gpus, mfu=mfu, gpu_hours=gpu_hours)), json_out)
@@ -212,9 +158,6 @@ def generate(
 
     Example: slm generate runs/cooldown "def fibonacci(n):" --temperature 0      slm generate runs/sft --chat "Hi!"
     """
-    import json
-
-    from slm.errors import SlmError
     from slm.stages.generate import GenerateConfig, generate as run
 
     def config(**kw):
@@ -268,15 +211,12 @@ def plot_cmd(
 
     Example: slm plot runs/pretrain
     """
-    from slm.errors import SlmError
     from slm.train.metrics import plot
 
     path = plot(run_dir)
     if path is None:
         raise SlmError(f"{run_dir}: no training steps in metrics.jsonl to plot")
     if json_out:
-        import json
-
         print(json.dumps({"path": str(path)}))
     else:
         print(path)

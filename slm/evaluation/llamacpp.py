@@ -22,7 +22,10 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from slm.stages.quantize import log_softmax, quiet_llama_cpp
+from slm.errors import SlmError
+from slm.formats.chat import ChatTemplate
+from slm.inference.llamacpp import open_gguf
+from slm.inference.scoring import log_softmax
 
 MODEL_NAME = "slm-gguf"
 
@@ -32,13 +35,9 @@ class LlamaCppLM(TemplateLM):
     def __init__(self, pretrained: str, max_length: int | None = None, threads: int | None = None,
                  batch_size: int | str | None = None, device: str | None = None, seed: int = 1234, **kwargs):
         super().__init__()
-        from llama_cpp import Llama
-
-        quiet_llama_cpp()
         self.path = Path(pretrained)
         # n_ctx 0: the context the model was trained with (its GGUF metadata)
-        self.llm = Llama(model_path=str(self.path), n_ctx=int(max_length or 0), n_batch=512, logits_all=True,
-                         n_threads=threads, n_threads_batch=threads, type_k=0, type_v=0, seed=seed, verbose=False)
+        self.llm = open_gguf(self.path, int(max_length or 0), threads, logits_all=True, f32_cache=True, seed=seed)
         # llama.cpp may round its context up (to 256); the logits buffer has the rows asked for
         self._max_length = min(self.llm.n_ctx(), self.llm.scores.shape[0])
         self.metadata = dict(self.llm.metadata)
@@ -80,11 +79,7 @@ class LlamaCppLM(TemplateLM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         source = self.metadata.get("tokenizer.chat_template")
         if not source:
-            from slm.errors import SlmError
-
             raise SlmError(f"{self.path}: no chat template in the GGUF file (tokenizer.chat_template)")
-        from slm.formats.chat import ChatTemplate
-
         eos = self.llm.detokenize([self._eot], special=True).decode("utf-8", errors="replace")
         bos = self.llm.detokenize([self._prefix], special=True).decode("utf-8", errors="replace")
         return ChatTemplate(self.path.name, source, [], None).render(chat_history, add_generation_prompt, bos, eos)

@@ -19,6 +19,8 @@ import random
 import re
 from pathlib import Path
 
+from slm.evaluation.heldout import heldout_text
+
 TASKS = ("slm_heldout", "slm_cloze", "slm_arith")
 SHOTS = {"slm_heldout": 0, "slm_cloze": 0, "slm_arith": 3}
 METRICS = {"slm_heldout": ("bits_per_byte", "none"), "slm_cloze": ("acc_norm", "none"),
@@ -78,8 +80,6 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 def write_tasks(directory: Path, seed: int = 0, n_docs: int = 32, n_items: int = 100) -> Path:
     """Write the YAML tasks and their data into DIRECTORY; return it (the include path for lm-eval)."""
     import yaml
-
-    from slm.stages.corpus import heldout_text
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

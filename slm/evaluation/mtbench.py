@@ -18,7 +18,10 @@ import json
 import re
 from pathlib import Path
 
+from slm.console import progress
 from slm.errors import SlmError
+from slm.evaluation.models import model_backend
+from slm.inference.generate import reply
 
 JUDGE_SYSTEM = ("You grade the answers of an AI assistant. Be strict and fair: judge helpfulness, correctness, "
                 "relevance, depth and clarity for the question asked, and do not reward length for its own sake.")
@@ -73,8 +76,6 @@ class Chat:
             return
         path = Path(spec)
         if backend is None:
-            from slm.stages.eval import model_backend
-
             backend, path = model_backend(path)
         self.kind, self.path = backend, path
         if backend == "gguf":
@@ -88,10 +89,7 @@ class Chat:
         if self.kind == "gguf":
             prompt = self.lm.apply_chat_template(messages, add_generation_prompt=True)
             return self.lm._generate(prompt, max_new, [], 0.0).strip()
-        from slm.stages.generate import GenerateConfig, generate
-
-        return "".join(generate(GenerateConfig(checkpoint=self.path, prompt="", chat=messages, temperature=0,
-                                               max_new_tokens=max_new))).strip()
+        return reply(self.path, messages, max_new)
 
     def _http(self, messages: list[dict], max_new: int) -> str:
         import urllib.error
@@ -122,8 +120,6 @@ def conversation_text(messages: list[dict]) -> str:
 
 
 def run_mt_bench(questions: list[dict], models: list[tuple[str, Path]], labels: list[str], cfg) -> dict:
-    from slm.console import progress
-
     judge = Chat(cfg.judge, model_name=cfg.judge_model, threads=cfg.threads)
     result = {"judge": cfg.judge if judge.kind == "http" else Path(cfg.judge).name, "judge_prompt": JUDGE_PROMPT,
               "questions": len(questions), "models": []}

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 from slm.errors import SlmError
+from slm.formats.manifest import read_json
 from slm.formats.records import BadRecord, expand_inputs
 
 ROLES = ("system", "user", "assistant")
@@ -312,8 +313,6 @@ class ChatTemplate:
     def of_checkpoint(cls, directory: Path) -> "ChatTemplate":
         """The template in a checkpoint's (or tokenizer's) tokenizer_config.json, as `slm sft` writes it."""
         import re
-
-        from slm.formats.manifest import read_json
 
         cfg = Path(directory) / "tokenizer_config.json"
         source = read_json(cfg).get("chat_template") if cfg.is_file() else None

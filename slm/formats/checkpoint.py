@@ -43,8 +43,20 @@ from pathlib import Path
 import torch
 
 from slm.errors import SlmError
-from slm.formats.manifest import MANIFEST, fsync_tree, new_manifest, read_json, sha256_file, write_json
-from slm.model.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from slm.formats.manifest import (
+    MANIFEST,
+    fsync_tree,
+    new_manifest,
+    read_json,
+    sha256_file,
+    write_json,
+)
+from slm.model.hf import (
+    from_hf_config,
+    from_hf_state_dict,
+    to_hf_config,
+    to_hf_state_dict,
+)
 from slm.model.transformer import ModelConfig
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -258,6 +270,12 @@ def write_checkpoint(run_dir: Path, step: int, *, model_cfg: ModelConfig, state_
     return final
 
 
+def run_name(path: Path) -> str:
+    """The name a model is known by: its run's for a checkpoint inside a run (RUN/checkpoints/step-N), else its own."""
+    path = Path(path)
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.name
+
+
 @dataclass
 class Checkpoint:
     """A model directory: an slm checkpoint, or a transformers one (config.json + safetensors weights)."""
@@ -295,6 +313,21 @@ class Checkpoint:
             raise SlmError(msg if msg.startswith(where) else f"{where}: {msg}") from None
         except TypeError:
             raise SlmError(f"{where}: a field has the wrong type (numbers where numbers belong)") from None
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory this checkpoint belongs to (None for a checkpoint standing alone)."""
+        return self.dir.parent.parent if self.dir.parent.name == "checkpoints" else None
+
+    @cached_property
+    def recorded_weights_sha256(self) -> str | None:
+        """The sha256 of model.safetensors as the manifest records it (None for a checkpoint slm did not write)."""
+        made = {f.get("path"): f.get("sha256") for f in (self.manifest or {}).get("files", []) if isinstance(f, dict)}
+        return made.get("model.safetensors")
+
+    def weights_sha256(self) -> str:
+        """The weights' identity: the recorded sha256, else computed from model.safetensors."""
+        return self.recorded_weights_sha256 or sha256_file(self.dir / "model.safetensors")
 
     @cached_property
     def manifest(self) -> dict | None:
@@ -396,10 +429,3 @@ class Checkpoint:
         if (self.dir / "encoding.json").is_file():
             return Tokenizer(self.dir)
         return None
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from slm.errors import SlmError
+from slm.formats.manifest import read_json
 
 # slm type name -> (GGMLQuantizationType name for 2-D weights, LlamaFileType name)
 PYTHON_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
@@ -106,8 +107,6 @@ def vocab_of(ckpt_dir: Path, vocab_size: int) -> Vocab:
     """The GGUF vocabulary of a checkpoint: its tokenizer.json's tokens and merges, padded to VOCAB_SIZE rows."""
     import gguf
 
-    from slm.formats.manifest import read_json
-
     ckpt_dir = Path(ckpt_dir)
     spec = read_json(ckpt_dir / "encoding.json")
     tj = read_json(ckpt_dir / "tokenizer.json")
@@ -166,7 +165,7 @@ def write_gguf(ckpt, path: Path, kind: str, name: str | None = None, state: dict
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     # where the file came from: `slm info` follows it, and a stage given a GGUF and a checkpoint can check they match
     w.add_string("slm.checkpoint", str(Path(ckpt.dir).resolve()))
-    if weights := _recorded_weights_sha256(ckpt):
+    if weights := ckpt.recorded_weights_sha256:
         w.add_string("slm.checkpoint_sha256", weights)
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.hidden_size)
@@ -248,12 +247,6 @@ def metadata(path: Path) -> dict:
     return json.loads(json.dumps(out, default=str))
 
 
-def _recorded_weights_sha256(ckpt) -> str | None:
-    """The sha256 of model.safetensors as the checkpoint's manifest records it (None for a foreign checkpoint)."""
-    made = {f.get("path"): f.get("sha256") for f in (ckpt.manifest or {}).get("files", []) if isinstance(f, dict)}
-    return made.get("model.safetensors")
-
-
 def check_lineage(path: Path, ckpt) -> None:
     """Refuse, in one line, a GGUF file that is not CKPT's model. A file slm wrote names its checkpoint's weights
     (slm.checkpoint_sha256): they must be CKPT's. A file written elsewhere (llama.cpp's converter) must have CKPT's
@@ -276,7 +269,7 @@ def check_lineage(path: Path, ckpt) -> None:
             return None
         return v.tolist() if hasattr(v, "tolist") else v
 
-    theirs, ours = field("slm.checkpoint_sha256"), _recorded_weights_sha256(ckpt)
+    theirs, ours = field("slm.checkpoint_sha256"), ckpt.recorded_weights_sha256
     if theirs and ours:
         if theirs != ours:
             raise SlmError(f"{path}: written from another checkpoint ({field('slm.checkpoint')}, weights "

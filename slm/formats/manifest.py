@@ -89,7 +89,9 @@ def read_json(path: Path, what: str = "file") -> Any:
 
 
 def new_manifest(kind: str, config: dict, *, inputs: list[dict] | None = None, counts: dict | None = None,
-                 started: float | None = None, **extra: Any) -> dict:
+                 started: float | None = None, energy: dict | None = None, **extra: Any) -> dict:
+    """The manifest of an output of KIND (a plain dict: nothing is written or measured here). ENERGY: the node's
+    meter reading for the stage that made it (slm.energy.take()), kept with its total in kWh."""
     m = {
         "kind": kind,
         "format_version": FORMAT_VERSIONS[kind],
@@ -102,12 +104,8 @@ def new_manifest(kind: str, config: dict, *, inputs: list[dict] | None = None, c
         "wall_seconds": round(time.time() - started, 3) if started else None,
         "energy_kwh": None,
     }
-    if kind not in ("checkpoint", "reference_logprobs"):  # a stage's own output: the node's meter stops here
-        from slm import energy
-
-        record = energy.take()
-        if record is not None:
-            m["energy_kwh"], m["energy"] = record["energy_kwh"], record
+    if energy is not None:
+        m["energy_kwh"], m["energy"] = energy["energy_kwh"], energy
     m.update(extra)
     return m
 

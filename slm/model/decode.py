@@ -16,6 +16,7 @@ model. The prompt goes through the model's own forward (one batched pass); the l
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slm.model.transformer import KVCache, Transformer, apply_rotary, attend
@@ -115,3 +116,38 @@ def _step(model: Transformer, tokens, position, slot, valid, keys: list, values:
         x = x + attn.o_proj(y.transpose(1, 2).reshape(B, 1, h * attn.head_dim))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.lm_head(model.norm(x))[:, -1]
+
+
+class PastAsInputs(nn.Module):
+    """(input_ids [B, T], past_keys, past_values) -> (logits [B, T, V], keys, values); past_* and the returned
+    keys / values are [layers, B, kv heads, tokens, head dim] (past may hold 0 tokens). The new tokens take positions
+    past..past+T-1 and attend causally to everything before them."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, past_keys, past_values):
+        m, cfg = self.m, self.m.cfg
+        B, T = input_ids.shape
+        P = past_keys.shape[3]
+        positions = torch.arange(T, device=input_ids.device) + P
+        x = m.embed_tokens(input_ids)
+        cos, sin = m.rotary(positions[None].expand(B, T), x.dtype)
+        mask = torch.arange(P + T, device=input_ids.device)[None, :] <= positions[:, None]  # [T, P+T]
+        new_k, new_v = [], []
+        h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        for i, layer in enumerate(m.layers):
+            a = layer.self_attn
+            q, k, v = a.qkv_proj(layer.input_layernorm(x)).view(B, T, h + 2 * kv, hd).split([h, kv, kv], dim=2)
+            q = apply_rotary(q, cos, sin).transpose(1, 2)
+            k = torch.cat([past_keys[i], apply_rotary(k, cos, sin).transpose(1, 2)], dim=2)
+            v = torch.cat([past_values[i], v.transpose(1, 2)], dim=2)
+            new_k.append(k)
+            new_v.append(v)
+            if kv != h:
+                k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, h * hd))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return m.lm_head(m.norm(x)), torch.stack(new_k), torch.stack(new_v)

@@ -19,13 +19,13 @@ slm.model.hf maps the weights to and from transformers' names, and a test holds 
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slm.errors import SlmError
 from slm.model.loss import linear_cross_entropy, linear_token_logprobs
 
 FAMILIES = ("stablelm", "llama")
@@ -392,4 +392,18 @@ def build(cfg: ModelConfig, device="cpu", seed: int | None = None) -> Transforme
     if str(device) != "meta":
         g = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         model.init_weights(g)
+    return model
+
+
+def load_state(model: Transformer, state: dict[str, torch.Tensor], where: str) -> Transformer:
+    """Load STATE (slm's parameter names) into MODEL, which must have the same shapes; the rotary table is built
+    from the config, so a state without it is whole. WHERE names the source in the one-line error."""
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            raise SlmError(f"{where}: weight {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.startswith("rotary.")]
+    if missing or unexpected:
+        raise SlmError(f"{where}: weights do not match the model (missing {missing[:2]}, unexpected {unexpected[:2]})")
     return model

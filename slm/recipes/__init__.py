@@ -1,7 +1,9 @@
-"""Named, versioned recipes shipped with slm: YAML files beside this module (see RECIPES in the README)."""
+"""Named, versioned recipes shipped with slm: YAML files beside this module (see RECIPES in the README), and the
+token budgets they (and mixes, and --tokens) are written in."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -9,6 +11,25 @@ import yaml
 from slm.errors import SlmError
 
 HERE = Path(__file__).parent
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_budget(value, where: str) -> int:
+    """6T / 500B / 20M / 1.5k / 2_000 / an integer -> tokens."""
+    if isinstance(value, bool):
+        raise SlmError(f"{where}: expected a token budget like 6T, 500B or 20M, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float) and value.is_integer():
+        n = int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", str(value))
+        if not m:
+            raise SlmError(f"{where}: expected a token budget like 6T, 500B or 20M, got {value!r}")
+        n = round(float(m.group(1).replace("_", "")) * _SUFFIX[m.group(2).upper()])
+    if n <= 0:
+        raise SlmError(f"{where}: expected a positive token budget, got {value!r}")
+    return n
 
 
 def names() -> list[str]:

@@ -16,7 +16,7 @@ llama-cpp-python), openvino (an `slm quantize --type int4` IR, whose keys and va
 
 from __future__ import annotations
 
-import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -25,8 +25,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from slm import energy
+from slm.console import err, progress
 from slm.errors import SlmError
+from slm.formats.checkpoint import Checkpoint
+from slm.formats.manifest import atomic_dir, new_manifest, read_json, write_json
+from slm.formats.tables import render_bench
+from slm.inference.llamacpp import open_gguf
+from slm.inference.load import load_model
+from slm.inference.openvino import OpenVinoScorer
+from slm.model.decode import StaticDecoder, transpose_linears
 
 BACKENDS = ("auto", "torch", "llama.cpp", "openvino")
 FORMATS = ("md", "json", "csv")
@@ -71,8 +81,6 @@ def size_of(path: Path) -> int:
         return path.stat().st_size
     if (path / "openvino_model.bin").is_file():
         return (path / "openvino_model.bin").stat().st_size
-    from slm.formats.checkpoint import Checkpoint
-
     return (Checkpoint.open(path).dir / "model.safetensors").stat().st_size
 
 
@@ -89,8 +97,6 @@ def cpu_name() -> str:
 def measure_bandwidth(gib: float = 1.0, rounds: int = 3) -> float:
     """GB/s of streaming reads (a large float32 tensor summed by torch with all its threads), the best of ROUNDS:
     what reading the weights once per generated token can reach at best."""
-    import torch
-
     a = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
     best = 0.0
     for _ in range(rounds):
@@ -106,12 +112,6 @@ class TorchRunner:
     the decode step compiled by torch.compile (one graph for every step; slm.model.decode)."""
 
     def __init__(self, path: Path, threads: int | None, dtype: str, max_len: int, compile: bool = False):
-        import torch
-
-        from slm.formats.checkpoint import Checkpoint
-        from slm.model.decode import transpose_linears
-        from slm.stages.generate import load_model
-
         if threads:
             torch.set_num_threads(threads)
         self.ckpt = Checkpoint.open(path)
@@ -127,10 +127,6 @@ class TorchRunner:
         self.decoder = None
 
     def run(self, ids: list[int], gen: int, batch: int) -> tuple[float, list[float]]:
-        import torch
-
-        from slm.model.decode import StaticDecoder
-
         if len(ids) + gen > self.max_len:
             raise SlmError(f"--prompt + --gen = {len(ids) + gen}: more than the model's context ({self.max_len})")
         if self.decoder is None or self.decoder.batch != batch:
@@ -150,13 +146,7 @@ class TorchRunner:
 
 class LlamaCppRunner:
     def __init__(self, path: Path, threads: int | None, n_ctx: int):
-        from llama_cpp import Llama
-
-        from slm.stages.quantize import quiet_llama_cpp
-
-        quiet_llama_cpp()
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads,
-                         n_threads_batch=threads, verbose=False)
+        self.llm = open_gguf(path, n_ctx, threads, n_batch=min(n_ctx, 512))
         self.vocab = self.llm.n_vocab()
         self.weight_bytes = Path(path).stat().st_size
 
@@ -179,9 +169,6 @@ class LlamaCppRunner:
 
 class OpenVinoRunner:
     def __init__(self, path: Path, threads: int | None):
-        from slm.formats.manifest import read_json
-        from slm.formats.openvino import OpenVinoScorer
-
         vocab = read_json(Path(path) / "config.json")["vocab_size"]
         self.scorer = OpenVinoScorer(path, vocab, threads, exact=False)
         self.vocab = vocab
@@ -241,9 +228,8 @@ def _child(path: str, backend: str, cfg: dict, queue) -> None:
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def run(cfg: BenchConfig) -> dict:
-    import multiprocessing as mp
-
+def measure(cfg: BenchConfig) -> dict:
+    """Every model measured in a fresh process of its own: the report (device, settings, a row per model)."""
     if not cfg.models:
         raise SlmError("MODEL: give at least one checkpoint, .gguf file or INT4 directory")
     if cfg.backend not in BACKENDS:
@@ -263,10 +249,8 @@ def run(cfg: BenchConfig) -> dict:
     settings = {"prompt": cfg.prompt, "gen": cfg.gen, "repeat": cfg.repeat, "threads": threads, "batch": cfg.batch,
                 "dtype": cfg.dtype, "compile": cfg.compile, "seed": cfg.seed}
     bandwidth = cfg.bandwidth or measure_bandwidth()
-    from slm.console import progress
-
     rows = []
-    ctx = mp.get_context("spawn")
+    ctx = multiprocessing.get_context("spawn")
     with progress() as bar:
         task = bar.add_task("bench", total=len(jobs))
         for path, backend in jobs:
@@ -285,8 +269,6 @@ def run(cfg: BenchConfig) -> dict:
             value["bound_fraction"] = tg["mean"] / bound if tg else None
             rows.append(value)
             bar.advance(task)
-    import torch
-
     device = {"cpu": cpu_name(), "threads": threads, "gpu": torch.cuda.get_device_name(0)
               if torch.cuda.is_available() else None, "bandwidth_gb_s": round(bandwidth, 2),
               "bandwidth_source": "given" if cfg.bandwidth else "measured (streaming read)"}
@@ -294,45 +276,6 @@ def run(cfg: BenchConfig) -> dict:
 
 
 # --- output ------------------------------------------------------------------------------------------------------
-COLUMNS = ["model", "backend", "size", "pp t/s", "tg t/s", "ttft ms", "peak MB", "bound t/s", "of bound"]
-
-
-def table_rows(report: dict) -> list[list[str]]:
-    out = []
-    for r in report["results"]:
-        tg = r["tg_tokens_per_s"]
-        out.append([Path(r["model"]).name, r["backend"], f"{r['file_bytes'] / 1e6:.1f} MB",
-                    f"{r['pp_tokens_per_s']['mean']:.1f} ± {r['pp_tokens_per_s']['std']:.1f}",
-                    f"{tg['mean']:.1f} ± {tg['std']:.1f}" if tg else "-",
-                    f"{r['ttft_s']['mean'] * 1e3:.1f}", f"{r['peak_rss_bytes'] / 1e6:.0f}",
-                    f"{r['bandwidth_bound_tokens_per_s']:.0f}",
-                    f"{r['bound_fraction']:.0%}" if r["bound_fraction"] is not None else "-"])
-    return out
-
-
-def render(report: dict, fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(report, indent=2)
-    rows = table_rows(report)
-    if fmt == "csv":
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(COLUMNS)
-        w.writerows(rows)
-        return buf.getvalue().rstrip("\n")
-    d = report["device"]
-    s = report["settings"]
-    head = (f"{d['cpu']}, {d['threads']} threads{', ' + d['gpu'] if d['gpu'] else ''}; memory bandwidth "
-            f"{d['bandwidth_gb_s']} GB/s ({d['bandwidth_source']}); prompt {s['prompt']}, gen {s['gen']}, "
-            f"batch {s['batch']}, {s['repeat']} repeats")
-    lines = [head, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -357,16 +300,32 @@ def plot(report: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write(report: dict, out: Path, started: float, cfg: BenchConfig) -> Path:
-    from slm.formats.manifest import atomic_dir, new_manifest, write_json
+def table(cfg: BenchConfig) -> str:
+    """Without --out: the report in cfg.format (md, json or csv) for stdout (and cfg.plot drawn)."""
+    report = measure(cfg)
+    if cfg.plot is not None:
+        plot(report, cfg.plot)
+    return render_bench(report, cfg.format)
 
+
+def run(cfg: BenchConfig) -> Path:
+    """OUT/bench.json, .md, .csv, .png and the manifest; the table on stderr."""
+    if cfg.out is None:
+        raise SlmError("--out: missing (the directory to write)")
+    started = time.time()
+    report = measure(cfg)
+    if cfg.plot is not None:
+        plot(report, cfg.plot)
+    err.print(render_bench(report, "md"), soft_wrap=True, markup=False, highlight=False)
+    out = Path(cfg.out)
     with atomic_dir(out) as tmp:
         write_json(tmp / "bench.json", report)
-        (tmp / "bench.md").write_text(render(report, "md") + "\n")
-        (tmp / "bench.csv").write_text(render(report, "csv") + "\n")
+        (tmp / "bench.md").write_text(render_bench(report, "md") + "\n")
+        (tmp / "bench.csv").write_text(render_bench(report, "csv") + "\n")
         plot(report, tmp / "bench.png")
         write_json(tmp / "manifest.json", new_manifest(
             "bench", {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                       if k not in ("models", "out", "plot")},
-            inputs=[{"path": str(m)} for m in cfg.models], counts={"models": len(cfg.models)}, started=started))
-    return Path(out)
+            inputs=[{"path": str(m)} for m in cfg.models], counts={"models": len(cfg.models)}, started=started,
+            energy=energy.take()))
+    return out

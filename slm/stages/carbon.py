@@ -17,7 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slm import energy
+from slm.console import err, warn
 from slm.errors import SlmError
+from slm.formats.manifest import atomic_dir, new_manifest, write_json
 
 # Board power (TDP) per GPU, W: NVIDIA's datasheets. An average draw under training is usually a little below it.
 GPU_POWER_W = {
@@ -209,26 +212,37 @@ def model_card(report: dict) -> str:
             f"about {amount}.")
 
 
-def write(report: dict, cfg: CarbonConfig, started: float) -> Path:
-    from slm.formats.manifest import atomic_dir, new_manifest, write_json
+def report(cfg: CarbonConfig) -> dict:
+    """The roll-up with its model-card paragraph; a warning on stderr for each stage directory with no reading."""
+    r = rollup(cfg)
+    r["model_card"] = model_card(r)
+    for d in r["unmeasured"]:
+        warn(f"{d}: no energy reading (made with SLM_ENERGY=off or without codecarbon)")
+    return r
 
+
+def text(cfg: CarbonConfig) -> str:
+    """Without --out: the table and the model-card paragraph, for stdout."""
+    r = report(cfg)
+    return render(r) + "\n\n" + r["model_card"]
+
+
+def run(cfg: CarbonConfig) -> Path:
+    """OUT/carbon.json, carbon.md and the manifest; the table on stderr."""
+    if cfg.out is None:
+        raise SlmError("--out: missing (the directory to write)")
+    started = time.time()
+    r = report(cfg)
+    r["out"] = str(cfg.out)
+    err.print(render(r) + "\n\n" + r["model_card"], soft_wrap=True, markup=False, highlight=False)
     with atomic_dir(cfg.out) as tmp:
-        write_json(tmp / "carbon.json", report)
-        (tmp / "carbon.md").write_text(render(report) + "\n\n" + report["model_card"] + "\n")
+        write_json(tmp / "carbon.json", r)
+        (tmp / "carbon.md").write_text(render(r) + "\n\n" + r["model_card"] + "\n")
         write_json(tmp / "manifest.json", new_manifest(
             "carbon", {"pue": cfg.pue, "intensity": cfg.intensity, "region": cfg.region},
-            inputs=[{"path": r["dir"]} for r in report["rows"]], counts={"stages": len(report["rows"])},
-            started=started))
+            inputs=[{"path": row["dir"]} for row in r["rows"]], counts={"stages": len(r["rows"])},
+            started=started, energy=energy.take()))
     return Path(cfg.out)
-
-
-def run(cfg: CarbonConfig) -> dict:
-    started = time.time()
-    report = rollup(cfg)
-    report["model_card"] = model_card(report)
-    if cfg.out is not None:
-        report["out"] = str(write(report, cfg, started))
-    return report
 
 
 # --- estimate ------------------------------------------------------------------------------------------------------
@@ -260,3 +274,13 @@ def estimate(gpu_hours: float, gpu: str | None, power_w: float | None, pue: floa
             "intensity_kg_per_kwh": kg_per_kwh, "intensity_source": source, "kg_co2eq": kwh * kg_per_kwh,
             "t_co2eq": kwh * kg_per_kwh / 1000, "by_region": by_region,
             "formula": "gpu_hours x power_w / 1000 x pue x intensity_kg_per_kwh"}
+
+
+def estimate_text(gpu_hours: float, gpu: str | None, power_w: float | None, pue: float, intensity: float | None,
+                  region: str | None) -> str:
+    """The estimate as one line for stdout (the same energy at other places on stderr)."""
+    r = estimate(gpu_hours, gpu, power_w, pue, intensity, region)
+    err.print("the same energy elsewhere: " + ", ".join(f"{k} {v['t_co2eq']:.1f} t" for k, v in r["by_region"].items()),
+              soft_wrap=True, highlight=False)
+    return (f"{r['gpu_hours']:,.0f} GPU-hours x {r['power_w']:g} W x PUE {r['pue']:g} = {r['energy_kwh']:,.0f} kWh; "
+            f"x {r['intensity_kg_per_kwh'] * 1000:.0f} g/kWh ({r['intensity_source']}) = {r['t_co2eq']:,.2f} tCO2eq")

@@ -9,17 +9,20 @@ the same mix, else the new mix from its first sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from slm.console import info, warn
+from slm.console import warn
 from slm.errors import SlmError
 from slm.formats.checkpoint import Checkpoint
-from slm.train import engine, setup
+from slm.recipes import find_recipe, load_recipe, load_step, parse_budget
+from slm.train import engine
+from slm.train import start as setup
 from slm.train.batches import Batches
-from slm.train.config import resolve, to_yaml, train_settings
+from slm.train.config import resolve, train_settings
+from slm.train.cost import DryRun, plan_run, recipe_seq_len
+from slm.train.dist import Dist, session
 from slm.train.loop import Run, train
-from slm.train.metrics import plot
 from slm.train.schedules import linear_to_zero
 
 
@@ -54,11 +57,6 @@ def with_recipe_step(cfg: CooldownConfig) -> CooldownConfig:
     """CFG with a recipe step's settings under its own flags (flags win)."""
     if not cfg.recipe:
         return cfg
-    from dataclasses import replace
-
-    from slm.recipes import load_step
-    from slm.stages.mix import parse_budget
-
     step = load_step(cfg.recipe, "--recipe").get("cooldown")
     if not isinstance(step, dict):
         raise SlmError(f"--recipe {cfg.recipe!r}: the step has no cooldown: section")
@@ -81,10 +79,8 @@ def check_model_changes(before: dict, after: dict, where: str) -> list[str]:
     return [f"{k} {before.get(k)} -> {after.get(k)}" for k in changed]
 
 
-def dry_run(cfg: CooldownConfig, dry: setup.DryRun) -> dict:
+def dry_run(cfg: CooldownConfig, dry: DryRun) -> dict:
     """The plan of the cooldown (the checkpoint's model and its run's training settings); writes nothing."""
-    from slm.recipes import find_recipe, load_recipe, load_step
-
     step_mix = (load_step(cfg.recipe, "--recipe").get("mix") or {}) if cfg.recipe else {}
     cfg = with_recipe_step(cfg)
     if not Path(cfg.source).exists() and find_recipe(str(cfg.source)) is not None:
@@ -93,30 +89,27 @@ def dry_run(cfg: CooldownConfig, dry: setup.DryRun) -> dict:
         base = {"recipe": str(cfg.source), "model": recipe.get("model", {}), "train": recipe.get("train", {})}
     else:
         source = Checkpoint.open(cfg.source)
-        parent_cfg = setup.saved_config(source.dir.parent.parent) or {}
+        parent_cfg = setup.saved_config(source.run_dir) or {}
         base = {"recipe": parent_cfg.get("recipe"), "model": source.model_config.to_dict(),
                 "train": parent_cfg.get("train", {})}
     resolved = resolve(None, None, cfg.sets, base=base)
     t = train_settings(resolved)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer) if cfg.data else (None, None)
-    seq_len = reader.seq_len if reader else step_mix.get("seq_len") or setup.recipe_seq_len(resolved.get("recipe"))
+    seq_len = reader.seq_len if reader else step_mix.get("seq_len") or recipe_seq_len(resolved.get("recipe"))
     if not seq_len:
         raise SlmError("--data: missing (the plan needs the mix's seq_len)")
     steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step)
     if not steps:
         raise SlmError("how long to cool down: give --steps or --tokens")
-    return setup.plan(resolved["model"], tok, t, seq_len, steps, dry)
+    return plan_run(resolved["model"], tok, t, seq_len, steps, dry)
 
 
 def run(cfg: CooldownConfig) -> Path:
-    d = engine.setup(cfg.device)
-    try:
+    with session(cfg.device) as d:
         return _run(cfg, d)
-    finally:
-        engine.teardown(d)
 
 
-def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
+def _run(cfg: CooldownConfig, d: Dist) -> Path:
     cfg = with_recipe_step(cfg)
     if cfg.data is None or cfg.out is None:
         raise SlmError(f"--{'data' if cfg.data is None else 'out'}: missing")
@@ -133,7 +126,7 @@ def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
         if src_tok is not None and src_tok.hash != tok.hash:
             raise SlmError(f"--from {cfg.source}: the checkpoint's tokenizer ({src_tok.hash[:12]}) is not the one "
                            f"{cfg.data} was encoded with ({tok.hash[:12]})")
-        parent_cfg = setup.saved_config(source.dir.parent.parent) or {}
+        parent_cfg = setup.saved_config(source.run_dir) or {}
         base = {"recipe": parent_cfg.get("recipe"), "model": source.model_config.to_dict(),
                 "train": parent_cfg.get("train", {})}
         resolved = resolve(None, None, cfg.sets, base=base)
@@ -151,50 +144,14 @@ def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
     batches = Batches(reader, sps, t.micro_batch_size, d.rank, d.world, d.device)
     eng = setup.make_engine(d, model, t, batches.accumulation)
     if plan is None:
-        steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step)
-        if not steps:
-            raise SlmError("how long to cool down: give --steps or --tokens")
-        ts = source.train_state or {}
-        lr_start = cfg.lr_start if cfg.lr_start is not None else ts.get("lr")
-        if lr_start is None:
-            raise SlmError(f"--lr-start: {source.dir} does not record its learning rate; give it")
-        if cfg.phase is not None:
-            names = [p.name for p in reader.plan.phases]
-            if cfg.phase not in names:
-                raise SlmError(f"--phase {cfg.phase!r}: the mix has phases {', '.join(names)}")
-            data_start = int(reader.plan.phase_starts[names.index(cfg.phase)])
-        elif (source.manifest or {}).get("mix", {}).get("plan_sha256") == setup.plan_sha256(cfg.data):
-            data_start = int(ts.get("samples_seen", 0))
-        else:
-            data_start = 0
-        plan = {"start_step": source.step, "steps": steps, "lr_start": lr_start, "data_start": data_start,
-                "from": str(source.dir)}
-        opt_state = source.optimizer_state(legacy_order=engine.optimizer_order(model))
-        if opt_state is not None:
-            try:
-                eng.load_optimizer_state(opt_state, str(source.dir))
-            except SlmError as e:
-                warn(f"{e}; AdamW starts from zero moments")
-        else:
-            warn(f"{source.dir}: no optimizer state (not an slm checkpoint); AdamW starts from zero moments")
-        for g in eng.optimizer.param_groups:  # hyper-parameters from this run, moments from the checkpoint
-            g["betas"], g["eps"] = tuple(t.betas), t.eps
-        state = {"tokens_seen": ts.get("tokens_seen", 0), "cooldown": plan}
-        start = plan["start_step"]
-        if d.main:
-            out.mkdir(parents=True, exist_ok=True)
-            resolved["model"] = model_cfg.to_dict()
-            (out / "config.yaml").write_text(to_yaml(resolved))
-            info(f"cooldown: from {source.dir} (step {start}), {steps} steps, lr {lr_start:.3e} -> 0, "
-                 f"data from sample {data_start}{'; model ' + ', '.join(changes) if changes else ''}")
-    else:
-        setup.restore(resume, eng, d)
-        start = resume.step
-        ts = resume.train_state
-        state = {"tokens_seen": ts.get("tokens_seen", 0), "cooldown": plan, "resumed": True,
-                 "bad_steps_total": ts.get("bad_steps_total", 0), "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0)}
-        if d.main:
-            info(f"resuming {out} at step {start}")
+        plan = _plan(cfg, source, reader, t)
+        _continue_optimizer(source, model, eng, t)
+    start, state = setup.start_or_resume(
+        resume, eng, d, out, {**resolved, "model": model_cfg.to_dict()},
+        f"cooldown: from {plan['from']} (step {plan['start_step']}), {plan['steps']} steps, lr {plan['lr_start']:.3e} "
+        f"-> 0, data from sample {plan['data_start']}{'; model ' + ', '.join(changes) if changes else ''}",
+        {"tokens_seen": (source.train_state or {}).get("tokens_seen", 0) if source is not None else 0,
+         "cooldown": plan}, fresh_step=plan["start_step"])
     end = plan["start_step"] + plan["steps"]
     if plan["data_start"] + plan["steps"] * sps > len(reader):
         raise SlmError(f"{cfg.data}: the cooldown needs samples up to {plan['data_start'] + plan['steps'] * sps}, "
@@ -211,7 +168,41 @@ def _run(cfg: CooldownConfig, d: engine.Dist) -> Path:
               start_step=start, end_step=end, seq_len=seq_len, tokenizer_dir=tok.dir, bos_id=tok.bos_id,
               eos_id=tok.eos_id, lineage=lineage, state=state, valid=valid, unigram_loss=unigram,
               requeue=cfg.requeue)
-    last = train(run)
-    if d.main:
-        plot(out)
-    return last
+    return train(run)
+
+
+def _plan(cfg: CooldownConfig, source: Checkpoint, reader, t) -> dict:
+    """The cooldown's fixed course: the step it starts at, how many it runs, the learning rate it decays from, and
+    the mix's sample it reads first (--phase, else where the checkpoint stopped in the same mix, else 0)."""
+    steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step)
+    if not steps:
+        raise SlmError("how long to cool down: give --steps or --tokens")
+    ts = source.train_state or {}
+    lr_start = cfg.lr_start if cfg.lr_start is not None else ts.get("lr")
+    if lr_start is None:
+        raise SlmError(f"--lr-start: {source.dir} does not record its learning rate; give it")
+    if cfg.phase is not None:
+        names = [p.name for p in reader.plan.phases]
+        if cfg.phase not in names:
+            raise SlmError(f"--phase {cfg.phase!r}: the mix has phases {', '.join(names)}")
+        data_start = int(reader.plan.phase_starts[names.index(cfg.phase)])
+    elif (source.manifest or {}).get("mix", {}).get("plan_sha256") == setup.plan_sha256(cfg.data):
+        data_start = int(ts.get("samples_seen", 0))
+    else:
+        data_start = 0
+    return {"start_step": source.step, "steps": steps, "lr_start": lr_start, "data_start": data_start,
+            "from": str(source.dir)}
+
+
+def _continue_optimizer(source: Checkpoint, model, eng, t) -> None:
+    """AdamW's moments from SOURCE (zero, and said so, when it has none that fit), this run's betas and eps."""
+    opt_state = source.optimizer_state(legacy_order=engine.optimizer_order(model))
+    if opt_state is not None:
+        try:
+            eng.load_optimizer_state(opt_state, str(source.dir))
+        except SlmError as e:
+            warn(f"{e}; AdamW starts from zero moments")
+    else:
+        warn(f"{source.dir}: no optimizer state (not an slm checkpoint); AdamW starts from zero moments")
+    for g in eng.optimizer.param_groups:  # hyper-parameters from this run, moments from the checkpoint
+        g["betas"], g["eps"] = tuple(t.betas), t.eps

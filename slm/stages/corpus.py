@@ -15,8 +15,6 @@ run and machine with the same Python. The output is .jsonl that `slm tokenize en
 from __future__ import annotations
 
 import ast
-import hashlib
-import inspect
 import json
 import platform
 import sysconfig
@@ -24,14 +22,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from slm import energy
 from slm.console import RateColumn, progress
 from slm.errors import SlmError
+from slm.evaluation.heldout import SKIP_DIRS, is_heldout, prose_of
 from slm.formats.manifest import atomic_dir, new_manifest, write_json
 
-SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 TOPICS = Path("pydoc_data/topics.py")
-# Comment lines that carry no language: encodings, shebangs, linters' and type checkers' pragmas.
-PRAGMAS = ("-*-", "!", "noqa", "type:", "pragma", "fmt:", "pylint", "XXX", "TODO")
 
 
 @dataclass
@@ -44,42 +41,6 @@ class CorpusConfig:
     """Percentage of files (and topics) put in the held-out split."""
     include_tests: bool = True
     """Include the standard library's own test suite (about 60% of its code where it is installed)."""
-
-
-def _heldout(key: str, percent: float) -> bool:
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
-    return (h % 10000) < percent * 100
-
-
-def _prose(source: str) -> list[str]:
-    """Docstrings (module, classes, functions), then comment blocks: consecutive full-line comments joined into
-    paragraphs, '#' and pragmas removed, lines inside multi-line strings left out."""
-    tree = ast.parse(source)
-    docs, in_string = [], set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node, clean=False)
-            if doc and len(doc.split()) >= 3:
-                docs.append(inspect.cleandoc(doc))
-        elif isinstance(node, (ast.Constant, ast.JoinedStr)) and getattr(node, "end_lineno", node.lineno) > node.lineno:
-            in_string.update(range(node.lineno, node.end_lineno + 1))
-    blocks, current, last = [], [], -2
-    for lineno, line in enumerate(source.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped.startswith("#") or lineno in in_string:
-            continue
-        text = stripped.lstrip("#").strip()
-        if not text or any(text.startswith(p) for p in PRAGMAS) or set(text) <= set("-=#*~_ "):
-            last = -2
-            continue
-        if lineno != last + 1 and current:
-            blocks.append(" ".join(current))
-            current = []
-        current.append(text)
-        last = lineno
-    if current:
-        blocks.append(" ".join(current))
-    return docs + [b for b in blocks if len(b.split()) >= 3]  # a block of prose, not a lone word
 
 
 def _topics(path: Path) -> dict[str, str]:
@@ -129,10 +90,10 @@ def run(cfg: CorpusConfig) -> Path:
                 for path in files:
                     bar.advance(task)
                     rel = path.relative_to(root).as_posix()
-                    split = "valid" if _heldout(rel, cfg.heldout_percent) else "train"
+                    split = "valid" if is_heldout(rel, cfg.heldout_percent) else "train"
                     if rel == TOPICS.as_posix():
                         for name, text in sorted(_topics(path).items()):
-                            s = "valid" if _heldout(f"topic:{name}", cfg.heldout_percent) else "train"
+                            s = "valid" if is_heldout(f"topic:{name}", cfg.heldout_percent) else "train"
                             put(f"prose/{s}", text.strip(), path=f"{rel}#{name}")
                         continue
                     try:
@@ -144,7 +105,7 @@ def run(cfg: CorpusConfig) -> Path:
                         continue
                     put(f"code/{split}", source, path=rel)
                     try:
-                        prose = _prose(source)
+                        prose = prose_of(source)
                     except (SyntaxError, ValueError, RecursionError):  # Python 2 test data and the like
                         prose = []
                     if prose:
@@ -161,28 +122,5 @@ def run(cfg: CorpusConfig) -> Path:
             inputs=[{"path": str(root), "files": len(files), "python": platform.python_version()}],
             counts={**counts, "files_skipped_not_utf8": skipped}, started=started,
             sources={"code": {"train": "code/train.jsonl", "valid": "code/valid.jsonl"},
-                     "prose": {"train": "prose/train.jsonl", "valid": "prose/valid.jsonl"}}))
+                     "prose": {"train": "prose/train.jsonl", "valid": "prose/valid.jsonl"}}, energy=energy.take()))
     return Path(cfg.out)
-
-
-def heldout_text(max_chars: int, percent: float = 2.0) -> list[str]:
-    """Held-out documents of the embedded corpus (the same split `slm tokenize corpus` makes with PERCENT), code and
-    the prose inside it alternately, up to MAX_CHARS characters: text for quality checks when the user gives none."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if SKIP_DIRS.intersection(rel.parts) or not _heldout(rel.as_posix(), percent):
-            continue
-        try:
-            source = path.read_text(encoding="utf-8")
-            prose = _prose(source)
-        except (UnicodeDecodeError, OSError, SyntaxError, ValueError, RecursionError):
-            continue
-        for text in (source, "\n\n".join(prose)):
-            if text.strip():
-                out.append(text)
-                total += len(text)
-        if total >= max_chars:
-            break
-    return out

@@ -21,12 +21,30 @@ from pathlib import Path
 
 import numpy as np
 
+from slm import energy
 from slm.console import Heartbeat, RateColumn, info, progress, warn
 from slm.errors import SlmError
 from slm.formats.indexed import IndexedWriter
-from slm.formats.manifest import (MANIFEST, canonical_json, check_replaceable, new_manifest, publish_dir, read_json,
-                                  read_manifest, sha256_bytes, sha256_file, write_json)
-from slm.formats.records import Input, Unit, UnitReader, expand_inputs, plan_units, spool_stdin
+from slm.formats.manifest import (
+    MANIFEST,
+    canonical_json,
+    check_replaceable,
+    new_manifest,
+    publish_dir,
+    read_json,
+    read_manifest,
+    sha256_bytes,
+    sha256_file,
+    write_json,
+)
+from slm.formats.records import (
+    Input,
+    Unit,
+    UnitReader,
+    expand_inputs,
+    plan_units,
+    spool_stdin,
+)
 from slm.formats.tokenizer import Tokenizer
 
 
@@ -190,7 +208,7 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def run(cfg: EncodeConfig) -> tuple[Path, dict]:
+def run(cfg: EncodeConfig) -> Path:
     started = time.time()
     tok = Tokenizer(cfg.tokenizer)
     if cfg.txt_mode not in ("file", "paragraph"):
@@ -212,7 +230,7 @@ def run(cfg: EncodeConfig) -> tuple[Path, dict]:
             spool.unlink(missing_ok=True)
 
 
-def _run(cfg: EncodeConfig, tok, specs: list, spool: Path | None, out: Path, started: float) -> tuple[Path, dict]:
+def _run(cfg: EncodeConfig, tok, specs: list, spool: Path | None, out: Path, started: float) -> Path:
     inputs = expand_inputs(specs)
     for inp in inputs:
         if spool is not None and inp.path == spool:
@@ -361,17 +379,22 @@ def _run_locked(cfg, tok, inputs, skipped_inputs, out, partial, settings, previo
         "tokens", config, inputs=per_input, counts=counts, started=started,
         tokenizer={"path": str(Path(tok.dir).absolute()), "tokenizer_sha256": tok.hash, "name": tok.spec.name,
                    "n_vocab": tok.n_vocab, "eos_id": tok.eos_id, "bos_id": tok.bos_id},
-        dtype=tok.token_dtype.name, eos_appended=cfg.eos, shards=shards, units=unit_records,
-    )
+        dtype=tok.token_dtype.name, eos_appended=cfg.eos, shards=shards, units=unit_records, energy=energy.take())
     shutil.rmtree(partial / "units")
     (partial / ".lock").unlink(missing_ok=True)
     write_json(partial / MANIFEST, manifest)
     publish_dir(partial, out)
     if counts["bad_records"]:
         warn(f"skipped {counts['bad_records']} bad record(s) (counted in manifest.json)")
-    summary = {"path": str(out), **counts, "wall_seconds": manifest["wall_seconds"],
-               "mb_per_second": round(counts["bytes_read"] / 1e6 / max(manifest["wall_seconds"], 1e-9), 2)}
-    return Path(cfg.out), summary
+    return Path(cfg.out)
+
+
+def summary(out: Path) -> dict:
+    """What `slm tokenize encode --json` prints: the counts of a tokens directory, its wall time and read speed."""
+    m = read_manifest(Path(out), "tokens")
+    counts, wall = m["counts"], m["wall_seconds"]
+    return {"path": str(Path(out).absolute()), **counts, "wall_seconds": wall,
+            "mb_per_second": round(counts["bytes_read"] / 1e6 / max(wall, 1e-9), 2)}
 
 
 def _run_pool(jobs, workers, tok, report, done) -> None:

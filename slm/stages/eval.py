@@ -24,7 +24,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from slm import energy
+from slm.console import err, progress
 from slm.errors import SlmError
+from slm.evaluation.local import METRICS, SHOTS, TASKS, write_tasks
+from slm.evaluation.models import make_lm, model_backend
+from slm.evaluation.mtbench import read_questions, run_mt_bench
+from slm.formats.checkpoint import run_name
+from slm.formats.manifest import atomic_dir, new_manifest, sha256_file, write_json
+from slm.formats.tables import render_eval
 
 SUITES_FILE = Path(__file__).resolve().parent.parent / "evaluation" / "suites.yaml"
 
@@ -85,7 +93,6 @@ def task_specs(cfg: EvalConfig) -> tuple[list[TaskSpec], bool]:
         chat = bool(suite.get("chat_template"))
         if cfg.shots is not None:
             specs = [TaskSpec(s.task, cfg.shots, s.metric) for s in specs]
-    from slm.evaluation.local import METRICS, SHOTS
 
     for name in cfg.tasks:
         shots = cfg.shots if cfg.shots is not None else SHOTS.get(name)
@@ -94,31 +101,12 @@ def task_specs(cfg: EvalConfig) -> tuple[list[TaskSpec], bool]:
     return specs, chat if cfg.chat_template is None else cfg.chat_template
 
 
-def model_backend(path: Path) -> tuple[str, Path]:
-    """('gguf', file) or ('hf', transformers directory) for a model argument, or one line saying what it is not."""
-    path = Path(path)
-    if not path.exists():
-        raise SlmError(f"{path}: no such file or directory")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise SlmError(f"{path}: not a .gguf file (a model is a checkpoint, a run directory or a .gguf file)")
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise SlmError(f"{path}: not a GGUF file (no GGUF magic)")
-        return "gguf", path
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return "hf", path
-    from slm.formats.checkpoint import Checkpoint
-
-    return "hf", Checkpoint.open(path).dir
-
-
 def labels_for(models: list[Path]) -> list[str]:
     """Short unique names: the file stem of a GGUF, the run's name for a checkpoint."""
     out = []
     for m in models:
         m = Path(m)
-        name = m.stem if m.is_file() else (m.parent.parent.name if m.parent.name == "checkpoints" else m.name)
+        name = m.stem if m.is_file() else run_name(m)
         base, i = name, 2
         while name in out:
             name, i = f"{base}-{i}", i + 1
@@ -145,8 +133,6 @@ def _no_bars():
         return
     import io
     import sys
-
-    from slm.console import err
 
     saved = err._file
     err.file = sys.stderr
@@ -217,22 +203,6 @@ def check_datasets(tm, specs: list[TaskSpec]) -> None:
                 "--include-path DIR") from None
 
 
-def make_lm(backend: str, path: Path, cfg: EvalConfig):
-    if backend == "gguf":
-        try:
-            from slm.evaluation.llamacpp import LlamaCppLM
-        except ImportError:
-            raise SlmError(f"{path}: scoring GGUF files needs llama-cpp-python (pip install 'slm[deploy]')") from None
-        return LlamaCppLM(pretrained=str(path), threads=cfg.threads, seed=cfg.seed)
-    import torch
-    from lm_eval.models.huggingface import HFLM
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return HFLM(pretrained=str(path), dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu",
-                batch_size=cfg.batch_size, trust_remote_code=False)
-
-
 def pick(res: dict, spec: TaskSpec) -> dict:
     """The reported number of SPEC in one lm-eval result (a task's or a group's)."""
     table = res.get("groups", {}).get(spec.task) or res["results"].get(spec.task)
@@ -280,8 +250,6 @@ def evaluate_model(lm, label: str, specs: list[TaskSpec], tm, cfg: EvalConfig, c
 
 
 def run(cfg: EvalConfig) -> Path:
-    from slm.formats.manifest import atomic_dir, new_manifest, sha256_file, write_json
-
     started = time.time()
     specs, chat = task_specs(cfg)
     if not cfg.models:
@@ -299,14 +267,11 @@ def run(cfg: EvalConfig) -> Path:
     labels = labels_for(cfg.models)
     questions = None
     if cfg.mt_bench:
-        from slm.evaluation.mtbench import read_questions
 
         questions = read_questions(Path(cfg.mt_bench))
         if not cfg.judge:
             raise SlmError("--mt-bench: give the judge with --judge (a checkpoint, a .gguf file or an http(s) URL)")
     _quiet()
-    from slm.console import err, progress
-    from slm.evaluation.local import TASKS, write_tasks
 
     report: dict = {"suite": cfg.suite, "tasks": [asdict(s) for s in specs], "chat_template": chat, "models": []}
     with atomic_dir(cfg.out) as tmp:
@@ -322,13 +287,12 @@ def run(cfg: EvalConfig) -> Path:
                 bar.update(job, description=f"eval {label} ({backend})")
                 entry = {"model": str(path), "label": label, "backend": backend}
                 if specs:
-                    lm = make_lm(backend, path, cfg)
+                    lm = make_lm(backend, path, cfg.threads, cfg.seed, cfg.batch_size)
                     entry["scores"] = evaluate_model(lm, label, specs, tm, cfg, chat, tmp / "lm-eval")
                     del lm
                 report["models"].append(entry)
                 bar.advance(job)
         if questions is not None:
-            from slm.evaluation.mtbench import run_mt_bench
 
             report["mt_bench"] = run_mt_bench(questions, models, labels, cfg)
             write_json(tmp / "mt_bench.json", report["mt_bench"])
@@ -336,7 +300,7 @@ def run(cfg: EvalConfig) -> Path:
 
         report["lm_eval_version"] = getattr(lm_eval, "__version__", None)
         write_json(tmp / "eval.json", report)
-        table = render(report)
+        table = render_eval(report)
         (tmp / "eval.md").write_text(table + "\n")
         if cfg.plot is not None:
             plot(report, tmp / "eval.png")
@@ -345,43 +309,13 @@ def run(cfg: EvalConfig) -> Path:
         write_json(tmp / "manifest.json", new_manifest(
             "eval", {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                      if k not in ("models", "out")} | {"include_path": [str(p) for p in cfg.include_path]},
-            inputs=inputs, counts={"models": len(models), "tasks": len(specs)}, started=started))
+            inputs=inputs, counts={"models": len(models), "tasks": len(specs)}, started=started, energy=energy.take()))
     err.print(table, soft_wrap=True, markup=False, highlight=False)
     if cfg.plot is not None:
         import shutil
 
         shutil.copyfile(Path(cfg.out) / "eval.png", cfg.plot)
     return Path(cfg.out)
-
-
-def _fmt(score: dict) -> str:
-    v, se = score["value"], score["stderr"]
-    metric = score["metric"].split(",")[0]
-    scale = 100 if metric.startswith(("acc", "exact_match", "prompt_level", "inst_level")) else 1
-    text = f"{v * scale:.2f}" if scale == 100 else f"{v:.4g}"
-    return text + (f" ± {se * scale:.2f}" if se is not None and scale == 100 else "")
-
-
-def render(report: dict) -> str:
-    specs = [TaskSpec(**t) for t in report["tasks"]]
-    lines = []
-    if specs:
-        first = report["models"][0]["scores"] if report["models"] else {}
-        heads = [f"{s.task} ({first.get(s.task, {}).get('metric', s.metric or '').split(',')[0]}, "
-                 f"{first.get(s.task, {}).get('shots', s.shots)}-shot)" for s in specs]
-        lines += ["| model | " + " | ".join(heads) + " |", "|---|" + "---|" * len(specs)]
-        for m in report["models"]:
-            lines.append(f"| {m['label']} | " + " | ".join(_fmt(m["scores"][s.task]) for s in specs) + " |")
-    mt = report.get("mt_bench")
-    if mt:
-        cats = sorted({c for m in mt["models"] for c in m["per_category"]})
-        lines += ["", "| model (MT-Bench-style, judge " + mt["judge"] + ") | mean | " + " | ".join(cats) + " | judged |",
-                  "|---|---|" + "---|" * len(cats) + "---|"]
-        for m in mt["models"]:
-            mean = f"{m['mean']:.2f}" if m["mean"] is not None else "-"
-            cells = [f"{m['per_category'][c]:.2f}" if m["per_category"].get(c) is not None else "-" for c in cats]
-            lines.append(f"| {m['label']} | {mean} | " + " | ".join(cells) + f" | {m['judged']}/{m['turns']} |")
-    return "\n".join(lines)
 
 
 def plot(report: dict, path: Path) -> None:

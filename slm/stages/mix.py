@@ -38,46 +38,20 @@ import numpy as np
 import yaml
 from rich.table import Table
 
+from slm import energy
 from slm.console import err, warn
 from slm.errors import SlmError
 from slm.formats.manifest import atomic_dir, new_manifest, write_json
 from slm.formats.mixplan import MixPlan
+from slm.formats.tables import human
 from slm.formats.tokens import TokensDir
-from slm.recipes import find_recipe, load_recipe, load_step
+from slm.recipes import find_recipe, load_recipe, load_step, parse_budget
 
 EPOCH_WARNING = 4  # SmolLM2: most sources kept within 4-5 epochs
 DEFAULT_BLOCK = 4096
 TOP_KEYS = {"seq_len", "seed", "block_size", "sources", "phases", "name", "description"}
 PHASE_KEYS = {"name", "tokens", "weights"}
 SOURCE_KEYS = {"path", "source", "min_doc_tokens", "dataset"}
-_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-
-
-def parse_budget(value, where: str) -> int:
-    """6T / 500B / 20M / 1.5k / 2_000 / an integer -> tokens."""
-    if isinstance(value, bool):
-        raise SlmError(f"{where}: expected a token budget like 6T, 500B or 20M, got {value!r}")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, float) and value.is_integer():
-        n = int(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", str(value))
-        if not m:
-            raise SlmError(f"{where}: expected a token budget like 6T, 500B or 20M, got {value!r}")
-        n = round(float(m.group(1).replace("_", "")) * _SUFFIX[m.group(2).upper()])
-    if n <= 0:
-        raise SlmError(f"{where}: expected a positive token budget, got {value!r}")
-    return n
-
-
-def human(n: float) -> str:
-    for div, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{suffix}"
-    return f"{n:,.0f}"
-
-
 @dataclass
 class MixConfig:
     mix: str
@@ -90,7 +64,6 @@ class MixConfig:
     """Bind every source without a path to SOURCE_ROOT/NAME."""
     seq_len: int | None = None
     seed: int | None = None
-    dry_run: bool = False
 
 
 def _load(cfg: MixConfig) -> tuple[dict, str, Path]:
@@ -355,14 +328,19 @@ def print_ledger(plan: dict) -> None:
                  "(SmolLM2 kept most sources within 4-5 epochs)")
 
 
-def run(cfg: MixConfig) -> tuple[Path | None, dict]:
-    started = time.time()
-    plan, dirs, windows = resolve(cfg)
+def dry_run(cfg: MixConfig) -> dict:
+    """--dry-run: the plan, its ledger on stderr; nothing written."""
+    plan, _, _ = resolve(cfg)
     print_ledger(plan)
-    if cfg.dry_run:
-        return None, plan
+    return plan
+
+
+def run(cfg: MixConfig) -> Path:
+    started = time.time()
     if cfg.out is None:
         raise SlmError("--out: missing (or use --dry-run)")
+    plan, dirs, windows = resolve(cfg)
+    print_ledger(plan)
     with atomic_dir(cfg.out) as tmp:
         for s, table in zip(plan["sources"], windows):
             if table is not None:
@@ -376,8 +354,8 @@ def run(cfg: MixConfig) -> tuple[Path | None, dict]:
             inputs=[{"path": s["path"], "sha256": s["manifest_sha256"], "name": s["name"]} for s in plan["sources"]],
             counts={"samples": plan["total_samples"], "tokens": plan["total_tokens"], "phases": len(plan["phases"]),
                     "sources": len(plan["sources"])},
-            started=started, tokenizer_sha256=plan["tokenizer_sha256"]))
-    return Path(cfg.out), plan
+            started=started, tokenizer_sha256=plan["tokenizer_sha256"], energy=energy.take()))
+    return Path(cfg.out)
 
 
 def ledger_markdown(plan: dict) -> str:

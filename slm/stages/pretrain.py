@@ -8,13 +8,13 @@ from pathlib import Path
 from slm.console import info, warn
 from slm.errors import SlmError
 from slm.formats.checkpoint import Checkpoint
-from slm.train import engine, setup
+from slm.train import start as setup
 from slm.train.batches import Batches
-from slm.train.config import resolve, to_yaml, train_settings
+from slm.train.config import resolve, train_settings
+from slm.train.cost import DryRun, plan_run, recipe_seq_len
+from slm.train.dist import Dist, session
 from slm.train.loop import Run, train
-from slm.train.metrics import plot
 from slm.train.schedules import Schedule
-
 
 # What a resumed run may change: how long, how often to save and evaluate, how the step is computed. Everything
 # else (model, optimizer, schedule, batch) is fixed by the run's config.yaml.
@@ -45,7 +45,7 @@ class PretrainConfig:
     """--requeue: after a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
 
 
-def dry_run(cfg: PretrainConfig, dry: setup.DryRun) -> dict:
+def dry_run(cfg: PretrainConfig, dry: DryRun) -> dict:
     """Resolve the configuration as a run would and return its plan (parameters, tokens, FLOPs, memory per
     process, time and GPU-hours); reads the mix when given, writes nothing."""
     saved = setup.saved_config(cfg.out) if cfg.out else None
@@ -55,28 +55,25 @@ def dry_run(cfg: PretrainConfig, dry: setup.DryRun) -> dict:
         resolve(cfg.recipe, cfg.config_file, cfg.sets)
     t = train_settings(resolved)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer) if cfg.data else (None, None)
-    seq_len = reader.seq_len if reader else setup.recipe_seq_len(resolved.get("recipe"))
+    seq_len = reader.seq_len if reader else recipe_seq_len(resolved.get("recipe"))
     if not seq_len:
         raise SlmError("--data: missing (the plan needs the mix's seq_len; recipes carry one)")
     model_values = Checkpoint.open(cfg.init).model_config.to_dict() if cfg.init else resolved["model"]
     steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step) or t.steps or t.total_steps
     if not steps:
         raise SlmError("how long to train: give --steps or --tokens (or train.steps / train.total_steps)")
-    p = setup.plan(model_values, tok, t, seq_len, steps, dry)
+    p = plan_run(model_values, tok, t, seq_len, steps, dry)
     if reader is not None and steps * p["samples_per_step"] > len(reader):
         warn(f"{cfg.data}: the mix plans {len(reader)} samples; {steps} steps need {steps * p['samples_per_step']}")
     return p
 
 
 def run(cfg: PretrainConfig) -> Path:
-    d = engine.setup(cfg.device)
-    try:
+    with session(cfg.device) as d:
         return _run(cfg, d)
-    finally:
-        engine.teardown(d)
 
 
-def _run(cfg: PretrainConfig, d: engine.Dist) -> Path:
+def _run(cfg: PretrainConfig, d: Dist) -> Path:
     if cfg.data is None:
         raise SlmError("--data: missing (the mix directory from `slm mix`)")
     if cfg.out is None:
@@ -138,24 +135,12 @@ def _run(cfg: PretrainConfig, d: engine.Dist) -> Path:
         setup.load_weights(model, resume)
     batches = Batches(reader, sps, t.micro_batch_size, d.rank, d.world, d.device)
     eng = setup.make_engine(d, model, t, batches.accumulation)
-    state = {"tokens_seen": 0}
-    start = 0
-    if resume is not None:
-        setup.restore(resume, eng, d)
-        start = resume.step
-        ts = resume.train_state
-        state = {"tokens_seen": ts.get("tokens_seen", start * t.tokens_per_step), "resumed": True,
-                 "bad_steps_total": ts.get("bad_steps_total", 0), "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0)}
-        if d.main:
-            info(f"resuming {out} at step {start} ({eng.describe()}, {d.world} process(es); the checkpoint was "
-                 f"written by {ts.get('engine', 'single')} on {ts.get('world_size', 1)})")
-    elif d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(resolved))
-        n = model.num_parameters()
-        info(f"pretrain: {model_cfg.family} model, {n:,} parameters; {steps} steps of {t.tokens_per_step:,} tokens "
-             f"({sps} x {seq_len}; {sps // (d.world * t.micro_batch_size)} micro-batches of "
-             f"{t.micro_batch_size} per process, {d.world} process(es), {eng.describe()}, {d.device})")
+    start, state = setup.start_or_resume(
+        resume, eng, d, out, resolved,
+        f"pretrain: {model_cfg.family} model, {model.num_parameters():,} parameters; {steps} steps of "
+        f"{t.tokens_per_step:,} tokens ({sps} x {seq_len}; {sps // (d.world * t.micro_batch_size)} micro-batches of "
+        f"{t.micro_batch_size} per process, {d.world} process(es), {eng.describe()}, {d.device})",
+        {"tokens_seen": resume.step * t.tokens_per_step if resume is not None else 0})
     if start >= steps and d.main:
         info(f"{out}: already at step {start} of {steps}")
 
@@ -168,7 +153,4 @@ def _run(cfg: PretrainConfig, d: engine.Dist) -> Path:
               lr_at=schedule, first_sample_of=lambda s: s * sps, start_step=start, end_step=steps,
               seq_len=seq_len, tokenizer_dir=tok.dir, bos_id=tok.bos_id, eos_id=tok.eos_id, lineage=lineage,
               state=state, valid=valid, unigram_loss=unigram, requeue=cfg.requeue)
-    last = train(run)
-    if d.main:
-        plot(out)
-    return last
+    return train(run)

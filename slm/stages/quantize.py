@@ -2,7 +2,7 @@
 
 GGUF files for llama.cpp (slm.formats.gguf: f32, f16, bf16, q8_0, q4_0, q4_1 written by slm with gguf-py; q4_k_m and
 q5_k_m by llama.cpp's quantizer through llama-cpp-python, from the f16 file) and INT4 (OpenVINO IR with NNCF's int4
-weight compression, slm.formats.openvino, as StableLM 2's INT4 release).
+weight compression, slm.inference.openvino, as StableLM 2's INT4 release).
 
 Quality report: on held-out tokens (--valid files, else held-out text of the embedded corpus), each file is run by
 its own runtime (llama.cpp for GGUF, OpenVINO for INT4) and compared with the checkpoint run by torch in fp32:
@@ -12,18 +12,32 @@ next token), with the file size and bits per weight. Printed as a table and kept
 
 from __future__ import annotations
 
-import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from slm.console import info, progress, warn
+from slm import energy
+from slm.console import err, info, progress, warn
 from slm.errors import SlmError
-from slm.formats.checkpoint import Checkpoint
-from slm.formats.gguf import LLAMA_CPP_TYPES, PYTHON_TYPES, read_tensor_types, write_gguf
+from slm.evaluation.heldout import heldout_text
+from slm.formats.chat import ChatTemplate, iter_objects, parse_chat
+from slm.formats.checkpoint import Checkpoint, run_name
+from slm.formats.gguf import (
+    LLAMA_CPP_TYPES,
+    PYTHON_TYPES,
+    check_lineage,
+    read_tensor_types,
+    write_gguf,
+)
 from slm.formats.manifest import atomic_dir, new_manifest, write_json
+from slm.formats.tables import QUANTIZE_COLUMNS, quantize_rows
+from slm.formats.tokens import TokensDir
+from slm.inference.llamacpp import LlamaCppScorer, quantize_gguf
+from slm.inference.openvino import OpenVinoScorer, export_int4
+from slm.inference.scoring import TorchScorer, compare, reference_quality
 
 TYPES = list(PYTHON_TYPES) + list(LLAMA_CPP_TYPES) + ["int4"]
 DEFAULT_TYPES = ["f16", "q8_0", "q4_0", "q4_1", "q5_k_m", "q4_k_m", "int4"]
@@ -60,11 +74,6 @@ def parse_types(text: str) -> list[str]:
     return list(dict.fromkeys(types))
 
 
-def model_name(ckpt: Checkpoint) -> str:
-    d = ckpt.dir
-    return d.parent.parent.name if d.parent.name == "checkpoints" else d.name
-
-
 # --- held-out windows ------------------------------------------------------------------------------------------
 def eval_windows(ckpt: Checkpoint, specs: list[str], n_tokens: int, window: int) -> list[np.ndarray]:
     """Windows of WINDOW token ids (the last may be shorter), N_TOKENS in all, from SPECS or the embedded corpus."""
@@ -76,13 +85,9 @@ def eval_windows(ckpt: Checkpoint, specs: list[str], n_tokens: int, window: int)
         for spec in specs:
             p = Path(spec)
             if p.is_dir() and (p / "manifest.json").is_file():
-                from slm.formats.tokens import TokensDir
-
                 td = TokensDir(p)
                 ids.extend(int(x) for x in td.read(0, min(n_tokens - len(ids), td.n_tokens)))
             else:
-                from slm.formats.chat import iter_objects
-
                 if p.suffix == ".txt":
                     try:
                         texts = [p.read_text(encoding="utf-8")]
@@ -106,8 +111,6 @@ def eval_windows(ckpt: Checkpoint, specs: list[str], n_tokens: int, window: int)
             if len(ids) >= n_tokens:
                 break
     else:
-        from slm.stages.corpus import heldout_text
-
         for t in heldout_text(n_tokens * 6):
             ids.extend(tok.encode(t) + [tok.eos_id])
             if len(ids) >= n_tokens:
@@ -123,109 +126,10 @@ _TEMPLATES: dict = {}
 
 
 def _rendered(ckpt: Checkpoint, tok, obj: dict, where: str) -> str:
-    from slm.formats.chat import ChatTemplate, parse_chat
-
     if ckpt.dir not in _TEMPLATES:
         _TEMPLATES[ckpt.dir] = ChatTemplate.of_checkpoint(ckpt.dir)
     spec = tok.spec
     return _TEMPLATES[ckpt.dir].render(parse_chat(obj, where), False, spec.bos_token, spec.eos_token)
-
-
-# --- scorers: log-probabilities of every next token ----------------------------------------------------------
-class TorchScorer:
-    def __init__(self, ckpt: Checkpoint, n_vocab: int):
-        import torch
-
-        from slm.stages.generate import load_model
-
-        self.model = load_model(ckpt, torch.device("cpu"))
-        self.n_vocab = n_vocab
-
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            return self.model(torch.from_numpy(ids)[None])[0, :, :self.n_vocab].double().numpy()
-
-
-_LOG_CALLBACK = None
-
-
-def quiet_llama_cpp() -> None:
-    """Send llama.cpp's C-level log lines nowhere (stderr is for slm's own messages)."""
-    global _LOG_CALLBACK
-    import llama_cpp
-
-    if _LOG_CALLBACK is None:
-        _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-        llama_cpp.llama_log_set(_LOG_CALLBACK, None)
-
-
-class LlamaCppScorer:
-    def __init__(self, path: Path, n_ctx: int, n_vocab: int, threads: int | None):
-        from llama_cpp import Llama
-
-        quiet_llama_cpp()
-        # an f32 KV cache (llama.cpp's default is f16): the report measures the file's weights, not the cache
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                         n_threads=threads, n_threads_batch=threads, type_k=0, type_v=0, verbose=False)
-        self.n_vocab = n_vocab
-
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval([int(i) for i in ids])
-        return np.array(self.llm.scores[:len(ids), :self.n_vocab], dtype=np.float64)
-
-    def close(self) -> None:
-        self.llm.close()
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-def compare(ref_logits: list[np.ndarray], scorer, windows: list[np.ndarray]) -> dict:
-    """Perplexity of SCORER on the windows' next tokens, mean KL(ref || scorer) and top-1 agreement per token."""
-    nll = kl = agree = 0.0
-    n = 0
-    for ref, ids in zip(ref_logits, windows):
-        q = log_softmax(scorer.logits(ids))[:-1]
-        p = log_softmax(np.asarray(ref, dtype=np.float64))[:-1]
-        targets = ids[1:]
-        nll -= q[np.arange(len(targets)), targets].sum()
-        kl += (np.exp(p) * (p - q)).sum()
-        agree += (p.argmax(-1) == q.argmax(-1)).sum()
-        n += len(targets)
-    return {"perplexity": math.exp(nll / n), "kl_mean": max(0.0, kl / n), "top1_agreement": agree / n, "tokens": n}
-
-
-def reference_quality(ref_logits: list[np.ndarray], windows: list[np.ndarray]) -> dict:
-    nll, n = 0.0, 0
-    for ref, ids in zip(ref_logits, windows):
-        p = log_softmax(np.asarray(ref, dtype=np.float64))[:-1]
-        nll -= p[np.arange(len(ids) - 1), ids[1:]].sum()
-        n += len(ids) - 1
-    return {"perplexity": math.exp(nll / n), "kl_mean": 0.0, "top1_agreement": 1.0, "tokens": n}
-
-
-# --- the stage ---------------------------------------------------------------------------------------------------
-def _llama_quantize(src: Path, dst: Path, kind: str, threads: int | None) -> None:
-    import ctypes
-
-    try:
-        import llama_cpp
-    except ImportError:
-        raise SlmError(f"--type {kind}: k-quants are made by llama.cpp's quantizer: install llama-cpp-python "
-                       "(pip install 'slm[deploy]'; DEVELOPERS.md has the CPU build flags)") from None
-    quiet_llama_cpp()
-    llama_cpp.llama_backend_init()
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[kind])
-    p.nthread = threads or 0
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
-    if rc != 0 or not dst.is_file():
-        raise SlmError(f"llama.cpp could not quantize {src} to {kind} (return code {rc})")
 
 
 def type_counts(types: dict[str, str]) -> dict[str, int]:
@@ -245,8 +149,6 @@ def run(cfg: QuantizeConfig) -> Path:
     if tok is None:
         raise SlmError(f"{ckpt.dir}: no slm tokenizer (encoding.json) in the checkpoint")
     types = cfg.types
-    from slm.formats.gguf import check_lineage
-
     external = {}
     for g in cfg.gguf:
         g = Path(g).absolute()
@@ -256,7 +158,7 @@ def run(cfg: QuantizeConfig) -> Path:
         external[g.stem if g.stem not in types else f"{g.stem} (given)"] = g
     if not types and not external:
         raise SlmError("nothing to do: give --type or --gguf")
-    name = cfg.name or model_name(ckpt)
+    name = cfg.name or run_name(ckpt.dir)
     state = ckpt.state_dict()  # read once, for every file
     n_params = sum(int(np.prod(v.shape)) for k, v in state.items()
                    if not (model_cfg.tie_embeddings and k == "lm_head.weight"))
@@ -286,15 +188,13 @@ def run(cfg: QuantizeConfig) -> Path:
                         f16_path = tmp / ".f16-source.gguf"
                         write_gguf(ckpt, f16_path, "f16", name, state)
                     path = tmp / f"{name}-{kind}.gguf"
-                    _llama_quantize(f16_path, path, kind, cfg.threads)
+                    quantize_gguf(f16_path, path, LLAMA_CPP_TYPES[kind], cfg.threads, kind)
                     main = "Q4_K" if kind == "q4_k_m" else "Q5_K"
                     kinds = read_tensor_types(path)
                     fallbacks = [t for t, k in kinds.items() if k in ("Q5_0", "Q5_1", "Q8_0", "F16")
                                  and t.endswith(".weight") and "norm" not in t and t not in ("output.weight",)]
                     files[kind] = {"file": path.name, "format": "gguf", "fallbacks": fallbacks, "main_type": main}
                 else:  # int4
-                    from slm.formats.openvino import export_int4
-
                     path = tmp / f"{name}-int4"
                     summary = export_int4(ckpt, path, cfg.int4_group_size, cfg.int4_symmetric, cfg.int4_all_layers)
                     files[kind] = {"file": path.name, "format": "openvino", **summary}
@@ -321,15 +221,13 @@ def run(cfg: QuantizeConfig) -> Path:
             inputs=[{"path": str(ckpt.dir)}] + [{"path": str(g), "kind": "gguf"} for g in external.values()],
             counts={"files": len(files)}, started=started,
             lineage={"parent": str(ckpt.dir), "stage": "quantize"},
-            files={k: v["file"] for k, v in files.items()}))
+            files={k: v["file"] for k, v in files.items()}, energy=energy.take()))
     print_table(report)
     return out
 
 
 def quality(ckpt: Checkpoint, directory: Path, files: dict, cfg: QuantizeConfig, n_vocab: int,
             windows: list[np.ndarray]) -> dict:
-    import tempfile
-
     ref = TorchScorer(ckpt, n_vocab)
     # the reference's logits, kept on disk (float32): tokens x vocabulary can be gigabytes (100k ids)
     scratch = tempfile.TemporaryDirectory(dir=directory)
@@ -356,8 +254,6 @@ def quality(ckpt: Checkpoint, directory: Path, files: dict, cfg: QuantizeConfig,
                     bar.advance(task)
                     continue
             else:
-                from slm.formats.openvino import OpenVinoScorer
-
                 scorer = OpenVinoScorer(path, n_vocab, cfg.threads)
             entry.update(compare(ref_logits, scorer, windows))
             if hasattr(scorer, "close"):
@@ -372,22 +268,13 @@ def quality(ckpt: Checkpoint, directory: Path, files: dict, cfg: QuantizeConfig,
 
 
 def print_table(report: dict) -> None:
+    from rich.console import Console
     from rich.table import Table
 
-    from slm.console import err
-
     t = Table(title=f"{report['name']}: {report['params']:,} parameters", title_style="bold")
-    for c in ("type", "size", "bits/weight", "perplexity", "KL vs fp32", "top-1 agreement"):
+    for c in QUANTIZE_COLUMNS:
         t.add_column(c, justify="left" if c == "type" else "right", no_wrap=True)
-    if "reference" in report:
-        r = report["reference"]
-        t.add_row("fp32 (torch)", "-", "32", f"{r['perplexity']:.3f}", "0", "100%")
-    for kind, e in report["types"].items():
-        q = "perplexity" in e
-        t.add_row(kind, f"{e['bytes'] / 1e6:,.2f} MB", f"{e['bits_per_weight']:.2f}",
-                  f"{e['perplexity']:.3f}" if q else "-", f"{e['kl_mean']:.5f}" if q else "-",
-                  f"{e['top1_agreement']:.1%}" if q else "-")
-    from rich.console import Console
-
+    for row in quantize_rows(report):
+        t.add_row(*row)
     Console(stderr=True, highlight=False, width=max(err.width, 100)).print(t)
     info(f"quantize: {len(report['types'])} file(s); quantize.json has the numbers")

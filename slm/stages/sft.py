@@ -9,27 +9,34 @@ mean embedding. Filters run before training and their counts are printed and kep
 
 from __future__ import annotations
 
-import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from slm.console import table
 from slm.errors import SlmError
 from slm.formats.chat import ChatTemplate, iter_objects, parse_chat
-from slm.formats.checkpoint import Checkpoint
-from slm.formats.manifest import atomic_dir, new_manifest, write_json
 from slm.formats.records import BadRecord
-from slm.formats.tokenizer import Tokenizer, padded_vocab_size, with_special_tokens
-from slm.train import engine, setup
-from slm.train.chat_data import ChatBatches, ChatValid, Encoded, Rows, encode_chat, pack, user_turns
-from slm.train.config import resolve, sft_settings, train_settings
-from slm.train.loop import Run, train
-from slm.train.metrics import plot
-from slm.train.schedules import Schedule
+from slm.formats.tokenizer import Tokenizer
+from slm.train.chat_batches import (
+    ChatBatches,
+    ChatValid,
+    Encoded,
+    Rows,
+    encode_chat,
+    pack,
+    user_turns,
+)
+from slm.train.config import sft_settings, train_settings
+from slm.train.dist import Dist, session
+from slm.train.loop import train
+from slm.train.posttrain import (
+    epochs,
+    make_run,
+    model_for,
+    open_run,
+    rows_digest,
+    tokenizer_for,
+)
 
 
 @dataclass
@@ -88,106 +95,19 @@ def prepare(convs: list[list[dict]], tok: Tokenizer, template: ChatTemplate, max
     return kept
 
 
-def rows_digest(rows: Rows) -> str:
-    h = hashlib.sha256()
-    for r in rows.rows:
-        for ci in r:
-            h.update(rows.convs[ci].ids.astype(np.int64).tobytes())
-            h.update(rows.convs[ci].mask.tobytes())
-        h.update(b"|")
-    return h.hexdigest()
-
-
-def resize_vocab(model_state: dict, new_vocab: int, first_new: int, tied: bool) -> dict:
-    """Embedding (and an untied output matrix) grown to NEW_VOCAB rows; rows from FIRST_NEW on (added tokens and
-    padding) start at the mean of the rows before it."""
-    out = dict(model_state)
-    for key in ("embed_tokens.weight",) + (() if tied else ("lm_head.weight",)):
-        w = model_state[key]
-        mean = w[:first_new].float().mean(dim=0).to(w.dtype)
-        grown = torch.empty((new_vocab, w.shape[1]), dtype=w.dtype)
-        grown[:min(w.shape[0], first_new)] = w[:min(w.shape[0], first_new)]
-        grown[first_new:] = mean
-        out[key] = grown
-    if tied and "lm_head.weight" in out:
-        out["lm_head.weight"] = out["embed_tokens.weight"]
-    return out
-
-
-def tokenizer_for(out: Path, source: Checkpoint | None, template: ChatTemplate, extra: list[str],
-                  d: engine.Dist) -> tuple[Tokenizer, list[str], Tokenizer | None]:
-    """OUT/tokenizer: SOURCE's tokenizer with the special tokens TEMPLATE writes and EXTRA ones it lacks, and the
-    template; (the tokenizer, the tokens added, SOURCE's tokenizer). SOURCE None (a resumed run): the one there."""
-    tok_dir = out / "tokenizer"
-    added: list[str] = []
-    base_tok = None
-    if source is not None:
-        base_tok = source.tokenizer()
-        if base_tok is None:
-            raise SlmError(f"--model {source.dir}: no slm tokenizer (encoding.json) in the checkpoint")
-        if d.main:
-            with atomic_dir(tok_dir) as tmp:
-                added, digest = with_special_tokens(base_tok, tmp, template.special_tokens + extra, template.source)
-                write_json(tmp / "manifest.json", new_manifest(
-                    "tokenizer", {"base": str(base_tok.dir), "template": template.name},
-                    inputs=[{"path": str(base_tok.dir), "tokenizer_sha256": base_tok.hash}],
-                    counts={"added_special_tokens": len(added)}, tokenizer_sha256=digest,
-                    name=base_tok.spec.name, rules=base_tok.spec.rules, added_special_tokens=added,
-                    chat_template=template.name))
-        engine.barrier(d)
-        added = engine.broadcast_object(added, d)
-    return Tokenizer(tok_dir), added, base_tok
-
-
-def model_for(source: Checkpoint | None, base_tok: Tokenizer | None, added: list[str], tok: Tokenizer, resume,
-              d: engine.Dist, seed: int):
-    """The model to fine-tune and its config: resumed, or SOURCE's weights with the embedding grown to TOK's ids
-    (new rows at the mean embedding) when tokens were ADDED or the padded vocabulary grew."""
-    if resume is not None:
-        model = setup.new_model(resume.model_config, d.device, seed)
-        setup.load_weights(model, resume)
-        return model, resume.model_config
-    base_cfg = source.model_config
-    vocab = max(base_cfg.vocab_size, padded_vocab_size(tok.n_vocab))
-    model_cfg = base_cfg.__class__.from_dict({**base_cfg.to_dict(), "vocab_size": vocab})
-    model = setup.new_model(model_cfg, d.device, seed)
-    state = source.state_dict()
-    first_new = min(base_tok.n_vocab, base_cfg.vocab_size)
-    if added or model_cfg.vocab_size != base_cfg.vocab_size:
-        state = resize_vocab(state, model_cfg.vocab_size, first_new if not added else base_tok.n_vocab,
-                             model_cfg.tie_embeddings)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if [m for m in missing if not m.startswith("rotary.")] or unexpected:
-        raise SlmError(f"{source.dir}: weights do not match the model")
-    model.to(d.device)
-    return model, model_cfg
-
-
 def run(cfg: SftConfig) -> Path:
-    d = engine.setup(cfg.device)
-    try:
+    with session(cfg.device) as d:
         return _run(cfg, d)
-    finally:
-        engine.teardown(d)
 
 
-def _run(cfg: SftConfig, d: engine.Dist) -> Path:
+def _run(cfg: SftConfig, d: Dist) -> Path:
     if cfg.out is None:
         raise SlmError("--out: missing (the run directory)")
     if not cfg.data:
         raise SlmError("--data: missing (chat files, or - for standard input)")
     out = Path(cfg.out)
-    resume = setup.resume_point(out, "sft", d, cfg.require_resume)
-    if resume is not None:
-        resolved = resolve(None, None, cfg.sets, base=setup.saved_config(out))
-        source = None
-        plan = resume.train_state["sft"]
-    else:
-        if cfg.model is None:
-            raise SlmError("--model: missing (the checkpoint to fine-tune)")
-        source = Checkpoint.open(cfg.model)
-        resolved = setup.post_training_config(source, "sft", cfg.recipe, cfg.config_file, cfg.sets)
-        plan = None
+    resume, resolved, source, plan = open_run(out, "sft", d, cfg.model, cfg.recipe, cfg.config_file, cfg.sets,
+                                              cfg.require_resume, "the checkpoint to fine-tune", reopen_source=False)
     s = sft_settings(resolved)
     t = train_settings(resolved)
     template = ChatTemplate.load(s.template, s.system_prompt)
@@ -200,14 +120,13 @@ def _run(cfg: SftConfig, d: engine.Dist) -> Path:
         counts["skipped: bad record"] = counts.pop("bad")
 
     # the tokenizer: the base checkpoint's, with the template's special tokens and the template itself
-    tok, added, base_tok = tokenizer_for(out, source if resume is None else None, template, [], d)
+    tok, added, base_tok = tokenizer_for(out, source, template, [], d)
 
     encoded = prepare(convs, tok, template, s.max_length, s.max_turns, s.overlong, counts)
     if not encoded:
         raise SlmError(f"{', '.join(map(str, cfg.data))}: no conversation left to train on "
                        f"({', '.join(f'{k} {v}' for k, v in counts.items())})")
-    groups = pack([len(e.ids) for e in encoded], s.max_length) if s.packing else [[i] for i in range(len(encoded))]
-    rows = Rows(encoded, groups, s.max_length, tok.eos_id, t.seed)
+    rows = _rows(encoded, s, tok, t.seed)
     digest = rows_digest(rows)
     assistant = int(sum(e.mask.sum() for e in encoded))
     if d.main:
@@ -215,53 +134,38 @@ def _run(cfg: SftConfig, d: engine.Dist) -> Path:
             ("tokens", f"{rows.tokens:,} ({assistant:,} assistant)"),
             ("sequences", f"{len(rows):,} of {s.max_length} ({rows.tokens / (len(rows) * s.max_length):.0%} full"
                           f"{', packed' if s.packing else ''})")])
-
-    sps = s.batch_size
-    steps_total = math.ceil(s.epochs * len(rows) / sps)
     if plan is not None and plan["rows_sha256"] != digest:
         raise SlmError(f"{out}: the data or its settings changed since this run started (its sequences differ); "
                        "use another --out for a new run")
+    ep = epochs(s, len(rows), cfg.steps)
     t.micro_batch_size = s.micro_batch_size
-    t.tokens_per_step = sps * (s.max_length - 1)
-    warmup = round(s.warmup_ratio * steps_total)
-    schedule = Schedule(kind=s.schedule, lr_peak=s.lr, lr_min=s.lr_min, warmup_steps=warmup, total_steps=steps_total)
-    end = min(steps_total, cfg.steps) if cfg.steps else steps_total
+    t.tokens_per_step = ep.per_step * (s.max_length - 1)
 
     model, model_cfg = model_for(source, base_tok, added, tok, resume, d, t.seed)
     if s.max_length - 1 > model_cfg.max_seq_len:
         raise SlmError(f"sft.max_length {s.max_length}: longer than the model's max_seq_len {model_cfg.max_seq_len} "
                        "(plus one)")
-    batches = ChatBatches(rows, sps, s.micro_batch_size, d.rank, d.world, d.device)
-    eng = setup.make_engine(d, model, t, batches.accumulation)
-    plan = plan or {"from": str(source.dir), "rows_sha256": digest, "rows": len(rows), "steps": steps_total,
+    plan = plan or {"from": str(source.dir), "rows_sha256": digest, "rows": len(rows), "steps": ep.total,
                     "counts": counts}
     resolved["model"] = model_cfg.to_dict()
-    resolved["train"] = {**resolved["train"], "micro_batch_size": s.micro_batch_size}
-    start, run_state = setup.post_training_start(
-        "sft", plan, resume, eng, d, out, resolved,
-        "" if resume is not None else
-        f"sft: from {source.dir}, template {template.name}{' (added ' + ', '.join(added) + ')' if added else ''}; "
-        f"{s.epochs} epoch(s) of {len(rows):,} sequences = {steps_total} steps of {sps}, lr {s.lr:g} ({s.schedule}, "
-        f"warmup {warmup})")
     valid = None
     if cfg.valid:
         vcounts: dict = {}
-        vconvs = read_conversations(cfg.valid, cfg.skip_bad, vcounts)
-        venc = prepare(vconvs, tok, template, s.max_length, None, "truncate", vcounts)
-        if venc:
-            vgroups = pack([len(e.ids) for e in venc], s.max_length) if s.packing else [[i] for i in range(len(venc))]
-            valid = ChatValid(Rows(venc, vgroups, s.max_length, tok.eos_id, t.seed))
-    end_of_turn = tok.spec.special_tokens.get(template.end_of_turn) if template.end_of_turn else None
+        venc = prepare(read_conversations(cfg.valid, cfg.skip_bad, vcounts), tok, template, s.max_length, None,
+                       "truncate", vcounts)
+        valid = ChatValid(_rows(venc, s, tok, t.seed)) if venc else None
+    first = "" if resume is not None else (
+        f"sft: from {source.dir}, template {template.name}{' (added ' + ', '.join(added) + ')' if added else ''}; "
+        + ep.describe(s, len(rows), "sequences"))
     lineage = {"stage": "sft", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
                "parent": plan["from"], "template": template.name, "data_rows_sha256": digest,
                "data": [str(p) for p in cfg.data], "data_counts": plan["counts"]}
-    run = Run(stage="sft", run_dir=out, model=model, model_cfg=model_cfg, train=t, engine=eng, batches=batches,
-              dist=d, lr_at=schedule, first_sample_of=lambda step: step * sps, start_step=start, end_step=end,
-              seq_len=s.max_length - 1, tokenizer_dir=tok.dir, bos_id=tok.bos_id,
-              eos_id=[tok.eos_id, end_of_turn] if end_of_turn is not None else tok.eos_id,
-              lineage=lineage, state=run_state, valid=valid, requeue=cfg.requeue)
-    last = train(run)
-    if d.main:
-        plot(out)
-    return last
+    batches = ChatBatches(rows, ep.per_step, s.micro_batch_size, d.rank, d.world, d.device)
+    return train(make_run("sft", out, d, model, model_cfg, t, s, ep, batches, resume, resolved, plan, first,
+                          s.max_length - 1, tok, tok.dir, template, lineage, cfg.requeue, valid=valid))
 
+
+def _rows(encoded: list[Encoded], s, tok: Tokenizer, seed: int) -> Rows:
+    """Conversations as training rows of max_length: packed, or one per row."""
+    groups = pack([len(e.ids) for e in encoded], s.max_length) if s.packing else [[i] for i in range(len(encoded))]
+    return Rows(encoded, groups, s.max_length, tok.eos_id, seed)

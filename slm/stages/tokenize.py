@@ -6,12 +6,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slm import energy
 from slm.console import RateColumn, progress, warn
 from slm.errors import SlmError
 from slm.formats.manifest import atomic_dir, new_manifest, write_json
 from slm.formats.records import expand_inputs, iter_documents
-from slm.formats.tokenizer import (ARCADE_FIRST_SPECIAL_ID, CL100K_N_RANKS, CL100K_SHA256, RULES, bpe_str_to_bytes, load_cl100k_ranks,
-                                   make_spec, write_tokenizer)
+from slm.formats.tokenizer import (
+    ARCADE_FIRST_SPECIAL_ID,
+    CL100K_N_RANKS,
+    CL100K_SHA256,
+    RULES,
+    bpe_str_to_bytes,
+    load_cl100k_ranks,
+    make_spec,
+    write_tokenizer,
+)
 
 
 @dataclass
@@ -24,7 +33,7 @@ class BuildConfig:
     """A local .tiktoken or .tiktoken.gz file of the base ranks, checked against the published sha256."""
 
 
-def build(cfg: BuildConfig) -> Path:
+def build_arcade(cfg: BuildConfig) -> Path:
     """Arcade100k, the StableLM 2 tokenizer: cl100k_base's 100,256 ranks, digits split one by one, NFC, and 32
     special tokens at ids 100257-100288; n_vocab 100,289, padded to 100,352 for the model."""
     started = time.time()
@@ -41,7 +50,7 @@ def build(cfg: BuildConfig) -> Path:
             inputs=[{"path": source, "sha256": CL100K_SHA256}],
             counts={"n_vocab": spec.n_vocab, "ranks": len(ranks), "special_tokens": len(spec.special_tokens)},
             started=started, tokenizer_sha256=digest, name=spec.name, rules="arcade",
-            padded_vocab_size=spec.padded_vocab_size))
+            padded_vocab_size=spec.padded_vocab_size, energy=energy.take()))
     return Path(cfg.out)
 
 
@@ -64,10 +73,17 @@ class TrainConfig:
     name: str = field(default="")
 
 
-def train(cfg: TrainConfig) -> Path:
+def train_bpe(cfg: TrainConfig) -> Path:
     """Train a byte-level BPE with Hugging Face tokenizers' trainer (all 256 bytes in the initial alphabet) under the
     chosen rules; its vocabulary, in merge order, becomes tiktoken ranks, from which tokenizer.json is derived."""
-    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from tokenizers import Tokenizer as HFTokenizer
 
     started = time.time()
@@ -129,5 +145,10 @@ def train(cfg: TrainConfig) -> Path:
             counts={"n_vocab": spec.n_vocab, "ranks": len(ranks), "special_tokens": len(spec.special_tokens),
                     "training_bytes": fed["bytes"], "training_documents": fed["documents"]},
             started=started, tokenizer_sha256=digest, name=spec.name, rules=cfg.rules,
-            padded_vocab_size=spec.padded_vocab_size))
+            padded_vocab_size=spec.padded_vocab_size, energy=energy.take()))
     return Path(cfg.out)
+
+
+def run(cfg: BuildConfig | TrainConfig) -> Path:
+    """The tokenizer directory CFG describes: Arcade100k built from cl100k_base, or a BPE trained on text."""
+    return build_arcade(cfg) if isinstance(cfg, BuildConfig) else train_bpe(cfg)

@@ -7,6 +7,7 @@ as config.yaml; a resumed run reads it back.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,10 @@ import yaml
 
 from slm.errors import SlmError
 from slm.model.transformer import ModelConfig
-from slm.recipes import find_recipe, load_recipe, names as recipe_names
+from slm.recipes import find_recipe, load_recipe
+from slm.recipes import names as recipe_names
+
+ENGINES = ("auto", "single", "ddp", "fsdp", "deepspeed")
 
 
 @dataclass
@@ -120,6 +124,7 @@ class DpoSettings:
     loss: str = "sigmoid"
     """sigmoid (DPO) | ipo | hinge."""
     epochs: int = 1
+    """Passes over the pairs (SmolLM2's paper: 2)."""
     lr: float = 5e-7
     lr_min: float = 0.0
     schedule: str = "cosine"
@@ -303,8 +308,6 @@ def train_settings(resolved: dict) -> TrainSettings:
         raise SlmError(f"train.dtype: expected auto, fp32 or bf16, got {t.dtype!r}")
     if t.attention not in ("auto", "sdpa", "flex"):
         raise SlmError(f"train.attention: expected auto, sdpa or flex, got {t.attention!r}")
-    from slm.train.engine import ENGINES
-
     if t.engine not in ENGINES:
         raise SlmError(f"train.engine: expected one of {', '.join(ENGINES)}, got {t.engine!r}")
     if t.zero_stage not in (1, 2, 3):
@@ -342,8 +345,6 @@ def selfknow_settings(resolved: dict) -> SelfknowSettings:
         raise SlmError(f"selfknow.kl_coef: expected 0 or more, got {s.kl_coef}")
     if s.schedule not in ("cosine", "wsd", "constant"):
         raise SlmError(f"selfknow.schedule: expected cosine, wsd or constant, got {s.schedule!r}")
-    import re
-
     if not re.fullmatch(r"<\|[A-Za-z0-9_]+\|>", s.negative_token):
         raise SlmError(f"selfknow.negative_token: expected a token like <|negative|>, got {s.negative_token!r}")
     for name in ("epochs", "batch_size", "micro_batch_size", "max_length"):

@@ -22,8 +22,19 @@ within about a third, the allocator's slack and CUDA's context left out):
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
+from rich.table import Table
+
+from slm.console import err, warn
 from slm.errors import SlmError
+from slm.formats.tables import human
+from slm.formats.tokenizer import padded_vocab_size
 from slm.model.transformer import ModelConfig, build
+from slm.recipes import find_recipe, load_recipe
+from slm.train.dist import Dist
+from slm.train.engine import resolve_engine
 from slm.train.metrics import GPUS
 
 DEEPSPEED_BUCKET = 5e8  # DeepSpeed's default reduce_bucket_size (elements)
@@ -114,18 +125,7 @@ def plan(model_cfg: ModelConfig, t, seq_len: int, steps: int, world: int, engine
     return out
 
 
-def human(n: float) -> str:
-    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:,.2f}{unit}"
-    return f"{n:,.0f}"
-
-
 def print_plan(p: dict) -> None:
-    from rich.table import Table
-
-    from slm.console import err, warn
-
     table = Table(title="the plan (--dry-run: nothing was trained or written)", title_style="bold",
                   show_header=False)
     table.add_column("what")
@@ -159,3 +159,45 @@ def print_plan(p: dict) -> None:
              "lower train.micro_batch_size, set train.activation_checkpointing=true, or shard more (--engine fsdp, "
              "--zero-stage 3)")
 
+
+@dataclass
+class DryRun:
+    """--dry-run: resolve the configuration and print the plan without training."""
+
+    gpu: str = "h100"
+    """The GPU to plan for (a name in slm.train.metrics.GPUS)."""
+    gpus: int | None = None
+    """How many processes (one per GPU); default WORLD_SIZE, else 1."""
+    mfu: float = 0.4
+    """The model FLOPs utilisation to assume."""
+    gpu_hours: float | None = None
+    """A budget (or a reported figure): the plan then also gives the MFU it implies."""
+
+
+def recipe_seq_len(recipe: str | None) -> int | None:
+    """The sequence length of a recipe's mix, for a plan made before the data exists."""
+    if not recipe:
+        return None
+    if find_recipe(recipe) is None:
+        return None
+    return (load_recipe(recipe).get("mix") or {}).get("seq_len")
+
+
+def plan_run(model_values: dict, tok, t, seq_len: int, steps: int, dry: DryRun) -> dict:
+    """The plan of a run: model from MODEL_VALUES (vocab from TOK unless fixed), STEPS of train.tokens_per_step."""
+    values = dict(model_values)
+    if "vocab_size" not in values:
+        if tok is None:
+            raise SlmError("model.vocab_size: the recipe takes it from the data's tokenizer; give --data, or "
+                           "--set model.vocab_size=N")
+        values["vocab_size"] = padded_vocab_size(tok.n_vocab)
+    try:
+        model_cfg = ModelConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise SlmError(str(e)) from None
+    world = dry.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise SlmError(f"--gpus {world}: expected a positive number")
+    name = resolve_engine(t.engine, Dist(world=world))
+    dtype = t.dtype if t.dtype != "auto" else "bf16"  # a plan is for GPUs: auto is bf16 there
+    return plan(model_cfg, t, seq_len, steps, world, name, dry.gpu, dry.mfu, dtype, dry.gpu_hours)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from slm.train.batches import MicroBatch
-from slm.train.chat_data import Encoded, Rows
+from slm.train.chat_batches import Encoded, Rows
 
 
 def crlft_terms(logprobs: torch.Tensor, weights: torch.Tensor, positive: torch.Tensor,

@@ -1,4 +1,4 @@
-"""The one training loop, shared by pretrain and cooldown (and later sft, dpo, selfknow).
+"""The one training loop, shared by pretrain, cooldown, sft, dpo and selfknow.
 
 The stages differ in what they hand it: the learning rate at each step, which samples each step reads, and what
 goes into a checkpoint's lineage. The loop owns the step: micro-batches with gradient accumulation (the loss of a
@@ -31,12 +31,15 @@ import torch
 from slm.console import Heartbeat, err, info, progress, warn
 from slm.errors import SlmError, Stopped
 from slm.formats.checkpoint import latest_checkpoint, write_checkpoint
+from slm.formats.metrics import MetricsLog
+from slm.formats.progress import ProgressFile
 from slm.model.transformer import ModelConfig, Transformer
 from slm.train import engine
-from slm.train.engine import compute_dtype, cpu_has_bf16  # noqa: F401 (part of this module's interface)
 from slm.train.batches import Batches, ValidSet
 from slm.train.config import TrainSettings
-from slm.train.metrics import MetricsLog, memory_gib, peak_flops
+from slm.train.dist import Dist, all_reduce_sum, any_rank, broadcast_object
+from slm.train.engine import compute_dtype, cpu_has_bf16  # noqa: F401 (part of this module's interface)
+from slm.train.metrics import memory_gib, peak_flops, plot
 
 __all__ = ["Run", "Stopped", "train", "autocast_for", "compute_dtype", "cpu_has_bf16", "rng_state", "set_rng_state"]
 
@@ -71,7 +74,7 @@ class Run:
     train: TrainSettings
     engine: engine.Engine  # owns the optimizer and the wrapped model
     batches: Batches
-    dist: engine.Dist
+    dist: Dist
     lr_at: Callable[[int], float]
     first_sample_of: Callable[[int], int]
     start_step: int
@@ -112,7 +115,7 @@ def evaluate(run: Run) -> tuple[float, dict]:
             total = part if total is None else total + part
     if total is None:  # this process had no validation batch; the others may
         total = torch.zeros(2 + len(names), dtype=torch.float64, device=run.dist.device)
-    engine.all_reduce_sum(total, run.dist)
+    all_reduce_sum(total, run.dist)
     model.train()
     n = total[1].clamp(min=1)
     return float(total[0] / n), {k: float(total[2 + i] / n) for i, k in enumerate(names)}
@@ -138,7 +141,7 @@ def save(run: Run, step_done: int, lr: float) -> Path:
                 on_replace=lambda old, new: warn(f"{old} did not verify when this run resumed; kept as {new}"))
         except SlmError as e:
             error = str(e)
-    error = engine.broadcast_object(error, d)
+    error = broadcast_object(error, d)
     if error is not None:
         raise SlmError(error if d.main else f"rank 0 could not save the checkpoint: {error}")
     return path or run.run_dir / "checkpoints" / f"step-{step_done:08d}"
@@ -195,8 +198,6 @@ def train(run: Run) -> Path:
             previous[sig] = signal.signal(sig, on_signal)
 
     last_ckpt = None
-    from slm.formats.progress import ProgressFile
-
     prog = ProgressFile(run.run_dir, run.stage, run.start_step, run.end_step, enabled=d.main)
     prog.step(tokens_seen=run.state["tokens_seen"], last_checkpoint=str(latest_checkpoint(run.run_dir) or "") or None,
               force=True)
@@ -213,7 +214,7 @@ def train(run: Run) -> Path:
                 eng.set_lr(lr)
                 mbs = run.batches.step(run.first_sample_of(step))
                 n_local = torch.tensor(float(sum(mb.n_tokens for mb in mbs)), device=d.device)
-                n_global = engine.all_reduce_sum(n_local.clone(), d)
+                n_global = all_reduce_sum(n_local.clone(), d)
                 loss_sum = torch.zeros((), device=d.device, dtype=torch.float32)
                 stat_sums: dict[str, torch.Tensor] = {}
                 loss = float("nan")
@@ -227,7 +228,7 @@ def train(run: Run) -> Path:
                             stat_sums[k] = stat_sums.get(k, 0) + v.detach().float()
                         if last:  # the step's loss, known before its last backward
                             names = sorted(stat_sums)
-                            sums = engine.all_reduce_sum(torch.stack([loss_sum] + [stat_sums[k] for k in names]), d)
+                            sums = all_reduce_sum(torch.stack([loss_sum] + [stat_sums[k] for k in names]), d)
                             loss = float(sums[0] / n_global)
                             step_stats = {k: round(float(sums[1 + j] / n_global), 6) for j, k in enumerate(names)}
                             if not math.isfinite(loss) and poison is not None:
@@ -290,7 +291,7 @@ def train(run: Run) -> Path:
                     if d.main:
                         info(f"step {done}: valid loss {vl:.4f}" + (
                             f" (unigram baseline {run.unigram_loss:.4f})" if run.unigram_loss is not None else ""))
-                stopping = engine.any_rank(stop["signal"] is not None, d)
+                stopping = any_rank(stop["signal"] is not None, d)
                 if last or stopping or (t.save_every and done % t.save_every == 0):
                     last_ckpt = save(run, done, lr)
                     prog.step(last_checkpoint=str(last_ckpt), force=True)
@@ -313,4 +314,5 @@ def train(run: Run) -> Path:
     prog.end("done", step=run.end_step, last_checkpoint=str(last_ckpt) if last_ckpt else None)
     if d.main:
         err.print(f"{run.stage}: {run.end_step - run.start_step} steps done; checkpoint {last_ckpt}", soft_wrap=True)
+        plot(run.run_dir)
     return last_ckpt

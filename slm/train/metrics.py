@@ -1,13 +1,14 @@
-"""Throughput, MFU, memory, metrics.jsonl and the loss-curve plot."""
+"""Throughput, MFU, memory and the loss-curve plot (from metrics.jsonl, slm.formats.metrics)."""
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 from pathlib import Path
 
 import torch
+
+from slm.formats.metrics import read_metrics
 
 # GPUs by the names --gpu takes: peak dense bf16 tensor-core FLOP/s (vendor data sheets, without sparsity) and
 # memory in GiB. MFU is measured against these peaks; --dry-run plans with them.
@@ -41,29 +42,8 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-class MetricsLog:
-    """metrics.jsonl of a run; on resume, lines from the resumed step on are dropped first."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.enabled = enabled
-        if enabled and resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) < resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif enabled and resume_step is None:
-            self.path.write_text("")
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 def plot(run_dir: Path, out: Path | None = None) -> Path | None:
     """loss.png: training loss (and validation loss) against tokens seen, learning rate beside it."""
-    from slm.formats.checkpoint import read_metrics
-
     rows = read_metrics(run_dir)
     train = [r for r in rows if "loss" in r]
     valid = [r for r in rows if "valid_loss" in r]

@@ -8,7 +8,7 @@ the implicit rewards r_w = beta (log pi(y_w|x) - log pi_ref(y_w|x)) and r_l like
     ipo      (Azar et al. 2023)             (h - 1 / (2 beta))^2, with log-probabilities averaged over the
                                             answer's tokens (as TRL computes IPO)
 
-Logged per pair: rewards of chosen and rejected, their margin, accuracy (r_w > r_l), and a KL estimate, the mean
+Pairs are read with StableLM 2's and Zephyr's filters (read_pairs). Logged per pair: rewards of chosen and rejected, their margin, accuracy (r_w > r_l), and a KL estimate, the mean
 over both answers of log pi - log pi_ref. The reference's log-probabilities are computed once before training and
 kept (reference_logprobs/), so training runs only the policy.
 """
@@ -16,12 +16,21 @@ kept (reference_logprobs/), so training runs only the policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from slm.console import info
+from slm.errors import SlmError
+from slm.formats.chat import Pair, iter_objects, parse_pair
+from slm.formats.checkpoint import Checkpoint
+from slm.formats.manifest import atomic_dir, new_manifest, read_manifest, write_json
+from slm.formats.records import BadRecord
 from slm.train.batches import MicroBatch, StepBatches
+from slm.train.dist import barrier, broadcast_object
 
 
 def dpo_losses(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
@@ -161,3 +170,71 @@ def reference_logprobs(model, pairs: list[EncodedPair], micro: int, pad_id: int,
         if progress is not None:
             progress(len(idx))
     return out
+
+
+def read_pairs(specs: list[str], skip_bad: bool, min_chosen: float | None, counts: dict) -> list[Pair]:
+    """Pairs of SPECS with the filters applied; COUNTS gets each reason."""
+    pairs, seen = [], set()
+    bad = {}
+    for where, obj in iter_objects(specs, skip_bad, bad):
+        counts["read"] = counts.get("read", 0) + 1
+        try:
+            p = parse_pair(obj, where)
+        except BadRecord:
+            if not skip_bad:
+                raise
+            counts["skipped: bad record"] = counts.get("skipped: bad record", 0) + 1
+            continue
+        reason = None
+        if p.chosen == p.rejected:
+            reason = "dropped: identical answers"
+        elif p.score_chosen is not None and p.score_chosen == p.score_rejected:
+            reason = "dropped: tie (equal scores)"
+        elif min_chosen is not None and p.score_chosen is not None and p.score_chosen < min_chosen:
+            reason = f"dropped: chosen score below {min_chosen:g}"
+        elif p.key() in seen:
+            reason = "dropped: exact duplicate"
+        if reason:
+            counts[reason] = counts.get(reason, 0) + 1
+            continue
+        seen.add(p.key())
+        pairs.append(p)
+    if bad.get("bad"):
+        counts["read"] = counts.get("read", 0) + bad["bad"]
+        counts["skipped: bad record"] = counts.get("skipped: bad record", 0) + bad["bad"]
+    counts["kept"] = len(pairs)
+    return pairs
+
+
+PAIR_LAYOUT = "logprobs [pairs, 2] float64: summed log-probabilities of the chosen and the rejected answer"
+
+
+def cached_reference(out: Path, ref_ckpt: Checkpoint, ref_hash: str, data_hash: str, compute, d,
+                     layout: str = PAIR_LAYOUT) -> torch.Tensor:
+    """OUT/reference_logprobs/: reused when the reference's and the data's hashes match, else COMPUTE()d and
+    kept (rank 0 writes; every rank gets the tensor)."""
+    cache = out / "reference_logprobs"
+    reuse = None
+    if d.main and (cache / "manifest.json").is_file():
+        try:
+            m = read_manifest(cache, "reference_logprobs")
+            if m.get("reference_sha256") == ref_hash and m.get("data_sha256") == data_hash:
+                reuse = True
+        except SlmError:
+            reuse = None
+    reuse = broadcast_object(reuse, d)
+    if reuse:
+        if d.main:
+            info(f"reference log-probabilities: reusing {cache}")
+        return load_file(str(cache / "logprobs.safetensors"))["logprobs"]
+    lp = compute()
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(cache) as tmp:
+            save_file({"logprobs": lp.cpu().contiguous()}, str(tmp / "logprobs.safetensors"))
+            write_json(tmp / "manifest.json", new_manifest(
+                "reference_logprobs", {"reference": str(ref_ckpt.dir)},
+                inputs=[{"path": str(ref_ckpt.dir), "sha256": ref_hash}], counts={"rows": int(lp.shape[0])},
+                reference_sha256=ref_hash, data_sha256=data_hash, layout=layout))
+    barrier(d)
+    return lp.cpu()

@@ -24,7 +24,7 @@ if _GATE:
     import time
 
     _STEP = int(os.environ.get("SLM_TEST_GATE_STEP", "0"))
-    _TARGET = "slm.train.metrics"
+    _TARGET = "slm.formats.metrics"
     _held = []
 
     def _mark(kind: str) -> None:

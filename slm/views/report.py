@@ -20,6 +20,16 @@ import json
 from pathlib import Path
 
 from slm.errors import SlmError
+from slm.formats.manifest import write_text
+from slm.formats.metrics import last_metrics
+from slm.formats.tables import (
+    QUANTIZE_COLUMNS,
+    markdown,
+    quantize_rows,
+    render_bench,
+    render_eval,
+)
+from slm.formats.tables import number as _f
 
 SKIP = {"checkpoints", "energy", "lm-eval", "shards", "windows", "train_state", "tasks"}
 TRAINING = ("pretrain", "cooldown", "sft", "dpo", "selfknow")
@@ -50,37 +60,6 @@ def _run_stage(run: Path) -> str:
     except SlmError:
         stage = None
     return str(stage or run.name)
-
-
-def last_metrics(run: Path) -> dict:
-    """A run's last training step and last validation, from RUN/metrics.jsonl."""
-    last_train, last_valid, first_valid = None, None, None
-    try:
-        lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SlmError(f"{run / 'metrics.jsonl'}: not readable ({e})") from None
-    for i, line in enumerate(lines, 1):
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines):
-                continue  # a line being written when the run was stopped
-            raise SlmError(f"{run / 'metrics.jsonl'}:{i}: not a JSON line") from None
-        if not isinstance(r, dict):
-            continue
-        if "loss" in r:
-            last_train = r
-        if "valid_loss" in r:
-            first_valid = first_valid or r
-            last_valid = r
-    out = {"run": str(run)}
-    if last_train:
-        out.update(step=last_train.get("step"), loss=last_train.get("loss"), lr=last_train.get("lr"))
-    if last_valid:
-        out.update(valid_loss=last_valid["valid_loss"], valid_step=last_valid.get("step"),
-                   unigram_loss=last_valid.get("unigram_loss"), tokens_seen=last_valid.get("tokens_seen"),
-                   first_valid_loss=first_valid["valid_loss"])
-    return out
 
 
 def collect(root: Path, depth: int = 3) -> dict:
@@ -130,10 +109,6 @@ def _rel(d: Path, root: Path) -> str:
         return str(d)
 
 
-def _f(x, spec: str, missing: str = "-") -> str:
-    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else missing
-
-
 def render(report: dict) -> str:
     """The report as Markdown."""
     out = [f"# slm report: {report['root']}", ""]
@@ -163,29 +138,16 @@ def render(report: dict) -> str:
             out += ["", f"> {sample.get('question', '')}  ", f"> {sample.get('answer', '')}"]
         out.append("")
     for e in report["quantize"]:
-        out += [f"## Quantization ({e['dir']})", "", "| type | size | bits/weight | perplexity | KL vs fp32 | "
-                "top-1 agreement |", "|---|---:|---:|---:|---:|---:|"]
-        ref = e.get("reference") or {}
-        if ref:
-            out.append(f"| fp32 (torch) | - | 32 | {_f(ref.get('perplexity'), '.3f')} | 0 | 100% |")
-        for kind, t in (e.get("types") or {}).items():
-            out.append(f"| {kind} | {_f((t.get('bytes') or 0) / 1e6, ',.2f')} MB | "
-                       f"{_f(t.get('bits_per_weight'), '.2f')} | {_f(t.get('perplexity'), '.3f')} | "
-                       f"{_f(t.get('kl_mean'), '.5f')} | {_f(t.get('top1_agreement'), '.1%')} |")
-        out.append("")
+        out += [f"## Quantization ({e['dir']})", ""] + markdown(QUANTIZE_COLUMNS, quantize_rows(e), "lrrrrr") + [""]
     for e in report["bench"]:
-        from slm.stages.bench import render as bench_render
-
         try:
-            table = bench_render(e, "md")
+            table = render_bench(e, "md")
         except (KeyError, TypeError):
             raise SlmError(f"{Path(report['root']) / e['dir'] / 'bench.json'}: not a bench report") from None
         out += [f"## Speed ({e['dir']})", "", table, ""]
     for e in report["eval"]:
-        from slm.stages.eval import render as eval_render
-
         try:
-            table = eval_render(e)
+            table = render_eval(e)
         except (KeyError, TypeError):
             raise SlmError(f"{Path(report['root']) / e['dir'] / 'eval.json'}: not an eval report") from None
         out += [f"## Evaluation ({e['dir']}, suite {e.get('suite') or 'custom'})", "", table, ""]
@@ -197,3 +159,11 @@ def render(report: dict) -> str:
         if e.get("model_card"):
             out += [e["model_card"], ""]
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def write(path: Path, text: str) -> None:
+    """--out: the Markdown report written atomically, or one line saying why it cannot be."""
+    try:
+        write_text(Path(path), text)
+    except OSError as e:
+        raise SlmError(f"--out {path}: cannot write ({e.strerror})") from None

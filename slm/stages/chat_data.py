@@ -29,8 +29,9 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from slm import energy
 from slm.errors import SlmError
-from slm.formats.facts import Facts
+from slm.formats.facts import Facts, load_facts
 from slm.formats.manifest import atomic_dir, new_manifest, write_json
 
 UNITS = [("metres", "centimetres", 100), ("kilometres", "metres", 1000), ("kilograms", "grams", 1000),
@@ -231,7 +232,6 @@ def run(cfg: ChatDataConfig) -> Path:
     out = Path(cfg.out)
     facts = None
     if cfg.facts is not None:
-        from slm.formats.facts import load_facts
 
         facts = load_facts(cfg.facts)
     n_persona = round(cfg.n * cfg.persona_fraction)
@@ -248,5 +248,6 @@ def run(cfg: ChatDataConfig) -> Path:
             "chatdata", {"n": cfg.n, "seed": cfg.seed, "persona_fraction": cfg.persona_fraction,
                          "facts": str(cfg.facts) if cfg.facts else None},
             counts={"train": len(train), "valid": len(valid), "persona_conversations": n_persona,
-                                                                 "stdlib_functions": len(functions)}))
+                                                                 "stdlib_functions": len(functions)},
+            energy=energy.take()))
     return out

@@ -1,6 +1,6 @@
 """INT4 for CPU runtimes: an OpenVINO IR with NNCF's int4 weight compression (StableLM 2's "OpenVINO INT4" release).
 
-The checkpoint's model (slm's own, in fp32) is converted with openvino.convert_model (input_ids [batch, tokens] ->
+The checkpoint's model (slm's own, in fp32, as slm.model.decode.PastAsInputs) is converted with openvino.convert_model (input_ids [batch, tokens] ->
 logits for every position) and its linear layers' weights are compressed by nncf.compress_weights to 4 bits
 (INT4_SYM by default, groups of 128 input channels, data-free). As NNCF does by default, the embedding and the output
 matrix stay 8-bit. A group size that does not divide every layer's input (small models) falls back to the largest of
@@ -13,12 +13,18 @@ past_* are [layers, batch, kv heads, past tokens, head dim], empty for a new seq
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from slm.console import stdout_to_stderr
 from slm.errors import SlmError
+from slm.formats.manifest import read_json, write_json
+from slm.inference.load import load_model
+from slm.model.decode import PastAsInputs
 
 TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "encoding.json", "tokenizer.tiktoken")
@@ -36,52 +42,6 @@ def _imports():
     return ov, nncf
 
 
-def _with_cache_module():
-    import torch
-    import torch.nn.functional as F
-
-    from slm.model.transformer import apply_rotary
-
-    class WithCache(torch.nn.Module):
-        """slm's model as a function of the tokens and the keys and values so far: (logits, keys, values).
-
-        past_keys / past_values [layers, batch, kv heads, past, head dim] (past may be 0); the new tokens take
-        positions past..past+T-1 and attend causally to everything before them."""
-
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, past_keys, past_values):
-            m = self.m
-            cfg = m.cfg
-            B, T = input_ids.shape
-            P = past_keys.shape[3]
-            positions = torch.arange(T, device=input_ids.device) + P
-            x = m.embed_tokens(input_ids)
-            cos, sin = m.rotary(positions[None].expand(B, T), x.dtype)
-            keys_at = torch.arange(T, device=input_ids.device) + P
-            mask = torch.arange(P + T, device=input_ids.device)[None, :] <= keys_at[:, None]  # [T, P+T]
-            new_k, new_v = [], []
-            h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-            for i, layer in enumerate(m.layers):
-                a = layer.self_attn
-                q, k, v = a.qkv_proj(layer.input_layernorm(x)).view(B, T, h + 2 * kv, hd).split([h, kv, kv], dim=2)
-                q = apply_rotary(q, cos, sin).transpose(1, 2)
-                k = torch.cat([past_keys[i], apply_rotary(k, cos, sin).transpose(1, 2)], dim=2)
-                v = torch.cat([past_values[i], v.transpose(1, 2)], dim=2)
-                new_k.append(k)
-                new_v.append(v)
-                if kv != h:
-                    k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-                x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, h * hd))
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
-            return m.lm_head(m.norm(x)), torch.stack(new_k), torch.stack(new_v)
-
-    return WithCache
-
-
 def group_size_for(cfg, wanted: int) -> int:
     """The largest of WANTED, 64, 32 that divides every linear layer's input width, else -1 (one group per row)."""
     inputs = {cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim}
@@ -94,22 +54,10 @@ def group_size_for(cfg, wanted: int) -> int:
 def export_int4(ckpt, out: Path, group_size: int = 128, symmetric: bool = True, all_layers: bool = False) -> dict:
     """Write the INT4 IR of checkpoint CKPT into directory OUT; returns a summary (mode, group size, weights).
     ALL_LAYERS: the embedding and output matrix in 4 bits too (NNCF keeps them 8-bit by default)."""
-    import torch
-
-    from slm.formats.manifest import write_json
-    from slm.stages.generate import load_model
-
     ov, nncf = _imports()
     model = load_model(ckpt, torch.device("cpu"))
-    WithCache = _with_cache_module()
-
-
     g = group_size_for(ckpt.model_config, group_size)
     mode = nncf.CompressWeightsMode.INT4_SYM if symmetric else nncf.CompressWeightsMode.INT4_ASYM
-    import warnings
-
-    from slm.console import stdout_to_stderr
-
     cfg = ckpt.model_config
     example = {"input_ids": torch.ones(1, 8, dtype=torch.long),
                "past_keys": torch.zeros(cfg.num_layers, 1, cfg.num_kv_heads, 3, cfg.head_dim),
@@ -117,7 +65,7 @@ def export_int4(ckpt, out: Path, group_size: int = 128, symmetric: bool = True, 
     with torch.no_grad(), warnings.catch_warnings(), stdout_to_stderr():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: harmless here
         model(example["input_ids"])  # builds the rotary table first: traced twice, the graph must not change
-        ovm = ov.convert_model(WithCache(model).eval(), example_input=example)
+        ovm = ov.convert_model(PastAsInputs(model).eval(), example_input=example)
         for port, name in zip(ovm.outputs, ("logits", "present_keys", "present_values")):
             port.get_tensor().set_names({name})
         # the rotary cos/sin tables are gathered like an embedding: never compress them
@@ -162,8 +110,6 @@ class OpenVinoScorer:
             config["INFERENCE_NUM_THREADS"] = str(threads)
         self.compiled = ov.Core().compile_model(str(xml), "CPU", config)
         self.n_vocab = n_vocab
-        from slm.formats.manifest import read_json
-
         c = read_json(Path(directory) / "config.json")
         heads = c["num_attention_heads"]
         self.cache_shape = (c["num_hidden_layers"], 1, c.get("num_key_value_heads", heads), 0,

@@ -1,23 +1,28 @@
-"""What pretrain and cooldown both need before the loop: the data and its tokenizer, the model, resuming."""
+"""What every training stage (pretrain, cooldown, sft, dpo, selfknow) does before the loop: open the data and its
+tokenizer, build the model and load its weights, find the checkpoint a run resumes from, build the engine, and start
+the run there (its optimizer, RNG and counters) or at its beginning (its config.yaml written)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
+from slm import energy
+from slm.console import info, warn
 from slm.errors import SlmError
-from slm.console import warn
 from slm.formats.checkpoint import Checkpoint, list_checkpoints, newest_verified
 from slm.formats.manifest import read_json, sha256_file
 from slm.formats.mixplan import MixReader
 from slm.formats.tokenizer import Tokenizer, padded_vocab_size
-from slm.model.transformer import ModelConfig, Transformer, build
+from slm.model.transformer import ModelConfig, Transformer, build, load_state
+from slm.recipes import find_recipe, load_recipe
 from slm.train import engine
 from slm.train.batches import ValidSet
+from slm.train.config import resolve, to_yaml
+from slm.train.dist import Dist, broadcast_object
 from slm.train.loop import set_rng_state
 
 
@@ -66,30 +71,20 @@ def new_model(cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
 
 
 def load_weights(model: Transformer, ckpt: Checkpoint) -> None:
-    state = ckpt.state_dict()
-    own = model.state_dict()
-    for k, v in state.items():
-        if k in own and own[k].shape != v.shape:
-            raise SlmError(f"{ckpt.dir}: weight {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.startswith("rotary.")]
-    if missing or unexpected:
-        raise SlmError(f"{ckpt.dir}: weights do not match the model (missing {missing[:2]}, unexpected {unexpected[:2]})")
+    load_state(model, ckpt.state_dict(), str(ckpt.dir))
 
 
-def resume_point(run_dir: Path, stage: str, d: engine.Dist, required: bool = False) -> Checkpoint | None:
+def resume_point(run_dir: Path, stage: str, d: Dist, required: bool = False) -> Checkpoint | None:
     """The checkpoint a STAGE run directory resumes from, or None for a fresh run: the newest one whose files all
     match its manifest (size and sha256). Rank 0 checks, every rank gets its answer. Newer ones that do not verify
     are named on stderr and left as they are."""
-    from slm import energy
-
     energy.attach(run_dir)  # the node's energy record goes to RUN_DIR/energy/ when the process ends
     found = None
     if d.main:
         found = newest_verified(run_dir, on_skip=lambda p, why: warn(f"{p}: skipped, it does not verify ({why}); "
                                                                       "resuming from an older checkpoint"))
         found = str(found) if found else None
-    found = engine.broadcast_object(found, d)
+    found = broadcast_object(found, d)
     if found is None:
         existing = list_checkpoints(run_dir, complete_only=False)
         if existing:
@@ -111,12 +106,9 @@ def post_training_config(source: Checkpoint, section: str, recipe: str | None, c
     """The resolved configuration of a post-training stage (sft, dpo) starting from SOURCE: its architecture, the
     train: settings of its run and its recipe (less pre-training's batch and schedule, which SECTION: gives), and
     SECTION: from the recipe (--recipe, else the one SOURCE was trained with), then --config and --set."""
-    from slm.recipes import find_recipe, load_recipe
-    from slm.train.config import resolve
-
     if recipe is not None and find_recipe(recipe) is None:
         resolve(recipe)  # the one-line error naming the recipes
-    parent = saved_config(source.dir.parent.parent) or {}
+    parent = saved_config(source.run_dir) or {}
     recipe = recipe or parent.get("recipe")
     from_recipe = load_recipe(recipe) if recipe and find_recipe(recipe) else {}
     train = {**parent.get("train", {}), **(from_recipe.get("train") or {})}
@@ -141,7 +133,7 @@ def steps_from(steps: int | None, tokens: int | None, tokens_per_step: int) -> i
     return steps or (math.ceil(tokens / tokens_per_step) if tokens else None)
 
 
-def make_engine(d: engine.Dist, model: Transformer, t, accumulation: int) -> engine.Engine:
+def make_engine(d: Dist, model: Transformer, t, accumulation: int) -> engine.Engine:
     """The engine train.engine names, around MODEL (whose weights are already loaded), with its optimizer;
     ACCUMULATION micro-batches per step and process."""
     name = engine.resolve_engine(t.engine, d)
@@ -155,7 +147,7 @@ def make_engine(d: engine.Dist, model: Transformer, t, accumulation: int) -> eng
                         micro_batch_size=t.micro_batch_size, deepspeed_user_config=user, deepspeed_where=where)
 
 
-def restore(ckpt: Checkpoint, eng: engine.Engine, d: engine.Dist) -> None:
+def restore(ckpt: Checkpoint, eng: engine.Engine, d: Dist) -> None:
     """AdamW's state and the RNG from CKPT, into ENG (any engine, any number of processes)."""
     opt = ckpt.optimizer_state(legacy_order=engine.optimizer_order(eng.model))
     if opt is None:
@@ -166,25 +158,26 @@ def restore(ckpt: Checkpoint, eng: engine.Engine, d: engine.Dist) -> None:
         set_rng_state(rng, d.device)
 
 
-def post_training_start(stage: str, plan: dict, resume: Checkpoint | None, eng: engine.Engine, d: engine.Dist,
-                        out: Path, resolved: dict, first_line: str) -> tuple[int, dict]:
-    """Where a post-training run (sft, dpo, selfknow) starts: a resumed run's step, optimizer, RNG and counters; or
-    step 0, with (on rank 0) RESOLVED written to OUT/config.yaml and FIRST_LINE told. Returns (step, run state)."""
-    from slm.console import info
-    from slm.train.config import to_yaml
-
-    if resume is not None:
-        restore(resume, eng, d)
-        ts = resume.train_state
+def start_or_resume(resume: Checkpoint | None, eng: engine.Engine, d: Dist, out: Path, resolved: dict,
+                    first_line: str, state: dict, fresh_step: int = 0) -> tuple[int, dict]:
+    """Where a run starts. Resumed: RESUME's step, with its optimizer, RNG and counters put back (and said so).
+    Fresh: FRESH_STEP, with RESOLVED written to OUT/config.yaml and FIRST_LINE told (rank 0). STATE is what the
+    run carries in every checkpoint (tokens_seen, the stage's plan); a resumed run takes its counters from RESUME.
+    Returns (the first step, the run's state)."""
+    if resume is None:
         if d.main:
-            info(f"resuming {out} at step {resume.step}")
-        return resume.step, {"tokens_seen": ts.get("tokens_seen", 0), stage: plan, "resumed": True,
-                             "bad_steps_total": ts.get("bad_steps_total", 0),
-                             "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0)}
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "config.yaml").write_text(to_yaml(resolved))
+            info(first_line)
+        return fresh_step, state
+    restore(resume, eng, d)
+    ts = resume.train_state
     if d.main:
-        (Path(out) / "config.yaml").write_text(to_yaml(resolved))
-        info(first_line)
-    return 0, {"tokens_seen": 0, stage: plan}
+        info(f"resuming {out} at step {resume.step} ({eng.describe()}, {d.world} process(es); the checkpoint was "
+             f"written by {ts.get('engine', 'single')} on {ts.get('world_size', 1)})")
+    return resume.step, {**state, "tokens_seen": ts.get("tokens_seen", state.get("tokens_seen", 0)), "resumed": True,
+                         "bad_steps_total": ts.get("bad_steps_total", 0),
+                         "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0)}
 
 
 def saved_config(run_dir: Path) -> dict | None:
@@ -201,52 +194,3 @@ def valid_set(path: Path | None, seq_len: int, n: int, reader: MixReader, tok: T
     if vs.tokens.tokenizer_sha256 != tok.hash:
         raise SlmError(f"{path}: encoded with another tokenizer than the training data")
     return vs, vs.unigram_loss(reader.sources, tok.n_vocab)
-
-
-@dataclass
-class DryRun:
-    """--dry-run: resolve the configuration and print the plan (slm.train.cost) without training."""
-
-    gpu: str = "h100"
-    """The GPU to plan for (a name in slm.train.metrics.GPUS)."""
-    gpus: int | None = None
-    """How many processes (one per GPU); default WORLD_SIZE, else 1."""
-    mfu: float = 0.4
-    """The model FLOPs utilisation to assume."""
-    gpu_hours: float | None = None
-    """A budget (or a reported figure): the plan then also gives the MFU it implies."""
-
-
-def recipe_seq_len(recipe: str | None) -> int | None:
-    """The sequence length of a recipe's mix, for a plan made before the data exists."""
-    if not recipe:
-        return None
-    from slm.recipes import find_recipe, load_recipe
-
-    if find_recipe(recipe) is None:
-        return None
-    return (load_recipe(recipe).get("mix") or {}).get("seq_len")
-
-
-def plan(model_values: dict, tok: Tokenizer | None, t, seq_len: int, steps: int, dry: DryRun) -> dict:
-    """The plan of a run: model from MODEL_VALUES (vocab from TOK unless fixed), STEPS of train.tokens_per_step."""
-    import os
-
-    from slm.train.cost import plan as cost_plan
-
-    values = dict(model_values)
-    if "vocab_size" not in values:
-        if tok is None:
-            raise SlmError("model.vocab_size: the recipe takes it from the data's tokenizer; give --data, or "
-                           "--set model.vocab_size=N")
-        values["vocab_size"] = padded_vocab_size(tok.n_vocab)
-    try:
-        model_cfg = ModelConfig.from_dict(values)
-    except (TypeError, ValueError) as e:
-        raise SlmError(str(e)) from None
-    world = dry.gpus or int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 1:
-        raise SlmError(f"--gpus {world}: expected a positive number")
-    name = engine.resolve_engine(t.engine, engine.Dist(world=world))
-    dtype = t.dtype if t.dtype != "auto" else "bf16"  # a plan is for GPUs: auto is bf16 there
-    return cost_plan(model_cfg, t, seq_len, steps, world, name, dry.gpu, dry.mfu, dtype, dry.gpu_hours)

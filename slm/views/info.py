@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 from slm.errors import SlmError
+from slm.formats.manifest import read_json
+from slm.formats.metrics import last_metrics
 
 SUMMARY_KEYS = ("kind", "stage", "recipe", "step", "tokens_seen", "slm_version", "created_utc", "wall_seconds",
                 "energy_kwh", "tokenizer_sha256")
@@ -161,9 +163,9 @@ def _locate(p: str, where: Path) -> str:
 
 def render(node: dict):
     """A rich Tree of the ancestry."""
-    from rich.tree import Tree
-
     import os
+
+    from rich.tree import Tree
 
     def short(p: str) -> str:
         rel = os.path.relpath(p)
@@ -214,8 +216,6 @@ RESULT_FILES = ("quantize.json", "bench.json", "eval.json", "carbon.json", "dpo.
 def summary(path: Path) -> dict:
     """What `--json` prints for a stage's output: the artifact's manifest summary, what it was made from (one
     generation), its counts, a training run's last metrics, and the stage's result file (quantize.json, dpo.json...)."""
-    from slm.formats.manifest import read_json
-    from slm.stages.report import last_metrics
 
     node = describe(Path(path), depth=1)
     for parent in node.get("from", []):

@@ -18,6 +18,8 @@ import subprocess
 from pathlib import Path
 
 from slm.errors import SlmError
+from slm.formats import progress
+from slm.formats.metrics import read_metrics
 
 
 def _age_s(iso: str | None) -> float | None:
@@ -52,8 +54,7 @@ def _slurm_state(job: str) -> str | None:
 
 
 def status(run_dir: Path) -> dict:
-    from slm.formats import progress
-    from slm.formats.checkpoint import list_checkpoints, read_metrics
+    from slm.formats.checkpoint import list_checkpoints  # torch: not for every `slm --help`
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
