@@ -48,8 +48,7 @@ def main() -> None:
     make_checkpoint = decode.make_checkpoint
 
     from slm.formats.checkpoint import Checkpoint
-    from slm.formats.gguf import write_gguf
-    from slm.formats.gguf import LLAMA_CPP_TYPES
+    from slm.formats.gguf import write_gguf, LLAMA_CPP_TYPES
     from slm.inference.llamacpp import quantize_gguf
 
     out = []

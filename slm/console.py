@@ -8,16 +8,8 @@ import sys
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import (BarColumn, Progress, ProgressColumn, Task, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.text import Text
 
 err = Console(stderr=True, highlight=False)
@@ -75,18 +67,9 @@ class RateColumn(ProgressColumn):
 def progress(*rates: RateColumn, transient: bool = False) -> Progress:
     """A progress bar on stderr with ETA and the given rate columns. Silent when stderr is not a terminal
     unless SLM_PROGRESS=1 (rich then prints the final state only)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        *rates,
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=transient,
-        disable=not (err.is_terminal or os.environ.get("SLM_PROGRESS")),
-    )
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), *rates,
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=transient,
+                    disable=not (err.is_terminal or os.environ.get("SLM_PROGRESS")))
 
 
 @contextlib.contextmanager
@@ -103,12 +86,6 @@ def stdout_to_stderr():
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
-
-
-def stdout(line: str) -> None:
-    """Results only: a path or a JSON document."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 class Heartbeat:

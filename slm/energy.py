@@ -1,6 +1,6 @@
 """The energy meter every computing stage runs: codecarbon's offline tracker, one per node.
 
-`slm` starts a meter around each computing command (slm.cli.main, which knows which commands compute). It measures the whole machine (codecarbon's
+`slm` starts a meter around each computing command (slm.cli.main). It measures the whole machine (codecarbon's
 "machine" mode: CPU through RAPL when the kernel exposes it, else the CPU's TDP scaled by load; GPUs through NVML;
 RAM estimated from its size) and only in the process with local rank 0, so a SLURM job with eight ranks per node is
 counted once per node, not eight times (codecarbon's known pitfall when every rank runs a tracker).
@@ -116,19 +116,16 @@ def make_record(stage: str, data, tracker, wall: float) -> dict:
     gpus = int(data.gpu_count or 0) if gpu else 0
     hours = float(data.duration) / 3600
     energy = float(data.energy_consumed)
-    return {
-        "stage": stage, "host": socket.gethostname(), "scope": "node (local rank 0, whole machine)",
-        "energy_kwh": energy, "cpu_kwh": float(data.cpu_energy), "gpu_kwh": float(data.gpu_energy),
-        "ram_kwh": float(data.ram_energy), "duration_s": float(data.duration),
-        "device": "gpu" if gpus else "cpu", "device_model": (data.gpu_model if gpus else data.cpu_model) or "",
-        "devices": gpus or 1, "device_hours": (gpus or 1) * hours,
-        "method": {"cpu": cpu_mode, "gpu": "NVML (measured)" if gpus else None,
-                   "ram": "estimated from memory size (codecarbon)"},
-        "country_iso_code": data.country_iso_code or None, "region": data.region or None,
-        "intensity_kg_per_kwh": float(data.emissions) / energy if energy > 0 else None,
-        "kg_co2eq": float(data.emissions), "pue_applied": float(data.pue or 1.0),
-        "codecarbon_version": codecarbon.__version__,
-    }
+    return {"stage": stage, "host": socket.gethostname(), "scope": "node (local rank 0, whole machine)",
+            "energy_kwh": energy, "cpu_kwh": float(data.cpu_energy), "gpu_kwh": float(data.gpu_energy),
+            "ram_kwh": float(data.ram_energy), "duration_s": float(data.duration), "device": "gpu" if gpus else "cpu",
+            "device_model": (data.gpu_model if gpus else data.cpu_model) or "", "devices": gpus or 1,
+            "device_hours": (gpus or 1) * hours, "method": {"cpu": cpu_mode, "gpu": "NVML (measured)" if gpus else None,
+                                                           "ram": "estimated from memory size (codecarbon)"},
+            "country_iso_code": data.country_iso_code or None, "region": data.region or None,
+            "intensity_kg_per_kwh": float(data.emissions) / energy if energy > 0 else None,
+            "kg_co2eq": float(data.emissions), "pue_applied": float(data.pue or 1.0),
+            "codecarbon_version": codecarbon.__version__}
 
 
 def attach(run_dir: Path) -> None:

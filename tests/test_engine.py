@@ -15,8 +15,7 @@ from conftest import ROOT
 from slm.errors import SlmError
 from slm.formats.checkpoint import Checkpoint
 from slm.formats.metrics import read_metrics
-from slm.stages.pretrain import PretrainConfig
-from slm.stages.pretrain import run as pretrain
+from slm.stages.pretrain import PretrainConfig, run as pretrain
 from slm.train.config import TrainSettings
 from slm.train.engine import deepspeed_config
 

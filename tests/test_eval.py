@@ -51,7 +51,7 @@ def test_gguf_model_scores_equal_llama_cpp_logits(model_pair):
     llama.cpp's logits computed directly; rolling log-likelihood = the sum over the document after the prefix token;
     greedy generation = slm's torch greedy tokens, cut at the stop string."""
     from slm.evaluation.llamacpp import LlamaCppLM
-    from slm.stages.generate import GenerateConfig, generate_ids
+    from slm.inference.generate import GenerateConfig, generate_ids
 
     ckpt, gguf = model_pair
     lm = LlamaCppLM(pretrained=str(gguf), threads=2)

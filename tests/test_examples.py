@@ -127,11 +127,9 @@ def test_invocation_checker_catches_mistakes():
 def test_recipe_plans_match_the_recipes(tmp_path):
     """examples/recipes: the mixes have the recipes' phases and name a dataset for every source with data of its
     own; slm plans them (sources bound to a small tokens directory) and records the datasets."""
-    import json
 
     import yaml
 
-    from conftest import run_cli
     from slm.recipes import load_recipe, load_step
 
     pairs = [("stablelm-2-1_6b/pretrain.yaml", load_recipe("stablelm-2-1_6b")["mix"]),

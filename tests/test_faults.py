@@ -3,7 +3,6 @@
 import json
 import os
 import random
-import shutil
 import signal
 import stat
 import subprocess
@@ -19,8 +18,7 @@ from conftest import Gate, run_cli
 from slm.errors import SlmError, Stopped
 from slm.formats.checkpoint import Checkpoint, verify_checkpoint
 from slm.formats.metrics import read_metrics
-from slm.stages.pretrain import PretrainConfig
-from slm.stages.pretrain import run as pretrain
+from slm.stages.pretrain import PretrainConfig, run as pretrain
 
 
 def _pretrain(data, out, steps, *sets, **kw):

@@ -176,8 +176,7 @@ def test_model_paths_and_gguf_files(scratch):
 def good_tokens(tmp_path_factory, small_tok):
     from conftest import VARIED_TEXT, write_jsonl
 
-    from slm.stages.encode import EncodeConfig
-    from slm.stages.encode import run as encode
+    from slm.stages.encode import EncodeConfig, run as encode
 
     d = tmp_path_factory.mktemp("fuzz_tokens")
     encode(EncodeConfig(tokenizer=small_tok, inputs=[str(write_jsonl(d / "t.jsonl", VARIED_TEXT * 2))],

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
 from conftest import Gate, run_cli
 
 
@@ -132,7 +131,7 @@ def test_report_summarises_what_it_finds(tmp_path, base_ckpt):
 
     (root / "eval" / "eval.json").write_text("{not json")
     proc = run_cli("report", root)
-    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {root / 'eval' / 'eval.json'}: not readable JSON")
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {root / 'eval' / 'eval.json'}:1: not valid JSON")
     assert proc.stderr.count("\n") == 1
     (tmp_path / "empty").mkdir()
     proc = run_cli("report", tmp_path / "empty")

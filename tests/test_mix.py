@@ -10,10 +10,8 @@ from slm.formats.mixplan import MixReader, cumulative_counts, permute
 from slm.formats.tokenizer import Tokenizer
 from slm.formats.manifest import read_json
 from slm.recipes import parse_budget
-from slm.stages.encode import EncodeConfig
-from slm.stages.encode import run as encode
-from slm.stages.mix import MixConfig, resolve
-from slm.stages.mix import run as mix
+from slm.stages.encode import EncodeConfig, run as encode
+from slm.stages.mix import MixConfig, resolve, run as mix
 
 
 @pytest.fixture(scope="module")

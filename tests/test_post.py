@@ -18,10 +18,8 @@ from slm.formats.metrics import read_metrics
 from slm.formats.records import BadRecord
 from slm.formats.tokenizer import Tokenizer, with_special_tokens
 from slm.model.loss import linear_token_logprobs
-from slm.stages.dpo import DpoConfig, read_pairs
-from slm.stages.dpo import run as dpo
-from slm.stages.sft import SftConfig, prepare
-from slm.stages.sft import run as sft
+from slm.stages.dpo import DpoConfig, read_pairs, run as dpo
+from slm.stages.sft import SftConfig, prepare, run as sft
 from slm.train.chat_batches import Rows, encode_chat, pack
 from slm.train.preference import dpo_losses
 
@@ -241,7 +239,7 @@ def test_sft_writes_a_chat_checkpoint_and_resumes_exactly(tmp_path, base_ckpt, p
     assert hf_tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
 
     # slm generate --chat: greedy, the tokens transformers generates from apply_chat_template's prompt
-    from slm.stages.generate import GenerateConfig, generate_ids
+    from slm.inference.generate import GenerateConfig, generate_ids
 
     messages = [{"role": "user", "content": "What is 3 plus 2?"}]
     ids = generate_ids(GenerateConfig(checkpoint=whole, prompt="", chat=messages, max_new_tokens=12, temperature=0,

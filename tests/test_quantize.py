@@ -157,7 +157,7 @@ def test_int4_openvino(tmp_path, base_ckpt, small_tok):
     # greedy decoding with the IR agrees with the fp32 model on most tokens
     tok = Tokenizer(small_tok)
     text = "def fib(n):\n    return"
-    from slm.stages.generate import GenerateConfig, generate_ids
+    from slm.inference.generate import GenerateConfig, generate_ids
 
     want = generate_ids(GenerateConfig(checkpoint=base_ckpt, prompt=text, max_new_tokens=16, temperature=0,
                                        stop_at_eos=False, device="cpu"))

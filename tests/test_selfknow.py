@@ -163,8 +163,7 @@ SELFKNOW = ["--set", "selfknow.max_length=48", "--set", "selfknow.batch_size=8",
 def chat_ckpt(tmp_path_factory, base_ckpt):
     from test_post import POST, write_post_data
 
-    from slm.stages.sft import SftConfig
-    from slm.stages.sft import run as sft
+    from slm.stages.sft import SftConfig, run as sft
 
     d = tmp_path_factory.mktemp("selfknow")
     data = write_post_data(d)

@@ -15,10 +15,8 @@ from conftest import ROOT, Gate, run_cli
 from slm.errors import Stopped
 from slm.formats.checkpoint import Checkpoint
 from slm.formats.metrics import read_metrics
-from slm.stages.cooldown import CooldownConfig
-from slm.stages.cooldown import run as cooldown
-from slm.stages.pretrain import PretrainConfig
-from slm.stages.pretrain import run as pretrain
+from slm.stages.cooldown import CooldownConfig, run as cooldown
+from slm.stages.pretrain import PretrainConfig, run as pretrain
 
 GOLDEN = ROOT / "tests" / "data" / "golden_loss.txt"
 
@@ -140,7 +138,7 @@ def test_checkpoint_opens_in_transformers(tmp_path, train_data):
 def test_greedy_generate_equals_transformers(tmp_path, train_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slm.stages.generate import GenerateConfig, generate_ids
+    from slm.inference.generate import GenerateConfig, generate_ids
 
     last = _pretrain(train_data, tmp_path / "run", 6)
     prompt = "import os\n\ndef"
@@ -181,7 +179,6 @@ def test_cooldown_reaches_zero_and_continues_the_lineage(tmp_path, train_data):
 
 def test_cooldown_stopped_by_a_signal_resumes_exactly(tmp_path, train_data, monkeypatch):
     from slm.formats.metrics import MetricsLog
-    from slm.train import loop
 
     _pretrain(train_data, tmp_path / "run", 4)
     kw = dict(source=tmp_path / "run", data=train_data / "mix", lr_start=1e-3, device="cpu", steps=6)

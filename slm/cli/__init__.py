@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-from slm.cli.app import app
+from slm.cli.options import app
 from slm.errors import SlmError
 
 __all__ = ["app", "main"]

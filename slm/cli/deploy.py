@@ -7,8 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli.app import app
-from slm.cli.options import Json, emit
+from slm.cli.options import app, Json, emit
 from slm.errors import SlmError
 
 

@@ -11,8 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli.app import app
-from slm.errors import SlmError
+from slm.cli.options import app
 
 
 @app.command("info", rich_help_panel="Inspection")

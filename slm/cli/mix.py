@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli.app import app
-from slm.cli.options import Json
+from slm.cli.options import app, Json
 from slm.errors import SlmError
 
 

@@ -1,17 +1,43 @@
-"""Options shared by the commands, defined once. An option that stands for a configuration field (train.keep,
-sft.epochs, dpo.beta ...) takes its help from that field's docstring in slm/train/config.py, so the help says what
-the field does; the docstrings are read from the source (importing the module would load torch for `--help`)."""
+"""The `slm` typer app and the options its commands share, defined once. An option that sets a config field
+(train.keep, sft.epochs, dpo.beta ...) takes its help from the field's docstring in slm/train/config.py, read from
+the source (importing the module would load torch for `--help`)."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
+
+from slm import __version__
+
+app = typer.Typer(
+    name="slm",
+    help="Train small language models the way StableLM 2 1.6B and SmolLM2 were trained.\n\n"
+         "tokenize -> mix -> pretrain -> cooldown -> sft -> dpo -> selfknow -> quantize -> bench -> eval -> carbon\n\n"
+         "Each stage reads files or directories, writes one output directory and prints its path on stdout.",
+    no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"slm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True,
+                                   help="Set by the deepspeed launcher; slm reads LOCAL_RANK from the environment."),
+) -> None:
+    """slm: from raw text to a quantized, benchmarked, evaluated chat model."""
 
 
 CONFIG_SOURCE = Path(__file__).resolve().parents[1] / "train" / "config.py"
@@ -100,20 +126,68 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary of t
                                        rich_help_panel=PLANNING)]
 
 
-def train_sets(sets: list[str] | None, keep: int | None = None, engine: str | None = None,
-               zero_stage: int | None = None, deepspeed_config: Path | None = None) -> list[str]:
-    """The options that stand for train.* fields, as --set items (which win over the recipe and --config)."""
-    out = list(sets or [])
-    if keep is not None:
-        out.append(f"train.keep={keep}")
-    if deepspeed_config is not None:
-        out.append(f"train.deepspeed_config={Path(deepspeed_config).absolute()}")
-        engine = engine or "deepspeed"
-    if engine is not None:
-        out.append(f"train.engine={engine}")
-    if zero_stage is not None:
-        out.append(f"train.zero_stage={zero_stage}")
-    return out
+# -- groups: a command takes each as one parameter; `grouped` puts the group's options in its place ----------------
+class RunFlags:
+    """How a training stage runs: the options that set train.* fields, resuming, requeueing, the device."""
+
+    OPTIONS = {"keep": (Keep, None), "resume": (Resume, False), "engine": (EngineOpt, None),
+               "zero_stage": (ZeroStage, None), "deepspeed_config": (DeepSpeedConfig, None),
+               "requeue": (Requeue, False), "device": (Device, "auto")}
+
+    def __init__(self, **values):
+        self.__dict__.update({k: default for k, (_, default) in RunFlags.OPTIONS.items()}, **values)
+
+    def config(self, sets: list[str] | None) -> dict:
+        """The stage config's sets (--set, then these options as train.* items), device, require_resume, requeue."""
+        out = list(sets or [])
+        if self.keep is not None:
+            out.append(f"train.keep={self.keep}")
+        engine = self.engine
+        if self.deepspeed_config is not None:
+            out.append(f"train.deepspeed_config={Path(self.deepspeed_config).absolute()}")
+            engine = engine or "deepspeed"
+        if engine is not None:
+            out.append(f"train.engine={engine}")
+        if self.zero_stage is not None:
+            out.append(f"train.zero_stage={self.zero_stage}")
+        return {"sets": out, "device": self.device, "require_resume": self.resume, "requeue": self.requeue}
+
+
+class NoZeroRunFlags(RunFlags):
+    """RunFlags without --zero-stage (selfknow train takes ZeRO settings from --set or --deepspeed-config)."""
+
+    OPTIONS = {k: v for k, v in RunFlags.OPTIONS.items() if k != "zero_stage"}
+
+
+class PlanFlags:
+    """--dry-run and what the plan assumes; json_out: --json."""
+
+    OPTIONS = {"dry_run": (DryRunOpt, False), "gpu": (Gpu, "h100"), "gpus": (Gpus, None), "mfu": (Mfu, 0.4),
+               "gpu_hours": (GpuHours, None), "json_out": (JsonOut, False)}
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+def grouped(command: Callable) -> Callable:
+    """COMMAND takes option groups (RunFlags, PlanFlags) as parameters; typer sees each group's options there."""
+    params, groups = [], {}
+    for p in inspect.signature(command, eval_str=True).parameters.values():
+        if isinstance(p.annotation, type) and hasattr(p.annotation, "OPTIONS"):
+            groups[p.name] = p.annotation
+            params += [inspect.Parameter(name, p.kind, default=default, annotation=ann)
+                       for name, (ann, default) in p.annotation.OPTIONS.items()]
+        else:
+            params.append(p)
+
+    @functools.wraps(command)
+    def run(**kw):
+        for name, group in groups.items():
+            kw[name] = group(**{k: kw.pop(k) for k in group.OPTIONS})
+        return command(**kw)
+
+    run.__signature__ = inspect.Signature(params)
+    return run
 
 
 def section_sets(sets: list[str], section: str, **values) -> list[str]:

@@ -7,13 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli.app import app
-from slm.cli.options import (Data, DeepSpeedConfig, Device, EngineOpt, Json, Keep, Requeue, Resume, RunOut, Sets,
-                             SkipBad, StopAfter, ZeroStage, emit, field_help, section_sets, train_sets)
+from slm.cli.options import (app, Data, Json, RunFlags, RunOut, Sets, SkipBad, StopAfter, emit, field_help, grouped,
+                             section_sets)
 from slm.errors import SlmError
 
 
 @app.command("sft", rich_help_panel="Post-training")
+@grouped
 def sft(
     model: Annotated[Optional[Path], typer.Option("--model", help="The checkpoint (or run directory) to fine-tune.",
                                                   show_default=False)] = None,
@@ -34,13 +34,7 @@ def sft(
     steps: StopAfter = None,
     skip_bad: SkipBad = False,
     set_: Sets = None,
-    keep: Keep = None,
-    resume: Resume = False,
-    engine: EngineOpt = None,
-    zero_stage: ZeroStage = None,
-    deepspeed_config: DeepSpeedConfig = None,
-    requeue: Requeue = False,
-    device: Device = "auto",
+    flags: RunFlags = None,
     json_out: Json = False,
 ) -> None:
     """Fine-tune a checkpoint on conversations (loss on the assistant's tokens); prints the last checkpoint.
@@ -53,12 +47,10 @@ def sft(
     """
     from slm.stages.sft import SftConfig, run
 
-    sets = section_sets(train_sets(set_, keep, engine, zero_stage, deepspeed_config), "sft", template=template,
-                epochs=epochs, max_turns=max_turns, max_length=max_length, overlong=overlong,
-                packing=None if packing is None else str(packing).lower())
+    sets = section_sets(list(set_ or []), "sft", template=template, epochs=epochs, max_turns=max_turns,
+                        overlong=overlong, max_length=max_length, packing=None if packing is None else str(packing).lower())
     emit(run(SftConfig(model=model, data=list(data or []), out=out, recipe=recipe, config_file=config,
-                              sets=sets, valid=list(valid or []), skip_bad=skip_bad, steps=steps, device=device,
-                              require_resume=resume, requeue=requeue)), json_out)
+                       valid=list(valid or []), skip_bad=skip_bad, steps=steps, **flags.config(sets))), json_out)
 
 
 @app.command("chat-data", rich_help_panel="Post-training")
@@ -87,6 +79,7 @@ def chat_data(
 
 
 @app.command("dpo", rich_help_panel="Post-training")
+@grouped
 def dpo(
     model: Annotated[Optional[Path], typer.Option("--model", help="The fine-tuned checkpoint (or run directory).",
                                                   show_default=False)] = None,
@@ -107,13 +100,7 @@ def dpo(
     steps: StopAfter = None,
     skip_bad: SkipBad = False,
     set_: Sets = None,
-    keep: Keep = None,
-    resume: Resume = False,
-    engine: EngineOpt = None,
-    zero_stage: ZeroStage = None,
-    deepspeed_config: DeepSpeedConfig = None,
-    requeue: Requeue = False,
-    device: Device = "auto",
+    flags: RunFlags = None,
     json_out: Json = False,
 ) -> None:
     """Direct Preference Optimization of a fine-tuned checkpoint; prints the last checkpoint.
@@ -126,8 +113,7 @@ def dpo(
     """
     from slm.stages.dpo import DpoConfig, run
 
-    sets = section_sets(train_sets(set_, keep, engine, zero_stage, deepspeed_config), "dpo", beta=beta, loss=loss,
-                epochs=epochs, min_chosen_score=min_chosen_score, template=template)
+    sets = section_sets(list(set_ or []), "dpo", beta=beta, loss=loss, epochs=epochs,
+                        min_chosen_score=min_chosen_score, template=template)
     emit(run(DpoConfig(model=model, data=list(data or []), out=out, ref=ref, recipe=recipe, config_file=config,
-                              sets=sets, valid=list(valid or []), skip_bad=skip_bad, steps=steps, device=device,
-                              require_resume=resume, requeue=requeue)), json_out)
+                       valid=list(valid or []), skip_bad=skip_bad, steps=steps, **flags.config(sets))), json_out)

@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli.app import app as slm_app
-from slm.cli.options import (DeepSpeedConfig, Device, EngineOpt, Json, Keep, Requeue, Resume, RunOut, Sets, SkipBad,
-                             StopAfter, emit, field_help, train_sets)
+from slm.cli.options import (app as slm_app, Device, Json, NoZeroRunFlags, RunOut, Sets, SkipBad, StopAfter, emit,
+                             field_help, grouped)
 from slm.errors import SlmError
 
 app = typer.Typer(help="Teach a chat model who it is: RLCD pairs from a FACTS file (generate), then C-RLFT (train).",
@@ -74,11 +73,9 @@ def generate(
     if not 0 < near_duplicate <= 1:
         raise SlmError(f"--near-duplicate {near_duplicate}: expected a number in (0, 1]")
     emit(run(GenerateConfig(
-        base=base, chat=chat, facts=facts, out=out, n=n,
-        answer=Sampling(temperature, top_p, top_k, max_new_tokens),
-        message=Sampling(message_temperature, message_top_p, 0, message_max_tokens), shots=shots,
-        near_duplicate=near_duplicate, seed_messages=seed_messages, batch_size=batch_size, seed=seed,
-        device=device)), json_out)
+        base=base, chat=chat, facts=facts, out=out, n=n, answer=Sampling(temperature, top_p, top_k, max_new_tokens),
+        message=Sampling(message_temperature, message_top_p, 0, message_max_tokens), shots=shots, seed=seed,
+        near_duplicate=near_duplicate, seed_messages=seed_messages, batch_size=batch_size, device=device)), json_out)
 
 
 def class_weights(text: str) -> str:
@@ -99,6 +96,7 @@ def class_weights(text: str) -> str:
 
 
 @app.command("train")
+@grouped
 def train(
     model: Annotated[Optional[Path], typer.Option("--model", help="The chat checkpoint (or run directory).",
                                                   show_default=False)] = None,
@@ -123,12 +121,7 @@ def train(
     steps: StopAfter = None,
     skip_bad: SkipBad = False,
     set_: Sets = None,
-    keep: Keep = None,
-    resume: Resume = False,
-    engine: EngineOpt = None,
-    deepspeed_config: DeepSpeedConfig = None,
-    requeue: Requeue = False,
-    device: Device = "auto",
+    flags: NoZeroRunFlags = None,
     json_out: Json = False,
 ) -> None:
     """Train a chat model on self-knowledge pairs by C-RLFT; prints the last checkpoint.
@@ -142,11 +135,10 @@ def train(
     """
     from slm.stages.selfknow import TrainConfig, run
 
-    sets = train_sets(set_, keep, engine, None, deepspeed_config)
+    sets = list(set_ or [])
     if class_weights_ is not None:
         sets.append(f"selfknow.class_weights={class_weights(class_weights_)}")
     sets += [f"selfknow.{k}={v}" for k, v in (("kl_coef", kl_coef), ("epochs", epochs),
                                                 ("negative_token", negative_token)) if v is not None]
-    emit(run(TrainConfig(model=model, data=list(data or []), out=out, facts=facts, recipe=recipe,
-                                config_file=config, sets=sets, skip_bad=skip_bad, steps=steps, device=device,
-                                require_resume=resume, requeue=requeue)), json_out)
+    emit(run(TrainConfig(model=model, data=list(data or []), out=out, facts=facts, recipe=recipe, config_file=config,
+                         skip_bad=skip_bad, steps=steps, **flags.config(sets))), json_out)

@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli.app import app as slm_app
-from slm.cli.options import Json, Out, TextKey, TxtMode, emit
+from slm.cli.options import app as slm_app, Json, Out, TextKey, TxtMode, emit
 
 app = typer.Typer(help="Tokenizers (Arcade100k, or trained on your text), and text -> Megatron .bin/.idx shards.",
                   no_args_is_help=True)

@@ -9,9 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli.app import app
-from slm.cli.options import (DeepSpeedConfig, Device, DryRunOpt, EngineOpt, Gpu, GpuHours, Gpus, JsonOut, Keep, Mfu,
-                             Requeue, Resume, Sets, Steps, TokenizerOpt, Tokens, Valid, ZeroStage, emit, train_sets)
+from slm.cli.options import app, Device, PlanFlags, RunFlags, Sets, Steps, TokenizerOpt, Tokens, Valid, emit, grouped
 from slm.errors import SlmError
 
 
@@ -23,15 +21,20 @@ def _tokens(value: str | None) -> int | None:
     return parse_budget(value, "--tokens")
 
 
-def _print_plan(plan: dict, json_out: bool) -> None:
-    from slm.train.cost import print_plan
+def _plan_or_run(cfg, p: PlanFlags, plan, run) -> None:
+    """--dry-run: the plan (on stderr; with --json on stdout too); else the run, and its last checkpoint printed."""
+    if not p.dry_run:
+        return emit(run(cfg), p.json_out)
+    from slm.train.cost import DryRun, print_plan
 
-    print_plan(plan)
-    if json_out:
-        print(json.dumps(plan, indent=2))
+    result = plan(cfg, DryRun(gpu=p.gpu, gpus=p.gpus, mfu=p.mfu, gpu_hours=p.gpu_hours))
+    print_plan(result)
+    if p.json_out:
+        print(json.dumps(result, indent=2))
 
 
 @app.command("pretrain", rich_help_panel="Training")
+@grouped
 def pretrain(
     data: Annotated[Optional[Path], typer.Option("--data", help="The mix directory (from `slm mix`).",
                                                  show_default=False)] = None,
@@ -47,19 +50,8 @@ def pretrain(
     init: Annotated[Optional[Path], typer.Option(help="Start from these weights (slm or transformers checkpoint).")] = None,
     valid: Valid = None,
     tokenizer: TokenizerOpt = None,
-    keep: Keep = None,
-    resume: Resume = False,
-    engine: EngineOpt = None,
-    zero_stage: ZeroStage = None,
-    deepspeed_config: DeepSpeedConfig = None,
-    requeue: Requeue = False,
-    device: Device = "auto",
-    dry_run: DryRunOpt = False,
-    gpu: Gpu = "h100",
-    gpus: Gpus = None,
-    mfu: Mfu = 0.4,
-    gpu_hours: GpuHours = None,
-    json_out: JsonOut = False,
+    flags: RunFlags = None,
+    planning: PlanFlags = None,
 ) -> None:
     """Pretrain a StableLM 2 or SmolLM2 model on a mix; prints the last checkpoint.
 
@@ -69,19 +61,14 @@ def pretrain(
              slm pretrain --recipe smollm2-1_7b --dry-run --gpu h100 --gpus 256
     """
     from slm.stages.pretrain import PretrainConfig, dry_run as plan, run
-    from slm.train.cost import DryRun
 
-    cfg = PretrainConfig(data=data, out=out, recipe=recipe, config_file=config,
-                         sets=train_sets(set_, keep, engine, zero_stage, deepspeed_config), steps=steps,
-                         tokens=_tokens(tokens), init=init, valid=valid, tokenizer=tokenizer, device=device,
-                         require_resume=resume, requeue=requeue)
-    if dry_run:
-        _print_plan(plan(cfg, DryRun(gpu=gpu, gpus=gpus, mfu=mfu, gpu_hours=gpu_hours)), json_out)
-    else:
-        emit(run(cfg), json_out)
+    _plan_or_run(PretrainConfig(data=data, out=out, recipe=recipe, config_file=config, steps=steps,
+                                tokens=_tokens(tokens), init=init, valid=valid, tokenizer=tokenizer,
+                                **flags.config(set_)), planning, plan, run)
 
 
 @app.command("cooldown", rich_help_panel="Training")
+@grouped
 def cooldown(
     source: Annotated[Path, typer.Option("--from", help="The checkpoint (or run directory) to cool down; with "
                                          "--dry-run, a recipe name plans one before it exists.",
@@ -100,19 +87,8 @@ def cooldown(
     set_: Sets = None,
     valid: Valid = None,
     tokenizer: TokenizerOpt = None,
-    keep: Keep = None,
-    resume: Resume = False,
-    engine: EngineOpt = None,
-    zero_stage: ZeroStage = None,
-    deepspeed_config: DeepSpeedConfig = None,
-    requeue: Requeue = False,
-    device: Device = "auto",
-    dry_run: DryRunOpt = False,
-    gpu: Gpu = "h100",
-    gpus: Gpus = None,
-    mfu: Mfu = 0.4,
-    gpu_hours: GpuHours = None,
-    json_out: JsonOut = False,
+    flags: RunFlags = None,
+    planning: PlanFlags = None,
 ) -> None:
     """Cool a checkpoint down: the learning rate decays linearly to 0; prints the last checkpoint.
 
@@ -121,16 +97,10 @@ def cooldown(
     Example: slm cooldown --from runs/pretrain --data mix --phase decay --steps 30 --out runs/cooldown
     """
     from slm.stages.cooldown import CooldownConfig, dry_run as plan, run
-    from slm.train.cost import DryRun
 
-    cfg = CooldownConfig(source=source, data=data, out=out, steps=steps, tokens=_tokens(tokens), lr_start=lr_start,
-                         phase=phase, recipe=recipe,
-                         sets=train_sets(set_, keep, engine, zero_stage, deepspeed_config),
-                         valid=valid, tokenizer=tokenizer, device=device, require_resume=resume, requeue=requeue)
-    if dry_run:
-        _print_plan(plan(cfg, DryRun(gpu=gpu, gpus=gpus, mfu=mfu, gpu_hours=gpu_hours)), json_out)
-    else:
-        emit(run(cfg), json_out)
+    _plan_or_run(CooldownConfig(source=source, data=data, out=out, steps=steps, tokens=_tokens(tokens),
+                                lr_start=lr_start, phase=phase, recipe=recipe, valid=valid, tokenizer=tokenizer,
+                                **flags.config(set_)), planning, plan, run)
 
 
 @app.command("generate", rich_help_panel="Models")
@@ -158,44 +128,23 @@ def generate(
 
     Example: slm generate runs/cooldown "def fibonacci(n):" --temperature 0      slm generate runs/sft --chat "Hi!"
     """
-    from slm.stages.generate import GenerateConfig, generate as run
+    from slm.inference.generate import GenerateConfig, Generator
 
-    def config(**kw):
-        return GenerateConfig(checkpoint=checkpoint, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, top_k=top_k, seed=seed, device=device, **kw)
-
-    if chat == "-":
-        for i, line in enumerate(sys.stdin, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                messages = record["messages"] if isinstance(record, dict) else None
-            except (json.JSONDecodeError, KeyError):
-                messages = None
-            if not isinstance(messages, list):
-                raise SlmError(f"<stdin>:{i}: expected {{\"messages\": [...]}}")
-            answer = "".join(run(config(prompt="", chat=messages)))
-            print(json.dumps({"messages": messages + [{"role": "assistant", "content": answer}]},
-                             ensure_ascii=False), flush=True)
-        return
-    if prompt == "-" and chat is None:
-        for i, line in enumerate(sys.stdin, 1):
-            text = line.rstrip("\n")
-            if not text.strip():
-                continue
-            completion = "".join(run(config(prompt=text)))
-            print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False), flush=True)
-        return
     if chat is None and prompt is None:
         raise SlmError("give a PROMPT to continue, or --chat MESSAGE")
-    cfg = config(prompt=prompt or "", chat=[{"role": "user", "content": chat}] if chat is not None else None)
+    gen = Generator(GenerateConfig(checkpoint=checkpoint, prompt=prompt or "", max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, device=device))
+    if chat == "-" or (prompt == "-" and chat is None):
+        for line in gen.lines(sys.stdin, chat=chat == "-"):
+            print(line, flush=True)
+        return
+    messages = [{"role": "user", "content": chat}] if chat is not None else None
     if json_out:
-        text = "".join(run(cfg))
-        print(json.dumps({"messages": cfg.chat + [{"role": "assistant", "content": text}]} if chat is not None
+        text = "".join(gen.text(prompt or "", messages))
+        print(json.dumps({"messages": messages + [{"role": "assistant", "content": text}]} if chat is not None
                          else {"prompt": prompt, "completion": text}, ensure_ascii=False))
         return
-    for piece in run(cfg):
+    for piece in gen.text(prompt or "", messages):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -14,12 +14,16 @@ working directory) and that directory goes to lm-eval as an include path.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 
 from slm.evaluation.heldout import heldout_text
+from slm.formats.records import write_jsonl
+
+
+def _written(path: Path, rows: list[dict]) -> Path:
+    return write_jsonl(path, rows).resolve()
 
 TASKS = ("slm_heldout", "slm_cloze", "slm_arith")
 SHOTS = {"slm_heldout": 0, "slm_cloze": 0, "slm_arith": 3}
@@ -72,11 +76,6 @@ def _arith_items(rng: random.Random, n: int) -> list[dict]:
     return items
 
 
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path.resolve()
-
-
 def write_tasks(directory: Path, seed: int = 0, n_docs: int = 32, n_items: int = 100) -> Path:
     """Write the YAML tasks and their data into DIRECTORY; return it (the include path for lm-eval)."""
     import yaml
@@ -90,17 +89,17 @@ def write_tasks(directory: Path, seed: int = 0, n_docs: int = 32, n_items: int =
     sentences = _sentences(prose)
     half = len(sentences) // 2
     tasks = {
-        "slm_heldout": ({"test": _jsonl(directory / "heldout.jsonl", [{"text": t} for t in texts])}, {
+        "slm_heldout": ({"test": _written(directory / "heldout.jsonl", [{"text": t} for t in texts])}, {
             "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
             "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]}),
-        "slm_cloze": ({"test": _jsonl(directory / "cloze.jsonl", _cloze_items(sentences[half:], rng, n_items)),
-                       "train": _jsonl(directory / "cloze-shots.jsonl", _cloze_items(sentences[:half], rng, 20))}, {
+        "slm_cloze": ({"test": _written(directory / "cloze.jsonl", _cloze_items(sentences[half:], rng, n_items)),
+                       "train": _written(directory / "cloze-shots.jsonl", _cloze_items(sentences[:half], rng, 20))}, {
             "output_type": "multiple_choice", "doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}",
             "doc_to_target": "label", "fewshot_split": "train",
             "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
                             for m in ("acc", "acc_norm")]}),
-        "slm_arith": ({"test": _jsonl(directory / "arith.jsonl", _arith_items(rng, n_items)),
-                       "train": _jsonl(directory / "arith-shots.jsonl", _arith_items(random.Random(seed + 1), 20))}, {
+        "slm_arith": ({"test": _written(directory / "arith.jsonl", _arith_items(rng, n_items)),
+                       "train": _written(directory / "arith-shots.jsonl", _arith_items(random.Random(seed + 1), 20))}, {
             "output_type": "generate_until", "doc_to_text": "Question: {{question}}\nAnswer:",
             "doc_to_target": "{{answer}}", "fewshot_split": "train", "num_fewshot": SHOTS["slm_arith"],
             "target_delimiter": " ", "fewshot_delimiter": "\n\n",

@@ -23,8 +23,6 @@ conversation up to that message with and without it: the difference is the messa
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ from typing import Iterator
 
 from slm.errors import SlmError
 from slm.formats.manifest import read_json
-from slm.formats.records import BadRecord, expand_inputs
+from slm.formats.records import BadRecord, expand_inputs, open_lines, parse_object
 
 ROLES = ("system", "user", "assistant")
 # ShareGPT's speaker names (and the variants datasets in that shape use)
@@ -62,25 +60,12 @@ TEMPLATES = {"chatml": (CHATML, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
 
 # --- records ---------------------------------------------------------------------------------------------------
 
-def _stdin_lines() -> Iterator[tuple[str, bytes]]:
-    for i, line in enumerate(sys.stdin.buffer, 1):
-        yield f"<stdin>:{i}", line
-
-
 def _file_lines(path: Path, kind: str) -> Iterator[tuple[str, bytes]]:
-    raw = open(path, "rb")
-    if kind == "jsonl.gz":
-        stream = gzip.GzipFile(fileobj=raw, mode="rb")
-    elif kind == "jsonl.zst":
-        import zstandard
-
-        stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
-    else:
-        stream = raw
+    raw, stream, errors = open_lines(path, kind)
     try:
         for i, line in enumerate(stream, 1):
             yield f"{path}:{i}", line
-    except (OSError, EOFError) as e:
+    except errors as e:
         raise SlmError(f"{path}: broken {kind} stream ({e})") from None
     finally:
         stream.close()
@@ -108,20 +93,8 @@ def iter_objects(specs: list[str], skip_bad: bool, counts: dict) -> Iterator[tup
     A line that is not a JSON object raises BadRecord naming file and line, or is counted in counts["bad"]."""
     def lines_to_objects(lines):
         for where, line in lines:
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                bad(f"{where}: invalid UTF-8 at byte {e.start + 1} of the line")
-                continue
-            except json.JSONDecodeError as e:
-                bad(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(obj, dict):
-                bad(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                continue
-            yield where, obj
+            if line.strip() and (obj := parse_object(line, where, bad)) is not None:
+                yield where, obj
 
     def bad(message):
         if not skip_bad:
@@ -132,7 +105,7 @@ def iter_objects(specs: list[str], skip_bad: bool, counts: dict) -> Iterator[tup
     inputs = {str(i.path): i for i in expand_inputs(files)} if files else {}
     for spec in specs:
         if str(spec) == "-":
-            yield from lines_to_objects(_stdin_lines())
+            yield from lines_to_objects((f"<stdin>:{i}", line) for i, line in enumerate(sys.stdin.buffer, 1))
             continue
         for inp in expand_inputs([spec]):
             inp = inputs.get(str(inp.path), inp)

@@ -43,20 +43,8 @@ from pathlib import Path
 import torch
 
 from slm.errors import SlmError
-from slm.formats.manifest import (
-    MANIFEST,
-    fsync_tree,
-    new_manifest,
-    read_json,
-    sha256_file,
-    write_json,
-)
-from slm.model.hf import (
-    from_hf_config,
-    from_hf_state_dict,
-    to_hf_config,
-    to_hf_state_dict,
-)
+from slm.formats.manifest import MANIFEST, fsync_tree, new_manifest, read_json, sha256_file, write_json
+from slm.model.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from slm.model.transformer import ModelConfig
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -262,12 +250,17 @@ def write_checkpoint(run_dir: Path, step: int, *, model_cfg: ModelConfig, state_
                            "checkpoints are kept: free some space, then run the same command again") from None
         raise
     _point_latest(run_dir, final.name)
+    _prune(run_dir, step, keep)
+    return final
+
+
+def _prune(run_dir: Path, step: int, keep: int) -> None:
+    """Keep the newest KEEP checkpoints up to STEP; remove what killed saves left."""
     older = [p for p in list_checkpoints(run_dir, complete_only=False) if step_of(p) < step]
     for old in older[:max(0, len(older) - (max(1, keep) - 1))]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in d.glob("step-*.tmp-*"):  # left by a killed save
+    for stale in checkpoints_dir(run_dir).glob("step-*.tmp-*"):  # left by a killed save
         shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def run_name(path: Path) -> str:

@@ -21,7 +21,6 @@ k-quants (q4_k_m, q5_k_m) come from llama.cpp's quantizer through llama-cpp-pyth
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,48 +226,31 @@ def read_tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in r.tensors}
 
 
-def bits_per_weight(path: Path, n_params: int) -> float:
-    return Path(path).stat().st_size * 8 / max(1, n_params)
-
-
-def metadata(path: Path) -> dict:
+def open_fields(path: Path):
+    """(field(key) -> the value or None, the file's tensors), or one line when gguf-py cannot read the file."""
     import gguf
 
-    r = gguf.GGUFReader(str(path))
-    out = {}
-    for k, f in r.fields.items():
-        if k.startswith("tokenizer.ggml.") and k not in ("tokenizer.ggml.pre", "tokenizer.ggml.model",
-                                                         "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
-            continue
-        try:
-            out[k] = f.contents()
-        except Exception:  # noqa: BLE001 - a field gguf-py cannot render is left out of the summary
-            continue
-    return json.loads(json.dumps(out, default=str))
-
-
-def check_lineage(path: Path, ckpt) -> None:
-    """Refuse, in one line, a GGUF file that is not CKPT's model. A file slm wrote names its checkpoint's weights
-    (slm.checkpoint_sha256): they must be CKPT's. A file written elsewhere (llama.cpp's converter) must have CKPT's
-    architecture, layers, width and vocabulary."""
-    import gguf
-
-    path = Path(path)
     try:
         r = gguf.GGUFReader(str(path))
     except Exception as e:  # noqa: BLE001 - gguf-py raises several kinds on a file that is not GGUF
         raise SlmError(f"{path}: not a GGUF file gguf-py can read ({e})") from None
 
     def field(key):
-        f = r.fields.get(key)
-        if f is None:
-            return None
         try:
-            v = f.contents()
-        except Exception:  # noqa: BLE001
+            v = r.fields[key].contents() if key in r.fields else None
+        except Exception:  # noqa: BLE001 - a field gguf-py cannot render is as good as absent
             return None
         return v.tolist() if hasattr(v, "tolist") else v
 
+    return field, r.tensors
+
+
+def check_lineage(path: Path, ckpt) -> None:
+    """Refuse, in one line, a GGUF file that is not CKPT's model. A file slm wrote names its checkpoint's weights
+    (slm.checkpoint_sha256): they must be CKPT's. A file written elsewhere (llama.cpp's converter) must have CKPT's
+    architecture, layers, width and vocabulary."""
+    path = Path(path)
+    field, tensors = open_fields(path)
     theirs, ours = field("slm.checkpoint_sha256"), ckpt.recorded_weights_sha256
     if theirs and ours:
         if theirs != ours:
@@ -280,7 +262,7 @@ def check_lineage(path: Path, ckpt) -> None:
     want = {"general.architecture": "llama" if cfg.family == "llama" else "stablelm",
             f"{arch}.block_count": cfg.num_layers, f"{arch}.embedding_length": cfg.hidden_size,
             f"{arch}.feed_forward_length": cfg.intermediate_size}
-    embd = next((t for t in r.tensors if t.name == "token_embd.weight"), None)
+    embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
     got = {k: field(k) for k in want}
     if embd is not None:
         want["vocabulary"] = cfg.vocab_size

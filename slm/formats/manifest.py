@@ -88,22 +88,25 @@ def read_json(path: Path, what: str = "file") -> Any:
         raise SlmError(f"{path}: not UTF-8 text (expected JSON)") from None
 
 
+def manifest_of(directory: Path) -> dict | None:
+    """DIRECTORY's manifest.json (any kind) when it has one, else None; one line when it cannot be read."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    m = read_json(path, "manifest")
+    if not isinstance(m, dict) or "kind" not in m:
+        raise SlmError(f"{path}: not an slm manifest (no 'kind')")
+    return m
+
+
 def new_manifest(kind: str, config: dict, *, inputs: list[dict] | None = None, counts: dict | None = None,
                  started: float | None = None, energy: dict | None = None, **extra: Any) -> dict:
     """The manifest of an output of KIND (a plain dict: nothing is written or measured here). ENERGY: the node's
     meter reading for the stage that made it (slm.energy.take()), kept with its total in kWh."""
-    m = {
-        "kind": kind,
-        "format_version": FORMAT_VERSIONS[kind],
-        "slm_version": __version__,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": list(sys.argv),
-        "config": config,
-        "inputs": inputs or [],
-        "counts": counts or {},
-        "wall_seconds": round(time.time() - started, 3) if started else None,
-        "energy_kwh": None,
-    }
+    m = {"kind": kind, "format_version": FORMAT_VERSIONS[kind], "slm_version": __version__,
+         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": list(sys.argv),
+         "config": config, "inputs": inputs or [], "counts": counts or {},
+         "wall_seconds": round(time.time() - started, 3) if started else None, "energy_kwh": None}
     if energy is not None:
         m["energy_kwh"], m["energy"] = energy["energy_kwh"], energy
     m.update(extra)

@@ -1,4 +1,6 @@
-"""RUN/metrics.jsonl: one JSON object per line, written by the training loop (rank 0), read by plot, status,
+"""What a training run writes about itself as it trains: RUN/metrics.jsonl and RUN/progress.json.
+
+RUN/metrics.jsonl: one JSON object per line, written by the training loop (rank 0), read by plot, status,
 report, info and the stages that summarise a run.
 
     a step          {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "step_seconds", "memory_gib",
@@ -9,11 +11,23 @@ report, info and the stages that summarise a run.
 `step` counts from 0. A run that resumes drops the lines from its resumed step on before it writes again, so the
 file always describes one history. The last line of a run killed while writing may be cut short: readers skip it;
 any other line that is not JSON is an error naming its line.
+
+RUN/progress.json: where a training run is, written by the run itself (rank 0), read by `slm status`.
+
+    stage, state ("running" | "done" | "stopped" | "failed"), step (steps done), total_steps, start_step,
+    tokens_seen, loss, lr, tokens_per_s, step_seconds, eta_s, last_checkpoint, message, host, pid,
+    slurm_job_id, started_utc, updated_utc
+
+Written atomically (temp file, rename) at most every few seconds and when the run ends: never half a file.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
 from slm.errors import SlmError
@@ -46,8 +60,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def last_metrics(run_dir: Path) -> dict:
-    """A run's last training step and last validation: {run, step, loss, lr, valid_loss, valid_step, unigram_loss,
-    tokens_seen, first_valid_loss} (the parts it has)."""
+    """A run's last training step and last validation (step, loss, lr, valid_loss, unigram_loss ...)."""
     rows = read_metrics(run_dir)
     steps = [r for r in rows if "loss" in r]
     valid = [r for r in rows if "valid_loss" in r]
@@ -62,8 +75,7 @@ def last_metrics(run_dir: Path) -> dict:
 
 
 class MetricsLog:
-    """The writer. RESUME_STEP: lines from that step on are dropped first (None: a new run, an empty file).
-    ENABLED is False on every rank but 0."""
+    """The writer (ENABLED on rank 0); a resumed run drops the lines from RESUME_STEP on, a new one (None) all."""
 
     def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool):
         self.path = Path(run_dir) / NAME
@@ -78,3 +90,57 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+PROGRESS = "progress.json"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class ProgressFile:
+    def __init__(self, run_dir: Path, stage: str, start_step: int, end_step: int, enabled: bool = True,
+                 every_s: float = 5.0):
+        self.path = Path(run_dir) / PROGRESS
+        self.enabled = enabled
+        self.every_s = every_s
+        self.last_write = 0.0
+        self.data = {"stage": stage, "state": "running", "step": start_step, "start_step": start_step,
+                     "total_steps": end_step, "tokens_seen": None, "loss": None, "lr": None, "tokens_per_s": None,
+                     "step_seconds": None, "eta_s": None, "last_checkpoint": None, "message": None,
+                     "host": socket.gethostname(), "pid": os.getpid(),
+                     "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started_utc": _now(), "updated_utc": _now()}
+        self._write()
+
+    def _write(self) -> None:
+        if not self.enabled:
+            return
+        self.data["updated_utc"] = _now()
+        tmp = self.path.with_name(f".{PROGRESS}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(self.data, indent=1))
+            os.replace(tmp, self.path)
+        except OSError:  # a full disk must not stop training; the checkpoint code reports it
+            tmp.unlink(missing_ok=True)
+        self.last_write = time.monotonic()
+
+    def step(self, force: bool = False, **values) -> None:
+        self.data.update(values)
+        if force or time.monotonic() - self.last_write >= self.every_s:
+            self._write()
+
+    def end(self, state: str, **values) -> None:
+        self.data.update(values, state=state, eta_s=0 if state == "done" else None)
+        self._write()
+
+
+def read_progress(run_dir: Path) -> dict | None:
+    p = Path(run_dir) / PROGRESS
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -105,10 +105,6 @@ class Phase:
     drawn_before: np.ndarray  # D_s: samples drawn from s by earlier phases
     index: int
 
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.samples // self.block_size)
-
 
 class MixPlan:
     """The pure data order of a plan.json (no file access beyond reading the plan)."""

@@ -263,6 +263,33 @@ class _Where:
         return f"{self.path}:{self.lineno if self.lineno is not None else _line_number(self.path, self.offset)}"
 
 
+def open_lines(path: Path, kind: str, start: int = 0):
+    """(the file, its lines from byte START, what a broken stream raises) for jsonl, jsonl.gz and jsonl.zst."""
+    raw = open(path, "rb")
+    if kind == "jsonl":
+        raw.seek(start)
+        return raw, raw, ()
+    if kind == "jsonl.gz":
+        return raw, gzip.GzipFile(fileobj=raw, mode="rb"), (OSError, EOFError, zlib.error)
+    import zstandard
+
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return raw, io.BufferedReader(reader, buffer_size=1 << 20), (zstandard.ZstdError, OSError)
+
+
+def parse_object(line: bytes, where, bad: Callable[[str], None]) -> dict | None:
+    """The JSON object on LINE, or None after telling BAD why not (not UTF-8, not JSON, not an object)."""
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return bad(f"{where}: invalid UTF-8 at byte {e.start + 1} of the line")
+    except json.JSONDecodeError as e:
+        return bad(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+    if not isinstance(obj, dict):
+        return bad(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 class UnitReader:
     """Iterate the documents of one unit. bytes_done tracks progress; bad / empty count what was skipped."""
 
@@ -291,24 +318,10 @@ class UnitReader:
         raise SlmError(f"{self.inp.path}: unsupported input kind {kind}")
 
     # jsonl and its compressed forms
-    def _open_lines(self):
-        path, kind = self.inp.path, self.inp.kind
-        raw = open(path, "rb")
-        if kind == "jsonl":
-            raw.seek(self.unit.start)
-            return raw, raw, None
-        if kind == "jsonl.gz":
-            return raw, gzip.GzipFile(fileobj=raw, mode="rb"), (OSError, EOFError, zlib.error)
-        import zstandard
-
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return raw, io.BufferedReader(reader, buffer_size=1 << 20), (zstandard.ZstdError, OSError)
-
     def _jsonl(self) -> Iterator[str]:
         path, key = self.inp.path, self.text_key
-        raw, stream, stream_errors = self._open_lines()
-        plain = stream_errors is None
-        errors = stream_errors or ()
+        raw, stream, errors = open_lines(path, self.inp.kind, self.unit.start)
+        plain = self.inp.kind == "jsonl"
         pos = self.unit.start
         lineno = None if plain and self.unit.start > 0 else 1  # line numbers of split units are found on error
         try:
@@ -327,20 +340,7 @@ class UnitReader:
                 where = _Where(path, lineno, line_start)
 
                 try:
-                    if not line.strip():
-                        continue
-                    try:
-                        s = line.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        self._bad(f"{where}: invalid UTF-8 at byte {e.start + 1} of the line")
-                        continue
-                    try:
-                        record = json.loads(s)
-                    except json.JSONDecodeError as e:
-                        self._bad(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-                        continue
-                    if not isinstance(record, dict):
-                        self._bad(f"{where}: expected a JSON object, got {type(record).__name__}")
+                    if not line.strip() or (record := parse_object(line, where, self._bad)) is None:
                         continue
                     if key not in record:
                         keys = ", ".join(list(record)[:8]) or "none"
@@ -463,3 +463,13 @@ def iter_documents(inputs: list[Input], text_key: str = "text", txt_mode: str = 
     """Every document of every input, in order (one process; used to train tokenizers)."""
     for unit in plan_units(inputs, shard_bytes=1 << 62, txt_mode=txt_mode):
         yield from UnitReader(inputs[unit.input_index], unit, text_key, txt_mode, skip_bad)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """ROWS as one JSON object per line (UTF-8, not escaped) into PATH (its directory made); returns PATH."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 
@@ -108,3 +109,35 @@ def quantize_rows(report: dict) -> list[list[str]]:
                      number(t.get("perplexity"), ".3f"), number(t.get("kl_mean"), ".5f"),
                      number(t.get("top1_agreement"), ".1%")])
     return rows
+
+
+# --- charts ------------------------------------------------------------------------------------------------------
+def save_figure(fig, path: Path) -> Path:
+    """A matplotlib figure as a PNG, written to a temporary name and renamed into place."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def bar_chart(path: Path, ticks: list[str], series: dict[str, list[float]], ylabel: str = "",
+              rotation: int = 0) -> None:
+    """Grouped bars: one group per tick, one bar per series, into the PNG at PATH."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(ticks) + 1), 4))
+    width = 0.8 / max(1, len(series))
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(ticks))], values, width, label=label)
+    ax.set_xticks(range(len(ticks)), ticks, rotation=rotation, ha="right" if rotation else "center")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -248,6 +248,18 @@ def make_spec(name: str, rules: Rules, ranks: dict[bytes, int], first_special_id
 
 # --- tokenizer.json --------------------------------------------------------------------------------------------
 
+def byte_level(tk, pattern: str, nfc: bool):
+    """TK with NFC (if NFC), the pre-tokenizer regex PATTERN over byte-level BPE, and the byte-level decoder."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+
+    if nfc:
+        tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
 def hf_tokenizer_from_ranks(ranks: dict[bytes, int], spec: EncodingSpec):
     """A tokenizers.Tokenizer that gives the ids tiktoken gives for these ranks and this spec.
 
@@ -255,8 +267,7 @@ def hf_tokenizer_from_ranks(ranks: dict[bytes, int], spec: EncodingSpec):
     pre-token that is itself in the ranks at once. The equivalent BPE has, for every token, one merge per way of
     splitting it into two tokens, ordered by the token's rank, and ignore_merges=True for the whole-piece case.
     """
-    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import AddedToken, models, Tokenizer as HFTokenizer
 
     vocab = {bytes_to_bpe_str(tok): rank for tok, rank in ranks.items()}
     for text, idx in {**spec.special_tokens, **spec.placeholders}.items():
@@ -268,14 +279,8 @@ def hf_tokenizer_from_ranks(ranks: dict[bytes, int], spec: EncodingSpec):
         splits = [(tok[:k], tok[k:]) for k in range(1, len(tok)) if tok[:k] in ranks and tok[k:] in ranks]
         splits.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
         merges.extend((bytes_to_bpe_str(left), bytes_to_bpe_str(right)) for left, right in splits)
-    tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, byte_fallback=False))
-    if spec.normalization == "NFC":
-        tk.normalizer = normalizers.NFC()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(spec.pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tk.decoder = decoders.ByteLevel()
+    tk = byte_level(HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, byte_fallback=False)),
+                    spec.pattern, spec.normalization == "NFC")
     added = sorted({**spec.special_tokens, **spec.placeholders}.items(), key=lambda kv: kv[1])
     tk.add_special_tokens([AddedToken(text, special=True, normalized=False) for text, _ in added])
     for text, idx in added:
@@ -416,18 +421,10 @@ def write_tokenizer(directory: Path, ranks: dict[bytes, int], spec: EncodingSpec
                       "special": True} for t, i in sorted({**spec.special_tokens, **spec.placeholders}.items(),
                                                           key=lambda kv: kv[1])}
     write_json(directory / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": spec.bos_token,
-        "eos_token": spec.eos_token,
-        "unk_token": None,
-        "pad_token": spec.eos_token,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length,
-        "added_tokens_decoder": added,
-        **({"chat_template": chat_template} if chat_template else {}),
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": spec.bos_token, "eos_token": spec.eos_token,
+        "unk_token": None, "pad_token": spec.eos_token, "add_bos_token": False, "add_eos_token": False,
+        "add_prefix_space": False, "clean_up_tokenization_spaces": False, "model_max_length": model_max_length,
+        "added_tokens_decoder": added, **({"chat_template": chat_template} if chat_template else {}),
     })
     write_json(directory / "special_tokens_map.json", {
         "bos_token": spec.bos_token, "eos_token": spec.eos_token, "pad_token": spec.eos_token,

@@ -1,12 +1,15 @@
-"""Text from a checkpoint: a prompt (or a conversation in the checkpoint's chat template) continued with a KV cache,
-decoded into text as each token arrives."""
+"""`slm generate`: text from a checkpoint, a prompt (or a conversation in the checkpoint's chat template) continued
+with a KV cache and decoded into text as each token arrives. Greedy decoding (temperature 0) gives the tokens
+transformers' `generate` gives for the same checkpoint; a test holds it to that. It writes no artifact (its result is
+the text on stdout), so it is not a stage: the command calls it directly."""
 
 from __future__ import annotations
 
 import codecs
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from slm.errors import SlmError
 from slm.formats.chat import ChatTemplate, parse_messages
@@ -17,13 +20,20 @@ from slm.inference.sampling import stream
 
 
 @dataclass
-class Sampling:
+class GenerateConfig:
+    checkpoint: Path
+    prompt: str
     max_new_tokens: int = 128
     temperature: float = 0.7
     """0 = greedy."""
     top_p: float = 0.95
     top_k: int = 0
     seed: int = 1234
+    device: str = "auto"
+    stop_at_eos: bool = True
+    chat: list[dict] | None = None
+    """A conversation (messages) to answer: rendered with the checkpoint's chat template, generation stops at
+    its end of turn. PROMPT is then unused."""
 
 
 class TextDecoder:
@@ -85,30 +95,55 @@ def prompt_ids(ckpt: Checkpoint, text: TextDecoder, prompt: str, chat: list[dict
     return ids, stops
 
 
-def _tokens(ckpt: Checkpoint, text: TextDecoder, prompt: str, chat: list[dict] | None, sampling: Sampling,
-            device: str, stop_at_eos: bool) -> Iterator[int]:
-    ids, stops = prompt_ids(ckpt, text, prompt, chat)
-    model = load_model(ckpt, device_for(device))
-    yield from stream(model, ids, sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
-                      stops if stop_at_eos else set(), sampling.seed)
+class Generator:
+    """A checkpoint (and, at its first prompt, its model) loaded once, continuing any number of prompts."""
+
+    def __init__(self, cfg: GenerateConfig):
+        self.cfg, self.ckpt, self.model = cfg, Checkpoint.open(cfg.checkpoint), None
+
+    def ids(self, prompt: str, chat: list[dict] | None, text: TextDecoder | None = None) -> Iterator[int]:
+        """The new token ids (an end-of-text or end-of-turn token ends them and is not yielded)."""
+        c = self.cfg
+        ids, stops = prompt_ids(self.ckpt, text or TextDecoder(self.ckpt), prompt, chat)
+        self.model = self.model or load_model(self.ckpt, device_for(c.device))
+        yield from stream(self.model, ids, c.max_new_tokens, c.temperature, c.top_k, c.top_p,
+                          stops if c.stop_at_eos else set(), c.seed)
+
+    def text(self, prompt: str, chat: list[dict] | None) -> Iterator[str]:
+        """The text of each new token as it is generated."""
+        text = TextDecoder(self.ckpt)
+        for token in self.ids(prompt, chat, text):
+            yield text.piece(token)
+
+    def lines(self, lines: Iterable[str], chat: bool) -> Iterator[str]:
+        """`slm generate -` (one JSON line {"prompt", "completion"} per prompt line) and `slm generate --chat -`
+        (each conversation line {"messages": [...]} continued with the answer)."""
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if not chat:
+                prompt = line.rstrip("\n")
+                yield json.dumps({"prompt": prompt, "completion": "".join(self.text(prompt, None))}, ensure_ascii=False)
+                continue
+            try:
+                record = json.loads(line)
+                messages = record["messages"] if isinstance(record, dict) else None
+            except (json.JSONDecodeError, KeyError):
+                messages = None
+            if not isinstance(messages, list):
+                raise SlmError(f"<stdin>:{i}: expected {{\"messages\": [...]}}")
+            answer = "".join(self.text("", messages))
+            yield json.dumps({"messages": messages + [{"role": "assistant", "content": answer}]}, ensure_ascii=False)
 
 
-def token_ids(checkpoint: Path, prompt: str, chat: list[dict] | None, sampling: Sampling, device: str = "auto",
-              stop_at_eos: bool = True) -> Iterator[int]:
-    """The new token ids, one at a time (an end-of-text or end-of-turn token ends them and is not yielded)."""
-    ckpt = Checkpoint.open(checkpoint)
-    return _tokens(ckpt, TextDecoder(ckpt), prompt, chat, sampling, device, stop_at_eos)
+def generate_ids(cfg: GenerateConfig) -> list[int]:
+    return list(Generator(cfg).ids(cfg.prompt, cfg.chat))
 
 
-def generate(checkpoint: Path, prompt: str, chat: list[dict] | None, sampling: Sampling, device: str = "auto",
-             stop_at_eos: bool = True) -> Iterator[str]:
-    """The text of each new token as it is generated."""
-    ckpt = Checkpoint.open(checkpoint)
-    text = TextDecoder(ckpt)
-    for token in _tokens(ckpt, text, prompt, chat, sampling, device, stop_at_eos):
-        yield text.piece(token)
+def generate(cfg: GenerateConfig) -> Iterator[str]:
+    yield from Generator(cfg).text(cfg.prompt, cfg.chat)
 
 
 def reply(checkpoint: Path, messages: list[dict], max_new_tokens: int) -> str:
     """The checkpoint's greedy answer to a conversation."""
-    return "".join(generate(checkpoint, "", messages, Sampling(max_new_tokens=max_new_tokens, temperature=0))).strip()
+    return "".join(generate(GenerateConfig(checkpoint, "", max_new_tokens, temperature=0, chat=messages))).strip()

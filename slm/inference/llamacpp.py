@@ -24,9 +24,8 @@ def quiet() -> None:
 
 def open_gguf(path: Path, n_ctx: int, threads: int | None, n_batch: int = 512, n_ubatch: int | None = None,
               logits_all: bool = False, f32_cache: bool = False, seed: int | None = None):
-    """A llama_cpp.Llama over the file. N_CTX 0: the context the model was trained with (its metadata).
-    F32_CACHE: keys and values in f32 (llama.cpp's default is f16), so that what is measured is the file's weights.
-    Raises ImportError when llama-cpp-python is not installed."""
+    """A llama_cpp.Llama over the file (ImportError without llama-cpp-python). N_CTX 0: the trained context.
+    F32_CACHE: keys and values in f32 (llama.cpp's default is f16), so that what is measured is the file's weights."""
     from llama_cpp import Llama
 
     quiet()
@@ -56,8 +55,7 @@ class LlamaCppScorer:
 
 
 def quantize_gguf(src: Path, dst: Path, ftype: str, threads: int | None, label: str) -> None:
-    """llama.cpp's quantizer: SRC (an f16 GGUF) into DST of llama_cpp's FTYPE constant (LLAMA_FTYPE_MOSTLY_...);
-    LABEL names the type in errors."""
+    """llama.cpp's quantizer: SRC (f16 GGUF) into DST of FTYPE (LLAMA_FTYPE_MOSTLY_...), LABEL in errors."""
     import ctypes
 
     try:

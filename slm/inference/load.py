@@ -16,8 +16,7 @@ def device_for(name: str) -> torch.device:
 
 
 def load_model(ckpt: Checkpoint, device: torch.device) -> Transformer:
-    """The checkpoint's model, in fp32, on DEVICE, in eval mode (built on the meta device: no time spent
-    initialising weights that are then overwritten)."""
+    """The checkpoint's model in fp32 on DEVICE, in eval mode (built on the meta device: nothing initialised)."""
     model = build(ckpt.model_config, "meta").to_empty(device=device)
     load_state(model, ckpt.state_dict(), str(ckpt.dir))
     model.rotary = Rotary(ckpt.model_config).to(device)  # its table is not in the checkpoint

@@ -1,6 +1,6 @@
 """INT4 for CPU runtimes: an OpenVINO IR with NNCF's int4 weight compression (StableLM 2's "OpenVINO INT4" release).
 
-The checkpoint's model (slm's own, in fp32, as slm.model.decode.PastAsInputs) is converted with openvino.convert_model (input_ids [batch, tokens] ->
+The checkpoint's model (fp32, slm.model.decode.PastAsInputs) is converted with openvino.convert_model (input_ids ->
 logits for every position) and its linear layers' weights are compressed by nncf.compress_weights to 4 bits
 (INT4_SYM by default, groups of 128 input channels, data-free). As NNCF does by default, the embedding and the output
 matrix stay 8-bit. A group size that does not divide every layer's input (small models) falls back to the largest of

@@ -119,9 +119,8 @@ def _step(model: Transformer, tokens, position, slot, valid, keys: list, values:
 
 
 class PastAsInputs(nn.Module):
-    """(input_ids [B, T], past_keys, past_values) -> (logits [B, T, V], keys, values); past_* and the returned
-    keys / values are [layers, B, kv heads, tokens, head dim] (past may hold 0 tokens). The new tokens take positions
-    past..past+T-1 and attend causally to everything before them."""
+    """(input_ids [B, T], past_keys, past_values) -> (logits [B, T, V], keys, values), keys and values [layers,
+    B, kv heads, tokens, head dim] (past may hold 0); new tokens take positions past.. and attend causally."""
 
     def __init__(self, model: Transformer):
         super().__init__()

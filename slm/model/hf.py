@@ -18,24 +18,12 @@ def to_hf_config(cfg: ModelConfig, bos_token_id: int | None, eos_token_id: int |
                  dtype: str = "float32") -> dict:
     """config.json for transformers (legacy top-level rope keys: read by transformers 4.4x and 5.x)."""
     common = {
-        "architectures": [ARCHITECTURES[cfg.family]],
-        "model_type": cfg.family,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "torch_dtype": dtype,
-        "use_cache": True,
-        "attention_dropout": 0.0,
+        "architectures": [ARCHITECTURES[cfg.family]], "model_type": cfg.family, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std, "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
+        "torch_dtype": dtype, "use_cache": True, "attention_dropout": 0.0,
     }
     if cfg.family == "stablelm":
         return {**common, "layer_norm_eps": cfg.norm_eps, "partial_rotary_factor": cfg.partial_rotary_factor,

@@ -32,7 +32,7 @@ from slm.console import err, progress
 from slm.errors import SlmError
 from slm.formats.checkpoint import Checkpoint
 from slm.formats.manifest import atomic_dir, new_manifest, read_json, write_json
-from slm.formats.tables import render_bench
+from slm.formats.tables import bar_chart, render_bench
 from slm.inference.llamacpp import open_gguf
 from slm.inference.load import load_model
 from slm.inference.openvino import OpenVinoScorer
@@ -106,10 +106,31 @@ def measure_bandwidth(gib: float = 1.0, rounds: int = 3) -> float:
     return best
 
 
-# --- runners: one prompt, then greedy tokens; each returns (seconds to first logits, seconds per new token list) ---
-class TorchRunner:
+# --- runners: one prompt, then greedy tokens -----------------------------------------------------------------------
+class Runner:
+    """run(): seconds to the prompt's logits and to each greedy token, around prefill(ids, batch) and step(state)."""
+
+    name, batched = "", False
+
+    def run(self, ids: list[int], gen: int, batch: int) -> tuple[float, list[float]]:
+        if batch != 1 and not self.batched:
+            raise SlmError(f"--batch: the {self.name} backend measures batch 1")
+        t = time.perf_counter()
+        state = self.prefill(ids, batch)
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(gen - 1):
+            t = time.perf_counter()
+            state = self.step(state)
+            times.append(time.perf_counter() - t)
+        return first, times
+
+
+class TorchRunner(Runner):
     """slm's own decoder: weights pretransposed for one-row products (on CPUs), a static KV cache, and with COMPILE
     the decode step compiled by torch.compile (one graph for every step; slm.model.decode)."""
+
+    name, batched = "torch", True
 
     def __init__(self, path: Path, threads: int | None, dtype: str, max_len: int, compile: bool = False):
         if threads:
@@ -131,62 +152,46 @@ class TorchRunner:
             raise SlmError(f"--prompt + --gen = {len(ids) + gen}: more than the model's context ({self.max_len})")
         if self.decoder is None or self.decoder.batch != batch:
             self.decoder = StaticDecoder(self.model, batch, self.max_len, compile=self.compile)
-        dec = self.decoder
-        x = torch.tensor([ids] * batch)
-        times = []
-        t = time.perf_counter()
-        logits = dec.prefill(x)
-        first = time.perf_counter() - t
-        for _ in range(gen - 1):
-            t = time.perf_counter()
-            logits = dec.step(logits.argmax(-1))
-            times.append(time.perf_counter() - t)
-        return first, times
+        return super().run(ids, gen, batch)
+
+    def prefill(self, ids, batch):
+        return self.decoder.prefill(torch.tensor([ids] * batch))
+
+    def step(self, logits):
+        return self.decoder.step(logits.argmax(-1))
 
 
-class LlamaCppRunner:
+class LlamaCppRunner(Runner):
+    name = "llama.cpp"
+
     def __init__(self, path: Path, threads: int | None, n_ctx: int):
         self.llm = open_gguf(path, n_ctx, threads, n_batch=min(n_ctx, 512))
         self.vocab = self.llm.n_vocab()
         self.weight_bytes = Path(path).stat().st_size
 
-    def run(self, ids: list[int], gen: int, batch: int) -> tuple[float, list[float]]:
-        if batch != 1:
-            raise SlmError("--batch: the llama.cpp backend measures batch 1")
-        llm = self.llm
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(ids)
-        first = time.perf_counter() - t
-        times = []
-        for _ in range(gen - 1):
-            t = time.perf_counter()
-            last = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(self.vocab,))
-            llm.eval([int(last.argmax())])
-            times.append(time.perf_counter() - t)
-        return first, times
+    def prefill(self, ids, batch):
+        self.llm.reset()
+        self.llm.eval(ids)
+
+    def step(self, _):
+        last = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.vocab,))
+        self.llm.eval([int(last.argmax())])
 
 
-class OpenVinoRunner:
+class OpenVinoRunner(Runner):
+    name = "openvino"
+
     def __init__(self, path: Path, threads: int | None):
-        vocab = read_json(Path(path) / "config.json")["vocab_size"]
-        self.scorer = OpenVinoScorer(path, vocab, threads, exact=False)
-        self.vocab = vocab
+        self.vocab = read_json(Path(path) / "config.json")["vocab_size"]
+        self.scorer = OpenVinoScorer(path, self.vocab, threads, exact=False)
         self.weight_bytes = (Path(path) / "openvino_model.bin").stat().st_size
 
-    def run(self, ids: list[int], gen: int, batch: int) -> tuple[float, list[float]]:
-        if batch != 1:
-            raise SlmError("--batch: the openvino backend measures batch 1")
-        sc = self.scorer
-        t = time.perf_counter()
-        logits, k, v = sc.step(ids, *sc.empty_cache())
-        first = time.perf_counter() - t
-        times = []
-        for _ in range(gen - 1):
-            t = time.perf_counter()
-            logits, k, v = sc.step([int(logits[-1, :self.vocab].argmax())], k, v)
-            times.append(time.perf_counter() - t)
-        return first, times
+    def prefill(self, ids, batch):
+        return self.scorer.step(ids, *self.scorer.empty_cache())
+
+    def step(self, state):
+        logits, k, v = state
+        return self.scorer.step([int(logits[-1, :self.vocab].argmax())], k, v)
 
 
 def bench_one(path: str, backend: str, cfg: dict) -> dict:
@@ -277,27 +282,11 @@ def measure(cfg: BenchConfig) -> dict:
 
 # --- output ------------------------------------------------------------------------------------------------------
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [Path(r["model"]).name for r in report["results"]]
-    tg = [r["tg_tokens_per_s"]["mean"] if r["tg_tokens_per_s"] else 0 for r in report["results"]]
-    bound = [r["bandwidth_bound_tokens_per_s"] for r in report["results"]]
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names)), 4))
-    x = np.arange(len(names))
-    ax.bar(x - 0.2, tg, 0.4, label="generation tokens/s")
-    ax.bar(x + 0.2, bound, 0.4, label="bandwidth bound", alpha=0.5)
-    ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylabel("tokens/s")
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    """Generation tokens/s of each model beside its bandwidth bound."""
+    rows = report["results"]
+    bar_chart(path, [Path(r["model"]).name for r in rows], {
+        "generation tokens/s": [r["tg_tokens_per_s"]["mean"] if r["tg_tokens_per_s"] else 0 for r in rows],
+        "bandwidth bound": [r["bandwidth_bound_tokens_per_s"] for r in rows]}, "tokens/s", rotation=30)
 
 
 def table(cfg: BenchConfig) -> str:

@@ -12,7 +12,6 @@ x PUE x grid intensity. StableLM 2 1.6B: about 92,000 A100 GPU-hours and about 1
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from slm import energy
 from slm.console import err, warn
 from slm.errors import SlmError
-from slm.formats.manifest import atomic_dir, new_manifest, write_json
+from slm.formats.manifest import atomic_dir, manifest_of, new_manifest, read_json, write_json
 
 # Board power (TDP) per GPU, W: NVIDIA's datasheets. An average draw under training is usually a little below it.
 GPU_POWER_W = {
@@ -81,26 +80,11 @@ def intensity_for(place: str) -> tuple[float, str]:
 def _records_of(d: Path) -> list[dict] | None:
     """The energy records of one stage directory, or None when it is not one."""
     if (d / "energy").is_dir():
-        recs = []
-        for p in sorted((d / "energy").glob("*.json")):
-            try:
-                recs.append(json.loads(p.read_text()))
-            except (OSError, json.JSONDecodeError) as e:
-                raise SlmError(f"{p}: not an energy record ({e})") from None
-        return recs
-    m = d / "manifest.json"
-    if m.is_file():
-        try:
-            manifest = json.loads(m.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SlmError(f"{m}: not JSON ({e})") from None
-        if isinstance(manifest, dict) and manifest.get("kind") == "carbon":
-            return None  # an earlier bill, not a stage
-        if isinstance(manifest, dict) and isinstance(manifest.get("energy"), dict):
-            return [manifest["energy"]]
-        if isinstance(manifest, dict) and manifest.get("kind") not in (None, "checkpoint"):
-            return []  # a stage directory, measured with the meter off
-    return None
+        return [read_json(p, "energy record") for p in sorted((d / "energy").glob("*.json"))]
+    manifest = manifest_of(d)
+    if manifest is None or manifest["kind"] in ("carbon", "checkpoint"):
+        return None  # not a stage, or an earlier bill
+    return [manifest["energy"]] if isinstance(manifest.get("energy"), dict) else []  # [] : the meter was off
 
 
 def find_stage_dirs(roots: list[Path]) -> tuple[list[tuple[Path, list[dict]]], list[Path]]:

@@ -23,7 +23,6 @@ dpo's filters have something to filter. Held-out splits use other questions.
 from __future__ import annotations
 
 import ast
-import json
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from slm import energy
 from slm.errors import SlmError
 from slm.formats.facts import Facts, load_facts
 from slm.formats.manifest import atomic_dir, new_manifest, write_json
+from slm.formats.records import write_jsonl
 
 UNITS = [("metres", "centimetres", 100), ("kilometres", "metres", 1000), ("kilograms", "grams", 1000),
          ("hours", "minutes", 60), ("minutes", "seconds", 60), ("litres", "millilitres", 1000),
@@ -214,13 +214,6 @@ def pair_records(items, rng: random.Random, with_noise: bool) -> list[dict]:
     return out
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def run(cfg: ChatDataConfig) -> Path:
     if cfg.n < 10:
         raise SlmError(f"--n {cfg.n}: expected at least 10 questions")
@@ -240,10 +233,10 @@ def run(cfg: ChatDataConfig) -> Path:
     chat_valid = chat_records(valid, rng) + persona_records(round(len(valid) * cfg.persona_fraction), valid, functions,
                                                             prng, facts)
     with atomic_dir(out) as tmp:
-        _write_jsonl(tmp / "chat" / "train.jsonl", chat_train)
-        _write_jsonl(tmp / "chat" / "valid.jsonl", chat_valid)
-        _write_jsonl(tmp / "pairs" / "train.jsonl", pair_records(train, rng, True))
-        _write_jsonl(tmp / "pairs" / "valid.jsonl", pair_records(valid, rng, False))
+        write_jsonl(tmp / "chat" / "train.jsonl", chat_train)
+        write_jsonl(tmp / "chat" / "valid.jsonl", chat_valid)
+        write_jsonl(tmp / "pairs" / "train.jsonl", pair_records(train, rng, True))
+        write_jsonl(tmp / "pairs" / "valid.jsonl", pair_records(valid, rng, False))
         write_json(tmp / "manifest.json", new_manifest(
             "chatdata", {"n": cfg.n, "seed": cfg.seed, "persona_fraction": cfg.persona_fraction,
                          "facts": str(cfg.facts) if cfg.facts else None},

@@ -16,12 +16,11 @@ from slm.console import warn
 from slm.errors import SlmError
 from slm.formats.checkpoint import Checkpoint
 from slm.recipes import find_recipe, load_recipe, load_step, parse_budget
-from slm.train import engine
-from slm.train import start as setup
+from slm.train import engine, start as setup
 from slm.train.batches import Batches
 from slm.train.config import resolve, train_settings
 from slm.train.cost import DryRun, plan_run, recipe_seq_len
-from slm.train.dist import Dist, session
+from slm.train.dist import Dist, per_process
 from slm.train.loop import Run, train
 from slm.train.schedules import linear_to_zero
 
@@ -104,12 +103,8 @@ def dry_run(cfg: CooldownConfig, dry: DryRun) -> dict:
     return plan_run(resolved["model"], tok, t, seq_len, steps, dry)
 
 
-def run(cfg: CooldownConfig) -> Path:
-    with session(cfg.device) as d:
-        return _run(cfg, d)
-
-
-def _run(cfg: CooldownConfig, d: Dist) -> Path:
+@per_process
+def run(cfg: CooldownConfig, d: Dist) -> Path:
     cfg = with_recipe_step(cfg)
     if cfg.data is None or cfg.out is None:
         raise SlmError(f"--{'data' if cfg.data is None else 'out'}: missing")

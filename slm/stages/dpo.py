@@ -27,37 +27,22 @@ from slm.formats.metrics import read_metrics
 from slm.formats.tokenizer import Tokenizer
 from slm.train.chat_batches import encode_chat
 from slm.train.config import dpo_settings, train_settings
-from slm.train.dist import Dist, all_reduce_sum, session
+from slm.train.dist import Dist, all_reduce_sum, per_process
 from slm.train.loop import autocast_for, train
-from slm.train.posttrain import epochs, make_run, open_run
-from slm.train.preference import (
-    EncodedPair,
-    PairBatches,
-    PairValid,
-    cached_reference,
-    make_loss_fn,
-    read_pairs,
-    reference_logprobs,
-)
+from slm.train.posttrain import PostTrainingConfig, epochs, make_run, open_run
+from slm.train.preference import (EncodedPair, PairBatches, PairValid, cached_reference, make_loss_fn, read_pairs,
+                                  reference_logprobs)
 from slm.train.start import load_weights, new_model
 
 
-@dataclass
-class DpoConfig:
-    model: Path | None
-    """The fine-tuned checkpoint (or run directory): the policy's start and, by default, the reference."""
-    data: list[str]
-    out: Path | None
+@dataclass(kw_only=True)
+class DpoConfig(PostTrainingConfig):
+    """model: the fine-tuned checkpoint (the policy's start and the default reference); data: preference files."""
+
     ref: Path | None = None
-    recipe: str | None = None
-    config_file: Path | None = None
-    sets: list[str] = field(default_factory=list)
+    """The reference checkpoint (default: model)."""
     valid: list[str] = field(default_factory=list)
-    skip_bad: bool = False
-    steps: int | None = None
-    device: str = "auto"
-    require_resume: bool = False
-    requeue: bool = False
+    """Held-out pairs: preference and reward accuracy as it trains, before and after."""
 
 
 def encode_pairs(pairs: list[Pair], tok: Tokenizer, template: ChatTemplate, max_length: int, max_prompt: int,
@@ -98,19 +83,11 @@ def template_of(ckpt: Checkpoint, spec: str | None) -> ChatTemplate:
     return ChatTemplate.load(spec) if spec else ChatTemplate.of_checkpoint(ckpt.dir)
 
 
-def run(cfg: DpoConfig) -> Path:
-    with session(cfg.device) as d:
-        return _run(cfg, d)
-
-
-def _run(cfg: DpoConfig, d: Dist) -> Path:
-    if cfg.out is None:
-        raise SlmError("--out: missing (the run directory)")
+@per_process
+def run(cfg: DpoConfig, d: Dist) -> Path:
     if not cfg.data:
         raise SlmError("--data: missing (preference files, or - for standard input)")
-    out = Path(cfg.out)
-    resume, resolved, source, plan = open_run(out, "dpo", d, cfg.model, cfg.recipe, cfg.config_file, cfg.sets,
-                                              cfg.require_resume, "the fine-tuned checkpoint")
+    out, resume, resolved, source, plan = open_run(cfg, "dpo", d, "the fine-tuned checkpoint")
     s = dpo_settings(resolved)
     t = train_settings(resolved)
     tok = source.tokenizer()
@@ -126,18 +103,7 @@ def _run(cfg: DpoConfig, d: Dist) -> Path:
                             Checkpoint.open(cfg.ref) if cfg.ref else source, source, tok)
 
     counts: dict = {}
-    encoded = encode_pairs(read_pairs(cfg.data, cfg.skip_bad, s.min_chosen_score, counts), tok, template,
-                           s.max_length, s.max_prompt_length, counts)
-    if not encoded:
-        raise SlmError(f"{', '.join(map(str, cfg.data))}: no pair left to train on "
-                       f"({', '.join(f'{k} {v}' for k, v in counts.items())})")
-    valid_enc: list[EncodedPair] = []
-    if cfg.valid:
-        valid_enc = encode_pairs(read_pairs(cfg.valid, cfg.skip_bad, None, {}), tok, template, s.max_length,
-                                 s.max_prompt_length, {})
-    if d.main:
-        table("dpo data", [(k, f"{v:,}") for k, v in counts.items()]
-              + ([("held-out pairs", f"{len(valid_enc):,}")] if cfg.valid else []))
+    encoded, valid_enc = _read(cfg, s, tok, template, counts, d.main)
     digest = pairs_digest(encoded + valid_enc)
     if plan is not None and plan["pairs_sha256"] != digest:
         raise SlmError(f"{out}: the data or its settings changed since this run started; use another --out")
@@ -188,6 +154,23 @@ def _run(cfg: DpoConfig, d: Dist) -> Path:
         if d.main:
             _summarise(out, last, len(valid_enc), before, after)
     return last
+
+
+def _read(cfg: DpoConfig, s, tok: Tokenizer, template: ChatTemplate, counts: dict, show: bool):
+    """The training pairs and the held-out ones, filtered and encoded; the filters' counts shown (SHOW)."""
+    encoded = encode_pairs(read_pairs(cfg.data, cfg.skip_bad, s.min_chosen_score, counts), tok, template,
+                           s.max_length, s.max_prompt_length, counts)
+    if not encoded:
+        raise SlmError(f"{', '.join(map(str, cfg.data))}: no pair left to train on "
+                       f"({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    valid_enc: list[EncodedPair] = []
+    if cfg.valid:
+        valid_enc = encode_pairs(read_pairs(cfg.valid, cfg.skip_bad, None, {}), tok, template, s.max_length,
+                                 s.max_prompt_length, {})
+    if show:
+        table("dpo data", [(k, f"{v:,}") for k, v in counts.items()]
+              + ([("held-out pairs", f"{len(valid_enc):,}")] if cfg.valid else []))
+    return encoded, valid_enc
 
 
 def reference_of(ref: Checkpoint, source: Checkpoint, tok: Tokenizer) -> Checkpoint:

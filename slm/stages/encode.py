@@ -25,26 +25,9 @@ from slm import energy
 from slm.console import Heartbeat, RateColumn, info, progress, warn
 from slm.errors import SlmError
 from slm.formats.indexed import IndexedWriter
-from slm.formats.manifest import (
-    MANIFEST,
-    canonical_json,
-    check_replaceable,
-    new_manifest,
-    publish_dir,
-    read_json,
-    read_manifest,
-    sha256_bytes,
-    sha256_file,
-    write_json,
-)
-from slm.formats.records import (
-    Input,
-    Unit,
-    UnitReader,
-    expand_inputs,
-    plan_units,
-    spool_stdin,
-)
+from slm.formats.manifest import (MANIFEST, canonical_json, check_replaceable, new_manifest, publish_dir, read_json,
+                                  read_manifest, sha256_bytes, sha256_file, write_json)
+from slm.formats.records import Input, Unit, UnitReader, expand_inputs, plan_units, spool_stdin
 from slm.formats.tokenizer import Tokenizer
 
 
@@ -280,7 +263,32 @@ def _run_locked(cfg, tok, inputs, skipped_inputs, out, partial, settings, previo
         leftover.unlink()
     hashes = _hash_inputs(inputs, previous_inputs)
     units = plan_units(inputs, int(cfg.shard_mb * 1e6), cfg.txt_mode)
+    jobs, records = _jobs(cfg, inputs, units, hashes, settings, out, partial, previous_units)
+    reused = len(records)
+    if reused:
+        info(f"reusing {reused} of {len(units)} shard(s) whose input and settings did not change")
+    if jobs:
+        _encode(cfg, tok, jobs, partial, records)
+    unit_records = [records[_unit_key(settings, hashes[u.input_index], u)] for u in units]
+    manifest = _manifest(cfg, tok, inputs, skipped_inputs, hashes, units, unit_records, out, started)
+    manifest["counts"]["reused_shards"] = reused
+    keep = {f"{r['name']}{ext}" for r in unit_records for ext in (".bin", ".idx")}
+    for f in shard_dir.iterdir():
+        if f.name not in keep:
+            f.unlink()
+    shutil.rmtree(partial / "units")
+    (partial / ".lock").unlink(missing_ok=True)
+    write_json(partial / MANIFEST, manifest)
+    publish_dir(partial, out)
+    if manifest["counts"]["bad_records"]:
+        warn(f"skipped {manifest['counts']['bad_records']} bad record(s) (counted in manifest.json)")
+    return Path(cfg.out)
 
+
+def _jobs(cfg, inputs, units, hashes, settings, out, partial, previous_units) -> tuple[list[dict], dict]:
+    """(the units still to encode, the records of those already done): by an interrupted run of this one (kept in
+    OUT.partial/units/), or by the last complete run for an input and settings that did not change."""
+    shard_dir = partial / "shards"
     jobs, records = [], {}
     width = len(str(max(len(inputs) - 1, 1)))
     for unit in units:
@@ -307,86 +315,64 @@ def _run_locked(cfg, tok, inputs, skipped_inputs, out, partial, settings, previo
             continue
         jobs.append({"key": key, "name": name, "input": inp, "unit": unit, "shard_dir": str(shard_dir),
                      "text_key": cfg.text_key, "txt_mode": cfg.txt_mode, "skip_bad": cfg.skip_bad, "eos": cfg.eos})
-    reused = len(records)
-    if reused:
-        info(f"reusing {reused} of {len(units)} shard(s) whose input and settings did not change")
+    return jobs, records
 
-    workers = cfg.workers or len(os.sched_getaffinity(0))
-    workers = max(1, min(workers, len(jobs))) if jobs else 1
+
+def _encode(cfg, tok, jobs: list[dict], partial: Path, records: dict) -> None:
+    """Encode JOBS on the workers, with a progress bar; each finished unit's record is kept as it ends."""
+    workers = max(1, min(cfg.workers or len(os.sched_getaffinity(0)), len(jobs)))
     total = sum(j["unit"].nbytes for j in jobs)
-    if jobs:
-        with progress(RateColumn("completed", "MB/s", 1e6), RateColumn("tokens", "Mtok/s", 1e6)) as bar:
-            task = bar.add_task("encoding", total=max(total, 1), tokens=0)
-            heartbeat, t0 = Heartbeat(), time.monotonic()
+    with progress(RateColumn("completed", "MB/s", 1e6), RateColumn("tokens", "Mtok/s", 1e6)) as bar:
+        task = bar.add_task("encoding", total=max(total, 1), tokens=0)
+        heartbeat, t0 = Heartbeat(), time.monotonic()
 
-            def report(d_bytes: int, d_tokens: int) -> None:
-                bar.update(task, advance=d_bytes, tokens=bar.tasks[0].fields["tokens"] + d_tokens)
-                done_bytes, elapsed = bar.tasks[0].completed, max(time.monotonic() - t0, 1e-9)
-                heartbeat(f"encoding: {done_bytes / 1e6:,.0f} of {total / 1e6:,.0f} MB, {done_bytes / 1e6 / elapsed:.1f} "
-                          f"MB/s, {bar.tasks[0].fields['tokens'] / elapsed / 1e6:.2f} Mtok/s, ETA "
-                          f"{(total - done_bytes) / max(done_bytes / elapsed, 1e-9) / 60:.1f} min")
+        def report(d_bytes: int, d_tokens: int) -> None:
+            bar.update(task, advance=d_bytes, tokens=bar.tasks[0].fields["tokens"] + d_tokens)
+            done_bytes, elapsed = bar.tasks[0].completed, max(time.monotonic() - t0, 1e-9)
+            heartbeat(f"encoding: {done_bytes / 1e6:,.0f} of {total / 1e6:,.0f} MB, {done_bytes / 1e6 / elapsed:.1f} "
+                      f"MB/s, {bar.tasks[0].fields['tokens'] / elapsed / 1e6:.2f} Mtok/s, ETA "
+                      f"{(total - done_bytes) / max(done_bytes / elapsed, 1e-9) / 60:.1f} min")
 
-            def done(rec: dict) -> None:
-                write_json(partial / "units" / f"{rec['key']}.json", rec)
-                records[rec["key"]] = rec
+        def done(rec: dict) -> None:
+            write_json(partial / "units" / f"{rec['key']}.json", rec)
+            records[rec["key"]] = rec
 
-            if workers == 1:
-                _use_tokenizer(tok)
-                for job in jobs:
-                    done(_encode_unit(job, report))
-            else:
-                _run_pool(jobs, workers, tok, report, done)
+        if workers == 1:
+            _use_tokenizer(tok)
+            for job in jobs:
+                done(_encode_unit(job, report))
+        else:
+            _run_pool(jobs, workers, tok, report, done)
 
-    # Assemble the manifest, in unit order.
+
+def _manifest(cfg, tok, inputs, skipped_inputs, hashes, units, unit_records, out, started) -> dict:
+    """The tokens directory's manifest: its shards in unit order, each input's counts and hash, the totals."""
     shards, per_input = [], [dict(inp.describe(), sha256=h, mtime_ns=inp.mtime_ns, documents=0, tokens=0,
                                   bad_records=0, empty_documents=0, shards=[]) for inp, h in zip(inputs, hashes)]
-    unit_records = []
-    for unit in units:
-        key = _unit_key(settings, hashes[unit.input_index], unit)
-        rec = records[key]
-        unit_records.append(rec)
+    for unit, rec in zip(units, unit_records):
         shards.append({k: rec[k] for k in ("name", "tokens", "documents", "bin_sha256", "idx_sha256")})
         pi = per_input[unit.input_index]
         for k in ("documents", "tokens", "bad_records", "empty_documents"):
             pi[k] += rec[k]
         pi["shards"].append(rec["name"])
     for pi in per_input:
-        if pi["documents"] == 0:
-            if not cfg.skip_bad:
-                raise SlmError(f"{pi['path']}: no documents (expected at least one; --skip-bad skips it)")
+        if pi["documents"] == 0 and not cfg.skip_bad:
+            raise SlmError(f"{pi['path']}: no documents (expected at least one; --skip-bad skips it)")
     for inp in skipped_inputs:
         per_input.append(dict(inp.describe(), sha256=sha256_file(inp.path), mtime_ns=inp.mtime_ns, documents=0,
                               tokens=0, bad_records=0, empty_documents=0, shards=[], skipped="empty file"))
-
-    keep = {f"{r['name']}{ext}" for r in unit_records for ext in (".bin", ".idx")}
-    for f in shard_dir.iterdir():
-        if f.name not in keep:
-            f.unlink()
-    counts = {
-        "tokens": sum(s["tokens"] for s in shards),
-        "documents": sum(s["documents"] for s in shards),
-        "shards": len(shards),
-        "inputs": len(per_input),
-        "bytes_read": sum(i.size for i in inputs),
-        "bad_records": sum(p["bad_records"] for p in per_input),
-        "empty_documents": sum(p["empty_documents"] for p in per_input),
-        "skipped_inputs": len(skipped_inputs),
-        "reused_shards": reused,
-    }
+    counts = {"tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards),
+              "shards": len(shards), "inputs": len(per_input), "bytes_read": sum(i.size for i in inputs),
+              "bad_records": sum(p["bad_records"] for p in per_input),
+              "empty_documents": sum(p["empty_documents"] for p in per_input),
+              "skipped_inputs": len(skipped_inputs), "reused_shards": 0}
     config = {k: v for k, v in asdict(cfg).items() if k not in ("settings",)}
     config.update(tokenizer=str(tok.dir), inputs=[str(i) for i in cfg.inputs], out=str(out))
-    manifest = new_manifest(
+    return new_manifest(
         "tokens", config, inputs=per_input, counts=counts, started=started,
         tokenizer={"path": str(Path(tok.dir).absolute()), "tokenizer_sha256": tok.hash, "name": tok.spec.name,
                    "n_vocab": tok.n_vocab, "eos_id": tok.eos_id, "bos_id": tok.bos_id},
         dtype=tok.token_dtype.name, eos_appended=cfg.eos, shards=shards, units=unit_records, energy=energy.take())
-    shutil.rmtree(partial / "units")
-    (partial / ".lock").unlink(missing_ok=True)
-    write_json(partial / MANIFEST, manifest)
-    publish_dir(partial, out)
-    if counts["bad_records"]:
-        warn(f"skipped {counts['bad_records']} bad record(s) (counted in manifest.json)")
-    return Path(cfg.out)
 
 
 def summary(out: Path) -> dict:

@@ -32,7 +32,7 @@ from slm.evaluation.models import make_lm, model_backend
 from slm.evaluation.mtbench import read_questions, run_mt_bench
 from slm.formats.checkpoint import run_name
 from slm.formats.manifest import atomic_dir, new_manifest, sha256_file, write_json
-from slm.formats.tables import render_eval
+from slm.formats.tables import bar_chart, render_eval
 
 SUITES_FILE = Path(__file__).resolve().parent.parent / "evaluation" / "suites.yaml"
 
@@ -319,25 +319,8 @@ def run(cfg: EvalConfig) -> Path:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    specs = [TaskSpec(**t) for t in report["tasks"]]
-    models = report["models"]
-    fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(specs) + 1), 4))
-    x = np.arange(len(specs))
-    width = 0.8 / max(1, len(models))
-    for i, m in enumerate(models):
-        vals = [m["scores"][s.task]["value"] for s in specs]
-        ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, label=m["label"])
-    ax.set_xticks(x, [f"{s.task}\n{(models[0]['scores'][s.task]['metric'] if models else '').split(',')[0]}"
-                      for s in specs])
-    ax.legend()
-    fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    """Each task's reported metric, a bar per model."""
+    tasks, models = [t["task"] for t in report["tasks"]], report["models"]
+    metric = {t: (models[0]["scores"][t]["metric"] if models else "").split(",")[0] for t in tasks}
+    bar_chart(path, [f"{t}\n{metric[t]}" for t in tasks],
+              {m["label"]: [m["scores"][t]["value"] for t in tasks] for m in models})

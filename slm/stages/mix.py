@@ -112,73 +112,119 @@ def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir], list[np.ndarray | No
     seq_len = integer("seq_len", cfg.seq_len, 1)
     seed = integer("seed", cfg.seed, 0, 1234)
     block_size = integer("block_size", None, 1, DEFAULT_BLOCK)
+    src = _sources(data.get("sources"), where, base, cfg)
+    phases = _phases(data.get("phases"), where, src.paths)
+    used = [n for n in src.paths if any(n in p["weights"] for p in phases)]
+    for n in src.paths:
+        if n not in used and n not in src.same_as.values():
+            warn(f"source {n!r} has weight in no phase and is left out")
+    dirs = _open(src, used, seq_len, where)
+    sources, windows = [], []
+    for n, d in zip(used, dirs):
+        entry = {"name": n, "path": str(d.dir), "manifest_sha256": d.manifest_sha256(), "tokens": d.n_tokens,
+                 "documents": d.n_documents, "sequences": (d.n_tokens - 1) // seq_len}
+        dataset = src.datasets.get(n) or src.datasets.get(src.same_as.get(n, ""))
+        if dataset:
+            entry["dataset"] = dataset
+        table = None
+        if n in src.min_doc:
+            table, kept_docs, kept_tokens = long_windows(d, seq_len, src.min_doc[n])
+            if table.size == 0:
+                raise SlmError(f"source {n!r} ({d.dir}): no document has {max(src.min_doc[n], seq_len + 1)}+ tokens, "
+                               f"so min_doc_tokens {src.min_doc[n]} leaves no window of seq_len + 1 = {seq_len + 1}")
+            entry.update(tokens=kept_tokens, documents=kept_docs, sequences=int(table.size),
+                         min_doc_tokens=src.min_doc[n], tokens_all=d.n_tokens, documents_all=d.n_documents,
+                         windows=f"windows/{n}.npy", windows_sha256=windows_sha256(table))
+        sources.append(entry)
+        windows.append(table)
+    plan_phases = _apportion_phases(phases, used, seq_len, block_size, where)
+    plan = {"format_version": 1, "seq_len": seq_len, "seed": seed, "tokenizer_sha256": dirs[0].tokenizer_sha256,
+            "n_vocab": dirs[0].n_vocab, "sources": sources, "phases": plan_phases,
+            "total_samples": sum(p["samples"] for p in plan_phases),
+            "total_tokens": sum(p["tokens"] for p in plan_phases)}
+    plan["ledger"] = ledger(plan)
+    MixPlan(plan, windows)  # constructs cleanly
+    return plan, dirs, windows
 
-    raw_sources = data.get("sources")
-    if not isinstance(raw_sources, dict) or not raw_sources:
+
+@dataclass
+class _Sources:
+    paths: dict[str, Path | None]
+    same_as: dict[str, str]  # source -> the source whose tokens directory it reads
+    min_doc: dict[str, int]
+    datasets: dict[str, str]  # documentation: the public dataset a source was encoded from
+
+
+def _sources(raw: object, where: str, base: Path, cfg: MixConfig) -> _Sources:
+    """The sources: each one's tokens directory (its path in the mixture, --source, --source-root, or another
+    source's), its min_doc_tokens filter and its dataset name."""
+    if not isinstance(raw, dict) or not raw:
         raise SlmError(f"{where}: sources: expected a mapping of name: tokens directory")
-    paths: dict[str, Path | None] = {}
-    same_as: dict[str, str] = {}  # source -> the source whose tokens directory it reads
-    min_doc: dict[str, int] = {}
-    datasets: dict[str, str] = {}  # documentation: the public dataset a source was encoded from
-    for name, value in raw_sources.items():
+    src = _Sources({}, {}, {}, {})
+    for name, value in raw.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
             raise SlmError(f"{where}: sources: {name!r} is not a valid source name (letters, digits, _ . + -)")
         if isinstance(value, dict):
-            bad = set(value) - SOURCE_KEYS
-            if bad:
-                raise SlmError(f"{where}: sources.{name}: unknown key {sorted(bad, key=str)[0]!r} "
-                               f"(expected {', '.join(sorted(SOURCE_KEYS))})")
-            if value.get("dataset") is not None:
-                if not isinstance(value["dataset"], str):
-                    raise SlmError(f"{where}: sources.{name}.dataset: expected text (where the data comes from, "
-                                   f"e.g. HuggingFaceFW/fineweb-edu), got {value['dataset']!r}")
-                datasets[name] = value["dataset"]
-            if "min_doc_tokens" in value:
-                m = value["min_doc_tokens"]
-                if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-                    raise SlmError(f"{where}: sources.{name}.min_doc_tokens: expected a positive integer, got {m!r}")
-                min_doc[name] = m
-            if value.get("source") is not None:
-                other = value["source"]
-                if value.get("path") is not None:
-                    raise SlmError(f"{where}: sources.{name}: give path or source, not both")
-                if not isinstance(other, str) or other not in raw_sources or other == name:
-                    raise SlmError(f"{where}: sources.{name}.source: expected the name of another source "
-                                   f"({', '.join(n for n in raw_sources if n != name)}), got {other!r}")
-                if isinstance(raw_sources[other], dict) and raw_sources[other].get("source") is not None:
-                    raise SlmError(f"{where}: sources.{name}.source: {other!r} itself names a source; "
-                                   "name the one with the path")
-                same_as[name] = other
-            value = value.get("path")
+            value = _source_entry(name, value, raw, where, src)
         if value is not None and not isinstance(value, str):
             raise SlmError(f"{where}: sources.{name}: expected a path, got {value!r}")
-        paths[name] = (base / value) if value else None
+        src.paths[name] = (base / value) if value else None
     for name, value in cfg.sources.items():
-        if name not in paths:
-            raise SlmError(f"--source {name}=...: the mixture has no source {name!r} "
-                           f"(it has {', '.join(paths)})")
-        paths[name] = Path(value).absolute()
+        if name not in src.paths:
+            raise SlmError(f"--source {name}=...: the mixture has no source {name!r} (it has {', '.join(src.paths)})")
+        src.paths[name] = Path(value).absolute()
     if cfg.source_root:
-        for name in paths:
-            if paths[name] is None and name not in same_as:
-                paths[name] = Path(cfg.source_root).absolute() / name
-    for name, other in same_as.items():
-        if name in cfg.sources:
-            continue  # bound on the command line: that wins
-        paths[name] = paths[other]
+        for name in src.paths:
+            if src.paths[name] is None and name not in src.same_as:
+                src.paths[name] = Path(cfg.source_root).absolute() / name
+    for name, other in src.same_as.items():
+        if name not in cfg.sources:  # bound on the command line: that wins
+            src.paths[name] = src.paths[other]
+    return src
 
-    raw_phases = data.get("phases")
-    if not isinstance(raw_phases, list) or not raw_phases:
+
+def _source_entry(name: str, value: dict, raw: dict, where: str, src: _Sources) -> str | None:
+    """A source given as a mapping (path or source, min_doc_tokens, dataset) into SRC; returns its path."""
+    bad = set(value) - SOURCE_KEYS
+    if bad:
+        raise SlmError(f"{where}: sources.{name}: unknown key {sorted(bad, key=str)[0]!r} "
+                       f"(expected {', '.join(sorted(SOURCE_KEYS))})")
+    if value.get("dataset") is not None:
+        if not isinstance(value["dataset"], str):
+            raise SlmError(f"{where}: sources.{name}.dataset: expected text (where the data comes from, "
+                           f"e.g. HuggingFaceFW/fineweb-edu), got {value['dataset']!r}")
+        src.datasets[name] = value["dataset"]
+    if "min_doc_tokens" in value:
+        m = value["min_doc_tokens"]
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise SlmError(f"{where}: sources.{name}.min_doc_tokens: expected a positive integer, got {m!r}")
+        src.min_doc[name] = m
+    if value.get("source") is not None:
+        other = value["source"]
+        if value.get("path") is not None:
+            raise SlmError(f"{where}: sources.{name}: give path or source, not both")
+        if not isinstance(other, str) or other not in raw or other == name:
+            raise SlmError(f"{where}: sources.{name}.source: expected the name of another source "
+                           f"({', '.join(n for n in raw if n != name)}), got {other!r}")
+        if isinstance(raw[other], dict) and raw[other].get("source") is not None:
+            raise SlmError(f"{where}: sources.{name}.source: {other!r} itself names a source; "
+                           "name the one with the path")
+        src.same_as[name] = other
+    return value.get("path")
+
+
+def _phases(raw: object, where: str, paths: dict) -> list[dict]:
+    """The phases: name, token budget and the weights of sources that exist."""
+    if not isinstance(raw, list) or not raw:
         raise SlmError(f"{where}: phases: expected a list of phases with tokens and weights")
     phases = []
-    for i, ph in enumerate(raw_phases):
+    for i, ph in enumerate(raw):
         at = f"{where}: phases[{i}]"
         if not isinstance(ph, dict):
             raise SlmError(f"{at}: expected a mapping with name, tokens and weights")
         bad = set(ph) - PHASE_KEYS
         if bad:
             raise SlmError(f"{at}: unknown key {sorted(bad)[0]!r} (expected name, tokens, weights)")
-        name = str(ph.get("name", f"phase{i}"))
         if "tokens" not in ph:
             raise SlmError(f"{at}.tokens: missing (expected a budget like 6T, 500B or 20M)")
         tokens = parse_budget(ph["tokens"], f"{at}.tokens")
@@ -190,23 +236,23 @@ def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir], list[np.ndarray | No
                 raise SlmError(f"{at}.weights.{src}: no such source (sources: {', '.join(paths)})")
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or not math.isfinite(w):
                 raise SlmError(f"{at}.weights.{src}: expected a positive number, got {w!r}")
-        phases.append({"name": name, "tokens": tokens, "weights": dict(weights)})
+        phases.append({"name": str(ph.get("name", f"phase{i}")), "tokens": tokens, "weights": dict(weights)})
     if len({p["name"] for p in phases}) != len(phases):
         raise SlmError(f"{where}: phases: names must be unique")
+    return phases
 
-    used = [n for n in paths if any(n in p["weights"] for p in phases)]
-    for n in paths:
-        if n not in used and n not in same_as.values():
-            warn(f"source {n!r} has weight in no phase and is left out")
-    missing = [n for n in used if paths[n] is None]
+
+def _open(src: _Sources, used: list[str], seq_len: int, where: str) -> list[TokensDir]:
+    """The tokens directory of each used source, opened and checked (one tokenizer, whole shards, a sample each)."""
+    missing = [n for n in used if src.paths[n] is None]
     if missing:
-        n = same_as.get(missing[0], missing[0])
+        n = src.same_as.get(missing[0], missing[0])
         raise SlmError(f"{where}: source {n!r} has no path: bind it with --source {n}=TOKENS_DIR or --source-root DIR")
     opened: dict[Path, TokensDir] = {}
     for n in used:  # a directory two sources read is opened (and its shards checked) once
-        if paths[n] not in opened:
-            opened[paths[n]] = TokensDir(paths[n])
-    dirs = [opened[paths[n]] for n in used]
+        if src.paths[n] not in opened:
+            opened[src.paths[n]] = TokensDir(src.paths[n])
+    dirs = [opened[src.paths[n]] for n in used]
     first = dirs[0]
     for name, d in zip(used, dirs):
         if d.tokenizer_sha256 != first.tokenizer_sha256:
@@ -216,30 +262,15 @@ def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir], list[np.ndarray | No
             d.shards  # opens every shard: each .bin must have the size its .idx and the manifest give
         except SlmError as e:
             raise SlmError(f"source {name!r}: {e} (truncated or damaged: encode it again)") from None
-        if name not in min_doc and (d.n_tokens - 1) // seq_len < 1:
+        if name not in src.min_doc and (d.n_tokens - 1) // seq_len < 1:
             raise SlmError(f"source {name!r} ({d.dir}): {d.n_tokens} tokens, fewer than one sample of "
                            f"seq_len + 1 = {seq_len + 1}")
+    return dirs
 
-    sources, windows = [], []
-    for n, d in zip(used, dirs):
-        entry = {"name": n, "path": str(d.dir), "manifest_sha256": d.manifest_sha256(), "tokens": d.n_tokens,
-                 "documents": d.n_documents, "sequences": (d.n_tokens - 1) // seq_len}
-        dataset = datasets.get(n) or datasets.get(same_as.get(n, ""))
-        if dataset:
-            entry["dataset"] = dataset
-        table = None
-        if n in min_doc:
-            table, kept_docs, kept_tokens = long_windows(d, seq_len, min_doc[n])
-            if table.size == 0:
-                raise SlmError(f"source {n!r} ({d.dir}): no document has {max(min_doc[n], seq_len + 1)}+ tokens, "
-                               f"so min_doc_tokens {min_doc[n]} leaves no window of seq_len + 1 = {seq_len + 1}")
-            entry.update(tokens=kept_tokens, documents=kept_docs, sequences=int(table.size),
-                         min_doc_tokens=min_doc[n], tokens_all=d.n_tokens, documents_all=d.n_documents,
-                         windows=f"windows/{n}.npy", windows_sha256=windows_sha256(table))
-        sources.append(entry)
-        windows.append(table)
-    plan_phases = []
-    drawn = {n: 0 for n in used}
+
+def _apportion_phases(phases: list[dict], used: list[str], seq_len: int, block_size: int, where: str) -> list[dict]:
+    """Each phase in samples: how many from each source (weights normalised), its block size, what came before."""
+    out, drawn = [], {n: 0 for n in used}
     for i, ph in enumerate(phases):
         samples = ph["tokens"] // seq_len
         if samples < 1:
@@ -253,18 +284,12 @@ def resolve(cfg: MixConfig) -> tuple[dict, list[TokensDir], list[np.ndarray | No
                 warn(f"phase {ph['name']!r}: the weight of {n!r} is too small to draw a single sample")
         positive = [c for c in per_source.values() if c > 0]
         block = max(block_size, -(-samples // min(positive)))
-        plan_phases.append({"name": ph["name"], "tokens": samples * seq_len, "tokens_requested": ph["tokens"],
-                            "samples": samples, "block_size": block, "weights": weights,
-                            "samples_per_source": per_source, "drawn_before": dict(drawn)})
+        out.append({"name": ph["name"], "tokens": samples * seq_len, "tokens_requested": ph["tokens"],
+                    "samples": samples, "block_size": block, "weights": weights,
+                    "samples_per_source": per_source, "drawn_before": dict(drawn)})
         for n, c in per_source.items():
             drawn[n] += c
-    plan = {"format_version": 1, "seq_len": seq_len, "seed": seed, "tokenizer_sha256": first.tokenizer_sha256,
-            "n_vocab": first.n_vocab, "sources": sources, "phases": plan_phases,
-            "total_samples": sum(p["samples"] for p in plan_phases),
-            "total_tokens": sum(p["tokens"] for p in plan_phases)}
-    plan["ledger"] = ledger(plan)
-    MixPlan(plan, windows)  # constructs cleanly
-    return plan, dirs, windows
+    return out
 
 
 def long_windows(d: TokensDir, seq_len: int, min_doc_tokens: int) -> tuple[np.ndarray, int, int]:

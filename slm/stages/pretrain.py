@@ -12,7 +12,7 @@ from slm.train import start as setup
 from slm.train.batches import Batches
 from slm.train.config import resolve, train_settings
 from slm.train.cost import DryRun, plan_run, recipe_seq_len
-from slm.train.dist import Dist, session
+from slm.train.dist import Dist, per_process
 from slm.train.loop import Run, train
 from slm.train.schedules import Schedule
 
@@ -45,35 +45,40 @@ class PretrainConfig:
     """--requeue: after a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
 
 
-def dry_run(cfg: PretrainConfig, dry: DryRun) -> dict:
-    """Resolve the configuration as a run would and return its plan (parameters, tokens, FLOPs, memory per
-    process, time and GPU-hours); reads the mix when given, writes nothing."""
-    saved = setup.saved_config(cfg.out) if cfg.out else None
+def _settings(cfg: PretrainConfig, saved: dict | None):
+    """(the resolved config, its train settings): the run's config.yaml, else recipe and --config; then --set."""
     if saved is None and cfg.recipe is None and cfg.config_file is None and cfg.init is None:
         raise SlmError("--recipe: missing (or --config FILE, or --init CKPT)")
     resolved = resolve(None, None, cfg.sets, base=saved) if saved is not None else \
         resolve(cfg.recipe, cfg.config_file, cfg.sets)
-    t = train_settings(resolved)
+    return resolved, train_settings(resolved)
+
+
+def _steps(cfg: PretrainConfig, t) -> int:
+    steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step) or t.steps or t.total_steps
+    if not steps:
+        raise SlmError("how long to train: give --steps or --tokens (or train.steps / train.total_steps)")
+    return steps
+
+
+def dry_run(cfg: PretrainConfig, dry: DryRun) -> dict:
+    """Resolve the configuration as a run would and return its plan (parameters, tokens, FLOPs, memory per
+    process, time and GPU-hours); reads the mix when given, writes nothing."""
+    resolved, t = _settings(cfg, setup.saved_config(cfg.out) if cfg.out else None)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer) if cfg.data else (None, None)
     seq_len = reader.seq_len if reader else recipe_seq_len(resolved.get("recipe"))
     if not seq_len:
         raise SlmError("--data: missing (the plan needs the mix's seq_len; recipes carry one)")
     model_values = Checkpoint.open(cfg.init).model_config.to_dict() if cfg.init else resolved["model"]
-    steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step) or t.steps or t.total_steps
-    if not steps:
-        raise SlmError("how long to train: give --steps or --tokens (or train.steps / train.total_steps)")
+    steps = _steps(cfg, t)
     p = plan_run(model_values, tok, t, seq_len, steps, dry)
     if reader is not None and steps * p["samples_per_step"] > len(reader):
         warn(f"{cfg.data}: the mix plans {len(reader)} samples; {steps} steps need {steps * p['samples_per_step']}")
     return p
 
 
-def run(cfg: PretrainConfig) -> Path:
-    with session(cfg.device) as d:
-        return _run(cfg, d)
-
-
-def _run(cfg: PretrainConfig, d: Dist) -> Path:
+@per_process
+def run(cfg: PretrainConfig, d: Dist) -> Path:
     if cfg.data is None:
         raise SlmError("--data: missing (the mix directory from `slm mix`)")
     if cfg.out is None:
@@ -82,20 +87,15 @@ def _run(cfg: PretrainConfig, d: Dist) -> Path:
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer)
     resume = setup.resume_point(out, "pretrain", d, cfg.require_resume)
     saved = setup.saved_config(out)
-    if resume is None and saved is None and cfg.recipe is None and cfg.config_file is None and cfg.init is None:
-        raise SlmError("--recipe: missing (or --config FILE, or --init CKPT)")
-    resolved = resolve(cfg.recipe, cfg.config_file, cfg.sets)
-    if saved is not None:
-        given = cfg.recipe is not None or cfg.config_file is not None or cfg.sets
-        if given:
-            for section in ("model", "train"):
-                for k, v in resolved[section].items():
-                    old = saved.get(section, {}).get(k)
-                    if k not in CHANGEABLE and old is not None and (list(v) if isinstance(v, tuple) else v) != old:
-                        raise SlmError(f"{out}/config.yaml: {section}.{k} is {old!r} in this run, the command asks "
-                                       f"for {v!r}; use another --out for a new run")
-        resolved = resolve(None, None, cfg.sets, base=saved)
-    t = train_settings(resolved)
+    if saved is not None and (cfg.recipe is not None or cfg.config_file is not None or cfg.sets):
+        asked = resolve(cfg.recipe, cfg.config_file, cfg.sets)
+        for section in ("model", "train"):
+            for k, v in asked[section].items():
+                old = saved.get(section, {}).get(k)
+                if k not in CHANGEABLE and old is not None and (list(v) if isinstance(v, tuple) else v) != old:
+                    raise SlmError(f"{out}/config.yaml: {section}.{k} is {old!r} in this run, the command asks "
+                                   f"for {v!r}; use another --out for a new run")
+    resolved, t = _settings(cfg, saved)
 
     init = Checkpoint.open(cfg.init) if cfg.init and resume is None else None
     if init is not None:
@@ -114,9 +114,7 @@ def _run(cfg: PretrainConfig, d: Dist) -> Path:
     setup.check_fits(model_cfg, tok, seq_len, str(cfg.data))
 
     sps = setup.samples_per_step(t.tokens_per_step, seq_len)
-    steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step) or t.steps or t.total_steps
-    if not steps:
-        raise SlmError("how long to train: give --steps or --tokens (or train.steps / train.total_steps)")
+    steps = _steps(cfg, t)
     total = t.total_steps or steps
     if steps * sps > len(reader):
         raise SlmError(f"{cfg.data}: the mix plans {len(reader)} samples of {seq_len} tokens; {steps} steps of "

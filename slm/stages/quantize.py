@@ -12,7 +12,9 @@ next token), with the file size and bits per weight. Printed as a table and kept
 
 from __future__ import annotations
 
+import functools
 import tempfile
+from collections import Counter
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +27,7 @@ from slm.errors import SlmError
 from slm.evaluation.heldout import heldout_text
 from slm.formats.chat import ChatTemplate, iter_objects, parse_chat
 from slm.formats.checkpoint import Checkpoint, run_name
-from slm.formats.gguf import (
-    LLAMA_CPP_TYPES,
-    PYTHON_TYPES,
-    check_lineage,
-    read_tensor_types,
-    write_gguf,
-)
+from slm.formats.gguf import LLAMA_CPP_TYPES, PYTHON_TYPES, check_lineage, read_tensor_types, write_gguf
 from slm.formats.manifest import atomic_dir, new_manifest, write_json
 from slm.formats.tables import QUANTIZE_COLUMNS, quantize_rows
 from slm.formats.tokens import TokensDir
@@ -122,21 +118,46 @@ def eval_windows(ckpt: Checkpoint, specs: list[str], n_tokens: int, window: int)
             if len(ids[i:i + window]) >= 2]
 
 
-_TEMPLATES: dict = {}
-
-
 def _rendered(ckpt: Checkpoint, tok, obj: dict, where: str) -> str:
-    if ckpt.dir not in _TEMPLATES:
-        _TEMPLATES[ckpt.dir] = ChatTemplate.of_checkpoint(ckpt.dir)
-    spec = tok.spec
-    return _TEMPLATES[ckpt.dir].render(parse_chat(obj, where), False, spec.bos_token, spec.eos_token)
+    return _template(ckpt.dir).render(parse_chat(obj, where), False, tok.spec.bos_token, tok.spec.eos_token)
 
 
-def type_counts(types: dict[str, str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for t in types.values():
-        out[t] = out.get(t, 0) + 1
-    return out
+_template = functools.cache(ChatTemplate.of_checkpoint)
+
+
+def write_files(ckpt: Checkpoint, state: dict, tmp: Path, types: list[str], name: str, cfg: QuantizeConfig) -> dict:
+    """Each type's file into TMP (GGUF by slm, k-quants by llama.cpp, INT4 by OpenVINO): {type: what was written}."""
+    files: dict[str, dict] = {}
+    with progress() as bar:
+        task = bar.add_task("quantize", total=len(types))
+        f16_path = None
+        for kind in types:
+            bar.update(task, description=f"quantize {kind}")
+            if kind in PYTHON_TYPES:
+                path = tmp / f"{name}-{kind}.gguf"
+                w = write_gguf(ckpt, path, kind, name, state)
+                files[kind] = {"file": path.name, "format": "gguf", "fallbacks": w.fallbacks}
+                if kind == "f16":
+                    f16_path = path
+            elif kind in LLAMA_CPP_TYPES:
+                if f16_path is None:
+                    f16_path = tmp / ".f16-source.gguf"
+                    write_gguf(ckpt, f16_path, "f16", name, state)
+                path = tmp / f"{name}-{kind}.gguf"
+                quantize_gguf(f16_path, path, LLAMA_CPP_TYPES[kind], cfg.threads, kind)
+                kinds = read_tensor_types(path)
+                fallbacks = [t for t, k in kinds.items() if k in ("Q5_0", "Q5_1", "Q8_0", "F16")
+                             and t.endswith(".weight") and "norm" not in t and t not in ("output.weight",)]
+                files[kind] = {"file": path.name, "format": "gguf", "fallbacks": fallbacks,
+                               "main_type": "Q4_K" if kind == "q4_k_m" else "Q5_K"}
+            else:  # int4
+                path = tmp / f"{name}-int4"
+                summary = export_int4(ckpt, path, cfg.int4_group_size, cfg.int4_symmetric, cfg.int4_all_layers)
+                files[kind] = {"file": path.name, "format": "openvino", **summary}
+            bar.advance(task)
+        if f16_path is not None and f16_path.name.startswith("."):
+            f16_path.unlink()
+    return files
 
 
 def run(cfg: QuantizeConfig) -> Path:
@@ -170,37 +191,8 @@ def run(cfg: QuantizeConfig) -> Path:
         warn(f"k-quants work on rows of 256 weights; this model has rows of {', '.join(map(str, k_rows))}: "
              "llama.cpp stores those tensors as q5_0 / q5_1 / q8_0 instead (counted in quantize.json)")
     out = Path(cfg.out)
-    files: dict[str, dict] = {}
     with atomic_dir(out) as tmp:
-        with progress() as bar:
-            task = bar.add_task("quantize", total=len(types))
-            f16_path = None
-            for kind in types:
-                bar.update(task, description=f"quantize {kind}")
-                if kind in PYTHON_TYPES:
-                    path = tmp / f"{name}-{kind}.gguf"
-                    w = write_gguf(ckpt, path, kind, name, state)
-                    files[kind] = {"file": path.name, "format": "gguf", "fallbacks": w.fallbacks}
-                    if kind == "f16":
-                        f16_path = path
-                elif kind in LLAMA_CPP_TYPES:
-                    if f16_path is None:
-                        f16_path = tmp / ".f16-source.gguf"
-                        write_gguf(ckpt, f16_path, "f16", name, state)
-                    path = tmp / f"{name}-{kind}.gguf"
-                    quantize_gguf(f16_path, path, LLAMA_CPP_TYPES[kind], cfg.threads, kind)
-                    main = "Q4_K" if kind == "q4_k_m" else "Q5_K"
-                    kinds = read_tensor_types(path)
-                    fallbacks = [t for t, k in kinds.items() if k in ("Q5_0", "Q5_1", "Q8_0", "F16")
-                                 and t.endswith(".weight") and "norm" not in t and t not in ("output.weight",)]
-                    files[kind] = {"file": path.name, "format": "gguf", "fallbacks": fallbacks, "main_type": main}
-                else:  # int4
-                    path = tmp / f"{name}-int4"
-                    summary = export_int4(ckpt, path, cfg.int4_group_size, cfg.int4_symmetric, cfg.int4_all_layers)
-                    files[kind] = {"file": path.name, "format": "openvino", **summary}
-                bar.advance(task)
-            if f16_path is not None and f16_path.name.startswith("."):
-                f16_path.unlink()
+        files = write_files(ckpt, state, tmp, types, name, cfg)
         for label, g in external.items():  # scored where they are, not copied
             files[label] = {"file": str(g), "format": "gguf", "fallbacks": [], "given": True}
         for kind, entry in files.items():
@@ -209,7 +201,7 @@ def run(cfg: QuantizeConfig) -> Path:
             entry["bytes"] = size
             entry["bits_per_weight"] = size * 8 / n_params
             if entry["format"] == "gguf":
-                entry["tensor_types"] = type_counts(read_tensor_types(p))
+                entry["tensor_types"] = dict(Counter(read_tensor_types(p).values()))
         report = {"model": str(ckpt.dir), "name": name, "params": n_params, "types": files}
         if cfg.report:
             report.update(quality(ckpt, tmp, files, cfg, tok.n_vocab, windows))

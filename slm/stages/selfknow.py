@@ -29,39 +29,19 @@ from slm.inference.load import load_model
 from slm.train.chat_batches import ChatBatches, Encoded, encode_chat, pack
 from slm.train.config import selfknow_settings, train_settings
 from slm.train.crlft import CrlftRows, make_loss_fn, token_logprobs
-from slm.train.dist import Dist, all_reduce_sum, session
+from slm.train.dist import Dist, all_reduce_sum, per_process
 from slm.train.loop import autocast_for, train
-from slm.train.posttrain import (
-    epochs,
-    make_run,
-    model_for,
-    open_run,
-    rows_digest,
-    tokenizer_for,
-)
+from slm.train.posttrain import (PostTrainingConfig, epochs, make_run, model_for, open_run, rows_digest,
+                                 tokenizer_for)
 from slm.train.preference import cached_reference, read_pairs
 
 
-@dataclass
-class TrainConfig:
-    model: Path | None
-    """The chat checkpoint (or run directory) to train."""
-    data: list[str]
-    """A `slm selfknow generate` directory, or preference files ({"prompt", "chosen", "rejected"})."""
-    out: Path | None
+@dataclass(kw_only=True)
+class TrainConfig(PostTrainingConfig):
+    """model: the chat checkpoint to train; data: a `slm selfknow generate` directory or preference files."""
+
     facts: Path | None = None
     """FACTS.yaml for the before/after check on its held-out questions (default: DATA's facts.yaml)."""
-    recipe: str | None = None
-    config_file: Path | None = None
-    sets: list[str] = None  # type: ignore[assignment]
-    skip_bad: bool = False
-    steps: int | None = None
-    device: str = "auto"
-    require_resume: bool = False
-    requeue: bool = False
-
-    def __post_init__(self):
-        self.sets = list(self.sets or [])
 
 
 def data_files(specs: list[str]) -> tuple[list[str], Path | None]:
@@ -115,19 +95,11 @@ def check_answers(ckpt_dir: Path, questions: list[str], facts: Facts, device) ->
             "answers": [{"question": q, "answer": a} for q, (a, _) in zip(questions, answers)]}
 
 
-def run(cfg: TrainConfig) -> Path:
-    with session(cfg.device) as d:
-        return _run(cfg, d)
-
-
-def _run(cfg: TrainConfig, d: Dist) -> Path:
-    if cfg.out is None:
-        raise SlmError("--out: missing (the run directory)")
+@per_process
+def run(cfg: TrainConfig, d: Dist) -> Path:
     if not cfg.data:
         raise SlmError("--data: missing (a `slm selfknow generate` directory or preference files)")
-    out = Path(cfg.out)
-    resume, resolved, source, plan = open_run(out, "selfknow", d, cfg.model, cfg.recipe, cfg.config_file, cfg.sets,
-                                              cfg.require_resume, "the chat checkpoint to train")
+    out, resume, resolved, source, plan = open_run(cfg, "selfknow", d, "the chat checkpoint to train")
     s = selfknow_settings(resolved)
     t = train_settings(resolved)
     template = ChatTemplate.load(s.template) if s.template else ChatTemplate.of_checkpoint(source.dir)

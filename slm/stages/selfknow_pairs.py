@@ -20,7 +20,6 @@ Training on the pairs is `slm selfknow train` (slm.stages.selfknow).
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import time
@@ -36,6 +35,7 @@ from slm.formats.chat import ChatTemplate
 from slm.formats.checkpoint import Checkpoint
 from slm.formats.facts import DEFAULT_MESSAGES, Facts, load_facts
 from slm.formats.manifest import atomic_dir, new_manifest, write_json
+from slm.formats.records import write_jsonl
 from slm.inference.chat import Sampling, answer_all, stop_ids, unsampled
 from slm.inference.load import device_for, load_model
 from slm.inference.sampling import generate_batch
@@ -140,6 +140,36 @@ def write_messages(model, tok, facts: Facts, cfg: GenerateConfig, counts: dict) 
     return kept
 
 
+def _pairs(messages, pos, neg, facts: Facts, max_new: int, counts: dict) -> tuple[list[dict], dict]:
+    """The preference records (chosen: the answer with the facts, rejected: the one without), with the share of
+    each side that states the name and the maker; pairs with an empty or identical answer are dropped."""
+    records = []
+    stated = {"chosen_name": 0, "chosen_maker": 0, "rejected_name": 0, "rejected_maker": 0}
+    for (m, source), (p, p_end), (q, q_end) in zip(messages, pos, neg):
+        if not p or not q:
+            _count(counts, "dropped: empty answer")
+            continue
+        if p == q:
+            _count(counts, "dropped: identical answers")
+            continue
+        _count(counts, f"answers cut at {max_new} tokens", int(not p_end) + int(not q_end))
+        mp, mq = facts.mentions(p), facts.mentions(q)
+        for k in ("name", "maker"):
+            stated[f"chosen_{k}"] += mp[k]
+            stated[f"rejected_{k}"] += mq[k]
+        user = {"role": "user", "content": m}
+        records.append({"prompt": m, "chosen": [user, {"role": "assistant", "content": p}],
+                        "rejected": [user, {"role": "assistant", "content": q}], "source": source,
+                        "chosen_states": mp, "rejected_states": mq})
+    counts["pairs"] = len(records)
+    if not records:
+        raise SlmError(f"no pair left ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    rates = {k: round(v / len(records), 4) for k, v in stated.items()}
+    table("selfknow pairs", [(k, f"{v:,}") for k, v in counts.items()] + [
+        (f"{k.replace('_', ' answers stating the ')}", f"{v:.0%}") for k, v in rates.items()])
+    return records, rates
+
+
 def run(cfg: GenerateConfig) -> Path:
     started = time.time()
     if cfg.out is None:
@@ -185,32 +215,7 @@ def run(cfg: GenerateConfig) -> Path:
     neg = answer_all(chat_model, chat_tok, template, [[{"role": "user", "content": m}] for m, _ in messages],
                      cfg.answer, stops, cfg.batch_size, gen, "answers without")
 
-    records = []
-    stated = {"chosen_name": 0, "chosen_maker": 0, "rejected_name": 0, "rejected_maker": 0}
-    for (m, source), (p, p_end), (q, q_end) in zip(messages, pos, neg):
-        if not p or not q:
-            _count(counts, "dropped: empty answer")
-            continue
-        if p == q:
-            _count(counts, "dropped: identical answers")
-            continue
-        _count(counts, f"answers cut at {cfg.answer.max_new_tokens} tokens", int(not p_end) + int(not q_end))
-        mp, mq = facts.mentions(p), facts.mentions(q)
-        for k in ("name", "maker"):
-            stated[f"chosen_{k}"] += mp[k]
-            stated[f"rejected_{k}"] += mq[k]
-        user = {"role": "user", "content": m}
-        records.append({"prompt": m, "chosen": [user, {"role": "assistant", "content": p}],
-                        "rejected": [user, {"role": "assistant", "content": q}], "source": source,
-                        "chosen_states": mp, "rejected_states": mq})
-    counts["pairs"] = len(records)
-    if not records:
-        raise SlmError(f"no pair left ({', '.join(f'{k} {v}' for k, v in counts.items())})")
-    n = len(records)
-    rates = {k: round(v / n, 4) for k, v in stated.items()}
-    table("selfknow pairs", [(k, f"{v:,}") for k, v in counts.items()] + [
-        (f"{k.replace('_', ' answers stating the ')}", f"{v:.0%}") for k, v in rates.items()])
-
+    records, rates = _pairs(messages, pos, neg, facts, cfg.answer.max_new_tokens, counts)
     out = Path(cfg.out)
     settings = {"n": cfg.n, "shots": cfg.shots, "near_duplicate": cfg.near_duplicate,
                 "seed_messages": cfg.seed_messages, "batch_size": cfg.batch_size, "seed": cfg.seed,
@@ -221,16 +226,12 @@ def run(cfg: GenerateConfig) -> Path:
     if base_ckpt is not None:
         inputs.insert(0, {"path": str(base_ckpt.dir), "role": "base", "sha256": base_ckpt.weights_sha256()})
     with atomic_dir(out) as tmp:
-        with open(tmp / "pairs.jsonl", "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        with open(tmp / "messages.jsonl", "w", encoding="utf-8") as f:
-            for m, source in messages:
-                f.write(json.dumps({"text": m, "source": source}, ensure_ascii=False) + "\n")
+        write_jsonl(tmp / "pairs.jsonl", records)
+        write_jsonl(tmp / "messages.jsonl", ({"text": m, "source": source} for m, source in messages))
         shutil.copyfile(cfg.facts, tmp / "facts.yaml")
         write_json(tmp / "manifest.json", new_manifest(
             "selfknow_pairs", settings, inputs=inputs, counts=counts, started=started, facts_sha256=facts.sha256,
             stated_rates=rates, chat_template=template.source, energy=energy.take()))
-    info(f"selfknow: {n:,} pairs in {out / 'pairs.jsonl'} (chosen answers state the name in "
+    info(f"selfknow: {len(records):,} pairs in {out / 'pairs.jsonl'} (chosen answers state the name in "
          f"{rates['chosen_name']:.0%}, rejected in {rates['rejected_name']:.0%})")
     return out

@@ -17,46 +17,20 @@ from slm.errors import SlmError
 from slm.formats.chat import ChatTemplate, iter_objects, parse_chat
 from slm.formats.records import BadRecord
 from slm.formats.tokenizer import Tokenizer
-from slm.train.chat_batches import (
-    ChatBatches,
-    ChatValid,
-    Encoded,
-    Rows,
-    encode_chat,
-    pack,
-    user_turns,
-)
+from slm.train.chat_batches import ChatBatches, ChatValid, Encoded, Rows, encode_chat, pack, user_turns
 from slm.train.config import sft_settings, train_settings
-from slm.train.dist import Dist, session
+from slm.train.dist import Dist, per_process
 from slm.train.loop import train
-from slm.train.posttrain import (
-    epochs,
-    make_run,
-    model_for,
-    open_run,
-    rows_digest,
-    tokenizer_for,
-)
+from slm.train.posttrain import (PostTrainingConfig, epochs, make_run, model_for, open_run, rows_digest,
+                                 tokenizer_for)
 
 
-@dataclass
-class SftConfig:
-    model: Path | None
-    """The checkpoint (or run directory) to fine-tune."""
-    data: list[str]
-    """Chat files (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, saved datasets, directories) or - for stdin."""
-    out: Path | None
-    recipe: str | None = None
-    config_file: Path | None = None
-    sets: list[str] = field(default_factory=list)
+@dataclass(kw_only=True)
+class SftConfig(PostTrainingConfig):
+    """model: the checkpoint to fine-tune; data: chat files."""
+
     valid: list[str] = field(default_factory=list)
     """Held-out chat files: the validation loss on assistant tokens."""
-    skip_bad: bool = False
-    steps: int | None = None
-    """Stop after this many steps (the schedule still spans the epochs)."""
-    device: str = "auto"
-    require_resume: bool = False
-    requeue: bool = False
 
 
 def read_conversations(specs: list[str], skip_bad: bool, counts: dict) -> list[list[dict]]:
@@ -95,19 +69,11 @@ def prepare(convs: list[list[dict]], tok: Tokenizer, template: ChatTemplate, max
     return kept
 
 
-def run(cfg: SftConfig) -> Path:
-    with session(cfg.device) as d:
-        return _run(cfg, d)
-
-
-def _run(cfg: SftConfig, d: Dist) -> Path:
-    if cfg.out is None:
-        raise SlmError("--out: missing (the run directory)")
+@per_process
+def run(cfg: SftConfig, d: Dist) -> Path:
     if not cfg.data:
         raise SlmError("--data: missing (chat files, or - for standard input)")
-    out = Path(cfg.out)
-    resume, resolved, source, plan = open_run(out, "sft", d, cfg.model, cfg.recipe, cfg.config_file, cfg.sets,
-                                              cfg.require_resume, "the checkpoint to fine-tune", reopen_source=False)
+    out, resume, resolved, source, plan = open_run(cfg, "sft", d, "the checkpoint to fine-tune", reopen_source=False)
     s = sft_settings(resolved)
     t = train_settings(resolved)
     template = ChatTemplate.load(s.template, s.system_prompt)

@@ -11,16 +11,8 @@ from slm.console import RateColumn, progress, warn
 from slm.errors import SlmError
 from slm.formats.manifest import atomic_dir, new_manifest, write_json
 from slm.formats.records import expand_inputs, iter_documents
-from slm.formats.tokenizer import (
-    ARCADE_FIRST_SPECIAL_ID,
-    CL100K_N_RANKS,
-    CL100K_SHA256,
-    RULES,
-    bpe_str_to_bytes,
-    load_cl100k_ranks,
-    make_spec,
-    write_tokenizer,
-)
+from slm.formats.tokenizer import (ARCADE_FIRST_SPECIAL_ID, CL100K_N_RANKS, CL100K_SHA256, RULES, bpe_str_to_bytes,
+                                   byte_level, load_cl100k_ranks, make_spec, write_tokenizer)
 
 
 @dataclass
@@ -76,15 +68,7 @@ class TrainConfig:
 def train_bpe(cfg: TrainConfig) -> Path:
     """Train a byte-level BPE with Hugging Face tokenizers' trainer (all 256 bytes in the initial alphabet) under the
     chosen rules; its vocabulary, in merge order, becomes tiktoken ranks, from which tokenizer.json is derived."""
-    from tokenizers import (
-        Regex,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers, Tokenizer as HFTokenizer
 
     started = time.time()
     if cfg.rules not in RULES:
@@ -98,13 +82,7 @@ def train_bpe(cfg: TrainConfig) -> Path:
     total = sum(i.size for i in inputs)
     limit = int(cfg.max_mb * 1e6) if cfg.max_mb else None
 
-    tk = HFTokenizer(models.BPE())
-    tk.normalizer = normalizers.NFC()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(rules.pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tk.decoder = decoders.ByteLevel()
+    tk = byte_level(HFTokenizer(models.BPE()), rules.pattern, nfc=True)
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size - n_specials, min_frequency=cfg.min_frequency,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
                                   show_progress=False)
@@ -137,8 +115,7 @@ def train_bpe(cfg: TrainConfig) -> Path:
     with atomic_dir(cfg.out) as tmp:
         digest = write_tokenizer(tmp, ranks, spec)
         write_json(tmp / "manifest.json", new_manifest(
-            "tokenizer",
-            {"corpus": [str(c) for c in cfg.corpus], "vocab_size": cfg.vocab_size, "rules": cfg.rules,
+            "tokenizer", {"corpus": [str(c) for c in cfg.corpus], "vocab_size": cfg.vocab_size, "rules": cfg.rules,
              "text_key": cfg.text_key, "txt_mode": cfg.txt_mode, "min_frequency": cfg.min_frequency,
              "max_mb": cfg.max_mb, "out": str(cfg.out)},
             inputs=[i.describe() for i in inputs],

@@ -16,8 +16,7 @@ import yaml
 
 from slm.errors import SlmError
 from slm.model.transformer import ModelConfig
-from slm.recipes import find_recipe, load_recipe
-from slm.recipes import names as recipe_names
+from slm.recipes import find_recipe, load_recipe, names as recipe_names
 
 ENGINES = ("auto", "single", "ddp", "fsdp", "deepspeed")
 

@@ -25,9 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from rich.table import Table
-
-from slm.console import err, warn
+from slm.console import table, warn
 from slm.errors import SlmError
 from slm.formats.tables import human
 from slm.formats.tokenizer import padded_vocab_size
@@ -96,28 +94,14 @@ def plan(model_cfg: ModelConfig, t, seq_len: int, steps: int, world: int, engine
     mem["activations"] = act
     total = sum(mem.values())
     out = {
-        "parameters": P,
-        "seq_len": seq_len,
-        "steps": steps,
-        "tokens_per_step": t.tokens_per_step,
-        "tokens": tokens,
-        "samples_per_step": samples,
-        "processes": world,
-        "micro_batch_size": t.micro_batch_size,
-        "accumulation_steps": per_rank // t.micro_batch_size,
-        "engine": engine + (f" ZeRO-{zero}" if zero else ""),
-        "compute_dtype": compute_dtype,
-        "activation_checkpointing": t.activation_checkpointing,
-        "flops_per_token": flops_per_token,
-        "flops": total_flops,
+        "parameters": P, "seq_len": seq_len, "steps": steps, "tokens_per_step": t.tokens_per_step, "tokens": tokens,
+        "samples_per_step": samples, "processes": world, "micro_batch_size": t.micro_batch_size,
+        "accumulation_steps": per_rank // t.micro_batch_size, "engine": engine + (f" ZeRO-{zero}" if zero else ""),
+        "compute_dtype": compute_dtype, "activation_checkpointing": t.activation_checkpointing,
+        "flops_per_token": flops_per_token, "flops": total_flops,
         "memory_gib_per_process": {key: round(gib(v), 3) for key, v in mem.items()} | {"total": round(gib(total), 3)},
-        "gpu": gpu,
-        "gpu_peak_tflops": peak / 1e12,
-        "gpu_memory_gib": memory_gib,
-        "fits": gib(total) <= memory_gib,
-        "mfu": mfu,
-        "hours": seconds / 3600,
-        "gpu_hours": seconds * world / 3600,
+        "gpu": gpu, "gpu_peak_tflops": peak / 1e12, "gpu_memory_gib": memory_gib, "fits": gib(total) <= memory_gib,
+        "mfu": mfu, "hours": seconds / 3600, "gpu_hours": seconds * world / 3600,
     }
     if gpu_hours:
         out["given_gpu_hours"] = gpu_hours
@@ -126,10 +110,6 @@ def plan(model_cfg: ModelConfig, t, seq_len: int, steps: int, world: int, engine
 
 
 def print_plan(p: dict) -> None:
-    table = Table(title="the plan (--dry-run: nothing was trained or written)", title_style="bold",
-                  show_header=False)
-    table.add_column("what")
-    table.add_column("value", justify="right")
     m = p["memory_gib_per_process"]
     rows = [
         ("parameters", f"{p['parameters']:,}"),
@@ -138,22 +118,17 @@ def print_plan(p: dict) -> None:
                    f"{p['accumulation_steps']} micro-batch(es) of {p['micro_batch_size']}"),
         ("engine", f"{p['engine']}, {p['compute_dtype']}"
                    + (", activation checkpointing" if p["activation_checkpointing"] else "")),
-        ("FLOPs per token", f"{human(p['flops_per_token'])} (6N + 12 L H T)"),
-        ("FLOPs", f"{p['flops']:.3e}"),
+        ("FLOPs per token", f"{human(p['flops_per_token'])} (6N + 12 L H T)"), ("FLOPs", f"{p['flops']:.3e}"),
         ("memory per process", f"{m['total']:,.1f} GiB of {p['gpu_memory_gib']} "
                                f"({'fits' if p['fits'] else 'does NOT fit'})"),
         ("  weights / gradients", f"{m['weights']:,.2f} / {m['gradients']:,.2f} GiB"),
         ("  optimizer / buffers", f"{m['optimizer']:,.2f} / {m['buffers']:,.2f} GiB"),
         ("  activations", f"{m['activations']:,.2f} GiB"),
         ("GPU", f"{p['processes']:,} x {p['gpu']} ({p['gpu_peak_tflops']:,.0f} TFLOP/s bf16) at {p['mfu']:.1%} MFU"),
-        ("time", f"{p['hours']:,.1f} hours ({p['hours'] / 24:,.1f} days)"),
-        ("GPU-hours", f"{p['gpu_hours']:,.0f}"),
-    ]
+        ("time", f"{p['hours']:,.1f} hours ({p['hours'] / 24:,.1f} days)"), ("GPU-hours", f"{p['gpu_hours']:,.0f}")]
     if "implied_mfu" in p:
         rows.append((f"MFU that {p['given_gpu_hours']:,.0f} GPU-hours imply", f"{p['implied_mfu']:.1%}"))
-    for r in rows:
-        table.add_row(*r)
-    err.print(table)
+    table("the plan (--dry-run: nothing was trained or written)", rows)
     if not p["fits"]:
         warn(f"about {m['total']:,.1f} GiB per process does not fit in one {p['gpu']} ({p['gpu_memory_gib']} GiB): "
              "lower train.micro_batch_size, set train.activation_checkpointing=true, or shard more (--engine fsdp, "

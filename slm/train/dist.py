@@ -8,11 +8,11 @@ job id). On one process every collective is the identity, so stages call them un
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -115,12 +115,14 @@ def teardown(d: Dist) -> None:
 
 
 
-@contextlib.contextmanager
-def session(device: str = "auto") -> Iterator[Dist]:
-    """with session(device) as d: this process's place in the run, with the process group torn down at the end
-    (also when the stage fails or is stopped)."""
-    d = setup(device)
-    try:
-        yield d
-    finally:
-        teardown(d)
+def per_process(stage: Callable) -> Callable:
+    """run(cfg) of a training stage: STAGE(cfg, d) for this process (on cfg.device), the process group torn
+    down after it, whatever happens."""
+    @functools.wraps(stage)
+    def run(cfg):
+        d = setup(cfg.device)
+        try:
+            return stage(cfg, d)
+        finally:
+            teardown(d)
+    return run

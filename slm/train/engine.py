@@ -26,8 +26,6 @@ import functools
 import math
 import os
 import socket
-import subprocess
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist

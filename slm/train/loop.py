@@ -31,8 +31,7 @@ import torch
 from slm.console import Heartbeat, err, info, progress, warn
 from slm.errors import SlmError, Stopped
 from slm.formats.checkpoint import latest_checkpoint, write_checkpoint
-from slm.formats.metrics import MetricsLog
-from slm.formats.progress import ProgressFile
+from slm.formats.metrics import MetricsLog, ProgressFile
 from slm.model.transformer import ModelConfig, Transformer
 from slm.train import engine
 from slm.train.batches import Batches, ValidSet
@@ -166,29 +165,10 @@ def requeue_job() -> None:
         warn(f"--requeue: scontrol requeue {job} failed: {proc.stderr.strip() or proc.returncode}")
 
 
-def train(run: Run) -> Path:
-    """Run steps [start_step, end_step); returns the last checkpoint."""
-    d, t, eng = run.dist, run.train, run.engine
-    model = eng.forward_model
-    if t.compile:
-        model = torch.compile(model)
-    run.model.attention_backend = t.attention
-    run.model.activation_checkpointing = t.activation_checkpointing
-    model.train()
-    autocast = autocast_for(t, d.device)
-    flops_per_token = run.model.flops_per_token(run.seq_len)
-    peak = peak_flops(d.device)
-    resumed = run.state.pop("resumed", False)
-    log = MetricsLog(run.run_dir, run.start_step if resumed else None, d.main)
-    tokens_per_step = run.batches.samples_per_step * run.seq_len
-    run.state.setdefault("tokens_seen", 0)
-    run.state.setdefault("bad_steps_total", 0)
-    run.state.setdefault("bad_steps_in_a_row", 0)
-    poison = getattr(eng, "poison", None)
-    compute = run.loss_fn or lm_loss
-
-    stop = {"signal": None}
-    previous = {}
+@contextlib.contextmanager
+def stop_signals():
+    """Inside, SIGTERM and SIGUSR1 only set the yielded dict's "signal": the loop saves and stops after the step."""
+    stop, previous = {"signal": None}, {}
 
     def on_signal(signum, _frame):
         stop["signal"] = signal.Signals(signum).name
@@ -196,7 +176,95 @@ def train(run: Run) -> Path:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         with contextlib.suppress(ValueError):  # not in the main thread
             previous[sig] = signal.signal(sig, on_signal)
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
+
+def take_step(run: Run, model, mbs: list, autocast, compute) -> tuple[float, dict, float, bool]:
+    """Forward and backward over the step's micro-batches, then clip and update: (the step's loss, its other
+    logged terms, the gradient norm, whether the update was applied)."""
+    d, eng = run.dist, run.engine
+    poison = getattr(eng, "poison", None)
+    n_global = all_reduce_sum(torch.tensor(float(sum(mb.n_tokens for mb in mbs)), device=d.device), d)
+    loss_sum = torch.zeros((), device=d.device, dtype=torch.float32)
+    stat_sums: dict[str, torch.Tensor] = {}
+    loss, step_stats = float("nan"), {}
+    for i, mb in enumerate(mbs):
+        last = i == len(mbs) - 1
+        with eng.accumulating(last):
+            with autocast():
+                s, stats = compute(model, mb)
+            loss_sum += s.detach().float()
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0) + v.detach().float()
+            if last:  # the step's loss, known before its last backward
+                names = sorted(stat_sums)
+                sums = all_reduce_sum(torch.stack([loss_sum] + [stat_sums[k] for k in names]), d)
+                loss = float(sums[0] / n_global)
+                step_stats = {k: round(float(sums[1 + j] / n_global), 6) for j, k in enumerate(names)}
+                if not math.isfinite(loss) and poison is not None:
+                    s = poison(s)  # DeepSpeed then sees a non-finite gradient and skips the update
+            # DDP averages gradients over ranks: scale so the step's gradient is of sum / global tokens.
+            eng.backward(s * (d.world / n_global), last)
+    grad_norm, applied = eng.finish_step(math.isfinite(loss))
+    if d.device.type == "cuda":
+        torch.cuda.synchronize(d.device)
+    return loss, step_stats, grad_norm, applied
+
+
+def step_record(run: Run, step: int, lr: float, loss: float, stats: dict, grad_norm: float, applied: bool,
+                dt: float, tps: float, mfu_per_token_s: float | None) -> tuple[dict, str]:
+    """The step's metrics.jsonl record and progress line; a skipped step is counted (and said, on rank 0)."""
+    head = f"{run.stage} step {step + 1}/{run.end_step}"
+    if applied:
+        run.state["bad_steps_in_a_row"] = 0
+        record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
+                  "tokens_seen": run.state["tokens_seen"], "tokens_per_s": round(tps, 1),
+                  "step_seconds": round(dt, 4), "memory_gib": round(memory_gib(run.dist.device), 3), **stats}
+        if mfu_per_token_s:
+            record["mfu"] = round(mfu_per_token_s * tps, 4)
+        return record, (f"{head} loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
+                        + (f" MFU {record['mfu']:.1%}" if mfu_per_token_s else ""))
+    run.state["bad_steps_in_a_row"] += 1
+    run.state["bad_steps_total"] += 1
+    why = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    if run.dist.main:
+        warn(f"step {step}: {why}; the update is skipped ({run.state['bad_steps_in_a_row']} in a "
+             f"row, train.max_bad_steps {run.train.max_bad_steps})")
+    return {"step": step, "skipped": True, "reason": why, "lr": lr, "tokens_seen": run.state["tokens_seen"],
+            "bad_steps_in_a_row": run.state["bad_steps_in_a_row"],
+            "bad_steps_total": run.state["bad_steps_total"]}, f"{head} skipped ({why})"
+
+
+def validate(run: Run, step: int, log: MetricsLog) -> None:
+    """The held-out loss after STEP, logged (and said, against the unigram baseline)."""
+    vl, vstats = evaluate(run)
+    rec = {"step": step, "valid_loss": round(vl, 6), "tokens_seen": run.state["tokens_seen"],
+           **{f"valid_{k}": round(v, 6) for k, v in vstats.items()}}
+    if run.unigram_loss is not None:
+        rec["unigram_loss"] = round(run.unigram_loss, 6)
+    log.write(rec)
+    if run.dist.main:
+        info(f"step {step + 1}: valid loss {vl:.4f}" + (
+            f" (unigram baseline {run.unigram_loss:.4f})" if run.unigram_loss is not None else ""))
+
+
+def train(run: Run) -> Path:
+    """Run steps [start_step, end_step); returns the last checkpoint."""
+    d, t, eng = run.dist, run.train, run.engine
+    model = torch.compile(eng.forward_model) if t.compile else eng.forward_model
+    run.model.attention_backend = t.attention
+    run.model.activation_checkpointing = t.activation_checkpointing
+    model.train()
+    autocast, compute = autocast_for(t, d.device), run.loss_fn or lm_loss
+    peak = peak_flops(d.device)
+    mfu_per_token_s = run.model.flops_per_token(run.seq_len) / (peak * d.world) if peak else None
+    log = MetricsLog(run.run_dir, run.start_step if run.state.pop("resumed", False) else None, d.main)
+    for key in ("tokens_seen", "bad_steps_total", "bad_steps_in_a_row"):
+        run.state.setdefault(key, 0)
     last_ckpt = None
     prog = ProgressFile(run.run_dir, run.stage, run.start_step, run.end_step, enabled=d.main)
     prog.step(tokens_seen=run.state["tokens_seen"], last_checkpoint=str(latest_checkpoint(run.run_dir) or "") or None,
@@ -204,67 +272,21 @@ def train(run: Run) -> Path:
     heartbeat = Heartbeat()
     started = time.perf_counter()
     lr = run.lr_at(max(run.start_step - 1, 0))
-    bar_ctx = progress() if d.main else contextlib.nullcontext()
     try:
-        with bar_ctx as bar:
-            task = bar.add_task(run.stage, total=run.end_step - run.start_step, loss="-", lr="-", tps="-") if bar else None
+        with stop_signals() as stop, (progress() if d.main else contextlib.nullcontext()) as bar:
+            task = bar.add_task(run.stage, total=run.end_step - run.start_step) if bar else None
             for step in range(run.start_step, run.end_step):
                 t0 = time.perf_counter()
                 lr = run.lr_at(step)
                 eng.set_lr(lr)
-                mbs = run.batches.step(run.first_sample_of(step))
-                n_local = torch.tensor(float(sum(mb.n_tokens for mb in mbs)), device=d.device)
-                n_global = all_reduce_sum(n_local.clone(), d)
-                loss_sum = torch.zeros((), device=d.device, dtype=torch.float32)
-                stat_sums: dict[str, torch.Tensor] = {}
-                loss = float("nan")
-                for i, mb in enumerate(mbs):
-                    last = i == len(mbs) - 1
-                    with eng.accumulating(last):
-                        with autocast():
-                            s, stats = compute(model, mb)
-                        loss_sum += s.detach().float()
-                        for k, v in stats.items():
-                            stat_sums[k] = stat_sums.get(k, 0) + v.detach().float()
-                        if last:  # the step's loss, known before its last backward
-                            names = sorted(stat_sums)
-                            sums = all_reduce_sum(torch.stack([loss_sum] + [stat_sums[k] for k in names]), d)
-                            loss = float(sums[0] / n_global)
-                            step_stats = {k: round(float(sums[1 + j] / n_global), 6) for j, k in enumerate(names)}
-                            if not math.isfinite(loss) and poison is not None:
-                                s = poison(s)  # DeepSpeed then sees a non-finite gradient and skips the update
-                        # DDP averages gradients over ranks: scale so the step's gradient is of sum / global tokens.
-                        eng.backward(s * (d.world / n_global), last)
-                grad_norm, applied = eng.finish_step(math.isfinite(loss))
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize(d.device)
+                loss, stats, grad_norm, applied = take_step(run, model, run.batches.step(run.first_sample_of(step)),
+                                                            autocast, compute)
                 dt = time.perf_counter() - t0
-                run.state["tokens_seen"] += tokens_per_step
-                tps = tokens_per_step / dt
-                done = step + 1
-                if applied:
-                    run.state["bad_steps_in_a_row"] = 0
-                    record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                              "tokens_seen": run.state["tokens_seen"], "tokens_per_s": round(tps, 1),
-                              "step_seconds": round(dt, 4), "memory_gib": round(memory_gib(d.device), 3),
-                              **step_stats}
-                    if peak:
-                        record["mfu"] = round(flops_per_token * tps / (peak * d.world), 4)
-                    status = (f"{run.stage} step {done}/{run.end_step} loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
-                              + (f" MFU {record['mfu']:.1%}" if peak else ""))
-                else:
-                    run.state["bad_steps_in_a_row"] += 1
-                    run.state["bad_steps_total"] += 1
-                    why = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-                    record = {"step": step, "skipped": True, "reason": why, "lr": lr,
-                              "tokens_seen": run.state["tokens_seen"],
-                              "bad_steps_in_a_row": run.state["bad_steps_in_a_row"],
-                              "bad_steps_total": run.state["bad_steps_total"]}
-                    status = f"{run.stage} step {done}/{run.end_step} skipped ({why})"
-                    if d.main:
-                        warn(f"step {step}: {why}; the update is skipped ({run.state['bad_steps_in_a_row']} in a "
-                             f"row, train.max_bad_steps {t.max_bad_steps})")
+                run.state["tokens_seen"] += run.batches.samples_per_step * run.seq_len
+                tps = run.batches.samples_per_step * run.seq_len / dt
+                record, status = step_record(run, step, lr, loss, stats, grad_norm, applied, dt, tps, mfu_per_token_s)
                 log.write(record)
+                done = step + 1
                 if not applied and run.state["bad_steps_in_a_row"] >= t.max_bad_steps:
                     good = last_ckpt or latest_checkpoint(run.run_dir)
                     raise SlmError(f"{run.state['bad_steps_in_a_row']} steps in a row (up to step {step}) had a "
@@ -278,39 +300,25 @@ def train(run: Run) -> Path:
                     heartbeat(f"{status} ETA {left / 60:.1f} min", force=done == run.start_step + 1)
                     prog.step(step=done, tokens_seen=run.state["tokens_seen"], lr=lr, tokens_per_s=round(tps, 1),
                               step_seconds=round(dt, 4), eta_s=round(left, 1),
-                              loss=round(loss, 6) if math.isfinite(loss) else None,
-                              force=done == run.start_step + 1)
+                              loss=round(loss, 6) if math.isfinite(loss) else None, force=done == run.start_step + 1)
                 last = done == run.end_step
                 if run.valid is not None and (last or (t.eval_every and done % t.eval_every == 0)):
-                    vl, vstats = evaluate(run)
-                    rec = {"step": step, "valid_loss": round(vl, 6), "tokens_seen": run.state["tokens_seen"],
-                           **{f"valid_{k}": round(v, 6) for k, v in vstats.items()}}
-                    if run.unigram_loss is not None:
-                        rec["unigram_loss"] = round(run.unigram_loss, 6)
-                    log.write(rec)
-                    if d.main:
-                        info(f"step {done}: valid loss {vl:.4f}" + (
-                            f" (unigram baseline {run.unigram_loss:.4f})" if run.unigram_loss is not None else ""))
+                    validate(run, step, log)
                 stopping = any_rank(stop["signal"] is not None, d)
                 if last or stopping or (t.save_every and done % t.save_every == 0):
                     last_ckpt = save(run, done, lr)
                     prog.step(last_checkpoint=str(last_ckpt), force=True)
                 if stopping and not last:
-                    prog.end("stopped", message=f"stopped by {stop['signal'] or 'a signal'} after step {done}; run "
-                             "the same command again to resume")
+                    why = f"stopped by {stop['signal'] or 'a signal'} after step {done}"
+                    prog.end("stopped", message=f"{why}; run the same command again to resume")
                     if run.requeue and d.main:
                         requeue_job()
-                    raise Stopped(f"stopped by {stop['signal'] or 'a signal'} after step {done}; checkpoint {last_ckpt} "
-                                  "saved; run the same command again to resume")
+                    raise Stopped(f"{why}; checkpoint {last_ckpt} saved; run the same command again to resume")
     except SlmError as e:
         if prog.data["state"] == "running":
             prog.end("failed", message=str(e))
         raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if last_ckpt is None:  # nothing to do: already at end_step
-        last_ckpt = latest_checkpoint(run.run_dir)
+    last_ckpt = last_ckpt or latest_checkpoint(run.run_dir)  # None: nothing to do, already at end_step
     prog.end("done", step=run.end_step, last_checkpoint=str(last_ckpt) if last_ckpt else None)
     if d.main:
         err.print(f"{run.stage}: {run.end_step - run.start_step} steps done; checkpoint {last_ckpt}", soft_wrap=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from slm.formats.metrics import read_metrics
+from slm.formats.tables import save_figure
 
 # GPUs by the names --gpu takes: peak dense bf16 tensor-core FLOP/s (vendor data sheets, without sparsity) and
 # memory in GiB. MFU is measured against these peaks; --dry-run plans with them.
@@ -72,7 +73,4 @@ def plot(run_dir: Path, out: Path | None = None) -> Path | None:
     ax_lr.grid(alpha=0.3)
     fig.suptitle(Path(run_dir).name)
     fig.tight_layout()
-    out = Path(out or Path(run_dir) / "loss.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, Path(out or Path(run_dir) / "loss.png"))

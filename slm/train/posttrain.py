@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,33 +25,48 @@ from slm.train.config import resolve
 from slm.train.dist import Dist, barrier, broadcast_object
 from slm.train.loop import Run
 from slm.train.schedules import Schedule
-from slm.train.start import (
-    load_weights,
-    make_engine,
-    new_model,
-    post_training_config,
-    resume_point,
-    saved_config,
-    start_or_resume,
-)
+from slm.train.start import (load_weights, make_engine, new_model, post_training_config, resume_point, saved_config,
+                             start_or_resume)
 
 
-def open_run(out: Path, stage: str, d: Dist, model: Path | None, recipe: str | None, config_file: Path | None,
-             sets: list[str], require_resume: bool, what: str,
-             reopen_source: bool = True) -> tuple[Checkpoint | None, dict, Checkpoint | None, dict | None]:
-    """(the checkpoint to resume from, the resolved config, the checkpoint the run started from, the run's plan):
-    a run directory with a checkpoint resumes with its own config.yaml and plan (REOPEN_SOURCE: open the
-    checkpoint it started from again); otherwise MODEL (WHAT it is, for the error when missing) is opened and its
-    recipe's STAGE settings resolved with --recipe, --config and --set."""
-    resume = resume_point(out, stage, d, require_resume)
+@dataclass(kw_only=True)
+class PostTrainingConfig:
+    """What sft, dpo and selfknow train are given (each stage's config adds its own fields)."""
+
+    model: Path | None
+    """The checkpoint (or run directory) to train."""
+    data: list[str]
+    """Input files (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, saved datasets, directories) or - for stdin."""
+    out: Path | None
+    recipe: str | None = None
+    """Take the stage's settings from this recipe (default: the one the model was trained with)."""
+    config_file: Path | None = None
+    sets: list[str] = field(default_factory=list)
+    skip_bad: bool = False
+    steps: int | None = None
+    """Stop after this many steps (the schedule still spans the epochs)."""
+    device: str = "auto"
+    require_resume: bool = False
+    requeue: bool = False
+
+
+def open_run(cfg: PostTrainingConfig, stage: str, d: Dist, what: str,
+             reopen_source: bool = True) -> tuple[Path, Checkpoint | None, dict, Checkpoint | None, dict | None]:
+    """(run directory, checkpoint to resume from, resolved config, checkpoint the run started from, plan): a run
+    with a checkpoint resumes with its config.yaml and plan (REOPEN_SOURCE: the start checkpoint opened again);
+    else cfg.model (WHAT, for the error) is opened and its recipe's STAGE settings resolved with the flags."""
+    if cfg.out is None:
+        raise SlmError("--out: missing (the run directory)")
+    out = Path(cfg.out)
+    resume = resume_point(out, stage, d, cfg.require_resume)
     if resume is not None:
         plan = resume.train_state[stage]
         source = Checkpoint.open(plan["from"]) if reopen_source else None
-        return resume, resolve(None, None, sets, base=saved_config(out)), source, plan
-    if model is None:
+        return out, resume, resolve(None, None, cfg.sets, base=saved_config(out)), source, plan
+    if cfg.model is None:
         raise SlmError(f"--model: missing ({what})")
-    source = Checkpoint.open(model)
-    return None, post_training_config(source, stage, recipe, config_file, sets), source, None
+    source = Checkpoint.open(cfg.model)
+    return out, None, post_training_config(source, stage, cfg.recipe, cfg.config_file, cfg.sets), source, None
 
 
 @dataclass
@@ -81,8 +96,7 @@ def epochs(s, n: int, steps: int | None) -> Epochs:
 
 
 def answer_ends(tok: Tokenizer, template: ChatTemplate) -> int | list[int]:
-    """The ids that end an answer (generation_config.json's eos_token_id): end of text, and the template's end of
-    turn when it is another token."""
+    """The ids that end an answer (generation_config.json): end of text, and the template's end of turn."""
     eot = tok.spec.special_tokens.get(template.end_of_turn) if template.end_of_turn else None
     return [tok.eos_id, eot] if eot is not None and eot != tok.eos_id else tok.eos_id
 

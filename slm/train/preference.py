@@ -8,9 +8,9 @@ the implicit rewards r_w = beta (log pi(y_w|x) - log pi_ref(y_w|x)) and r_l like
     ipo      (Azar et al. 2023)             (h - 1 / (2 beta))^2, with log-probabilities averaged over the
                                             answer's tokens (as TRL computes IPO)
 
-Pairs are read with StableLM 2's and Zephyr's filters (read_pairs). Logged per pair: rewards of chosen and rejected, their margin, accuracy (r_w > r_l), and a KL estimate, the mean
-over both answers of log pi - log pi_ref. The reference's log-probabilities are computed once before training and
-kept (reference_logprobs/), so training runs only the policy.
+Pairs are read with StableLM 2's and Zephyr's filters (read_pairs). Logged per pair: rewards of chosen and
+rejected, their margin, accuracy (r_w > r_l), a KL estimate (mean over both answers of log pi - log pi_ref). The
+reference's log-probabilities are computed once and kept (reference_logprobs/): training runs only the policy.
 """
 
 from __future__ import annotations
@@ -211,8 +211,7 @@ PAIR_LAYOUT = "logprobs [pairs, 2] float64: summed log-probabilities of the chos
 
 def cached_reference(out: Path, ref_ckpt: Checkpoint, ref_hash: str, data_hash: str, compute, d,
                      layout: str = PAIR_LAYOUT) -> torch.Tensor:
-    """OUT/reference_logprobs/: reused when the reference's and the data's hashes match, else COMPUTE()d and
-    kept (rank 0 writes; every rank gets the tensor)."""
+    """OUT/reference_logprobs/: reused when the reference's and data's hashes match, else COMPUTE()d and kept."""
     cache = out / "reference_logprobs"
     reuse = None
     if d.main and (cache / "manifest.json").is_file():

@@ -160,10 +160,9 @@ def restore(ckpt: Checkpoint, eng: engine.Engine, d: Dist) -> None:
 
 def start_or_resume(resume: Checkpoint | None, eng: engine.Engine, d: Dist, out: Path, resolved: dict,
                     first_line: str, state: dict, fresh_step: int = 0) -> tuple[int, dict]:
-    """Where a run starts. Resumed: RESUME's step, with its optimizer, RNG and counters put back (and said so).
-    Fresh: FRESH_STEP, with RESOLVED written to OUT/config.yaml and FIRST_LINE told (rank 0). STATE is what the
-    run carries in every checkpoint (tokens_seen, the stage's plan); a resumed run takes its counters from RESUME.
-    Returns (the first step, the run's state)."""
+    """(the first step, the run's state). Resumed: RESUME's step, its optimizer, RNG and counters put back (and
+    said). Fresh: FRESH_STEP, RESOLVED written to OUT/config.yaml, FIRST_LINE told. STATE goes into every
+    checkpoint (tokens_seen, the stage's plan)."""
     if resume is None:
         if d.main:
             Path(out).mkdir(parents=True, exist_ok=True)

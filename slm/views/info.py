@@ -13,24 +13,11 @@ import json
 from pathlib import Path
 
 from slm.errors import SlmError
-from slm.formats.manifest import read_json
+from slm.formats.manifest import manifest_of, read_json
 from slm.formats.metrics import last_metrics
 
 SUMMARY_KEYS = ("kind", "stage", "recipe", "step", "tokens_seen", "slm_version", "created_utc", "wall_seconds",
                 "energy_kwh", "tokenizer_sha256")
-
-
-def _manifest(path: Path) -> dict | None:
-    m = path / "manifest.json"
-    if not m.is_file():
-        return None
-    try:
-        data = json.loads(m.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SlmError(f"{m}: not a readable manifest ({e})") from None
-    if not isinstance(data, dict) or "kind" not in data:
-        raise SlmError(f"{m}: not an slm manifest (no 'kind')")
-    return data
 
 
 def _edges(m: dict) -> list[tuple[str, str]]:
@@ -69,7 +56,7 @@ def resolve(path: Path) -> tuple[Path, dict | None, dict]:
             path = path.parent
         else:
             return path, None, {"kind": "file", "bytes": path.stat().st_size}
-    m = _manifest(path)
+    m = manifest_of(path)
     if m is not None:
         run = path.parent.parent if path.parent.name == "checkpoints" else None
         return path, m, (_run_facts(run) if run is not None else {})
@@ -79,7 +66,7 @@ def resolve(path: Path) -> tuple[Path, dict | None, dict]:
         ckpts = list_checkpoints(path)
         if not ckpts:
             raise SlmError(f"{path}: a run directory with no complete checkpoint yet")
-        return ckpts[-1], _manifest(ckpts[-1]), _run_facts(path)
+        return ckpts[-1], manifest_of(ckpts[-1]), _run_facts(path)
     raise SlmError(f"{path}: no manifest.json (not a directory slm wrote) and no checkpoints/ (not a run)")
 
 
@@ -99,20 +86,14 @@ def _run_facts(run: Path) -> dict:
 
 
 def gguf_facts(path: Path) -> dict:
-    from gguf import GGUFReader
+    from slm.formats.gguf import open_fields  # gguf-py: only for a GGUF file
 
-    try:
-        r = GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - gguf-py raises several kinds on a bad file
-        raise SlmError(f"{path}: not a GGUF file gguf-py can read ({e})") from None
-    facts = {"kind": "gguf", "bytes": path.stat().st_size, "tensors": len(r.tensors)}
+    field, tensors = open_fields(path)
+    facts = {"kind": "gguf", "bytes": path.stat().st_size, "tensors": len(tensors)}
     for key in ("general.architecture", "general.name", "general.file_type", "slm.checkpoint",
                 "slm.checkpoint_sha256", "slm.tokenizer_sha256", "slm.quantization"):
-        f = r.fields.get(key)
-        if f is None:
-            continue
-        v = f.contents() if hasattr(f, "contents") else f.parts[f.data[0]]
-        facts[key] = v.tolist() if hasattr(v, "tolist") else v
+        if (v := field(key)) is not None:
+            facts[key] = v
     return facts
 
 
@@ -221,7 +202,7 @@ def summary(path: Path) -> dict:
     for parent in node.get("from", []):
         parent.pop("from", None)
     art = Path(node["path"])
-    m = _manifest(art) if art.is_dir() else None
+    m = manifest_of(art) if art.is_dir() else None
     if m and "counts" in m:
         node["counts"] = m["counts"]
     places = [art] if art.is_dir() else []

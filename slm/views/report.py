@@ -16,39 +16,20 @@ is wrong in the file it came from, which the report names.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from slm.errors import SlmError
-from slm.formats.manifest import write_text
+from slm.formats.manifest import manifest_of, read_json, write_text
 from slm.formats.metrics import last_metrics
-from slm.formats.tables import (
-    QUANTIZE_COLUMNS,
-    markdown,
-    quantize_rows,
-    render_bench,
-    render_eval,
-)
-from slm.formats.tables import number as _f
+from slm.formats.tables import QUANTIZE_COLUMNS, markdown, quantize_rows, render_bench, render_eval, number as _f
 
 SKIP = {"checkpoints", "energy", "lm-eval", "shards", "windows", "train_state", "tasks"}
 TRAINING = ("pretrain", "cooldown", "sft", "dpo", "selfknow")
 
 
 def _json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SlmError(f"{path}: not readable JSON ({e})") from None
+    data = read_json(path)
     return data if isinstance(data, dict) else None
-
-
-def _kind(d: Path) -> str | None:
-    m = d / "manifest.json"
-    if not m.is_file():
-        return None
-    data = _json(m)
-    return data.get("kind") if data else None
 
 
 def _run_stage(run: Path) -> str:
@@ -71,7 +52,7 @@ def collect(root: Path, depth: int = 3) -> dict:
                     "bench": [], "eval": [], "carbon": []}
 
     def walk(d: Path, left: int) -> None:
-        kind = _kind(d)
+        kind = (manifest_of(d) or {}).get("kind")
         if (d / "metrics.jsonl").is_file() and (d / "checkpoints").is_dir():
             entry = last_metrics(d)
             entry["stage"] = _run_stage(d)

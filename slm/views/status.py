@@ -1,6 +1,6 @@
 """`slm status RUNDIR`: where a training run is, from the run's own files, for local runs and SLURM jobs alike.
 
-The run writes RUN/progress.json as it goes (slm.formats.progress): step of total, tokens, loss, learning rate,
+The run writes RUN/progress.json as it goes (slm.formats.metrics): step of total, tokens, loss, learning rate,
 tokens/s, ETA, last checkpoint, state. `slm status` adds whether the process is still there: on the same host, by
 its pid; under SLURM, by `squeue` when it is on PATH (PENDING, RUNNING, REQUEUED ...); otherwise by how long ago the
 file was last updated. Runs without progress.json (written by an older slm) are read from metrics.jsonl and the
@@ -18,8 +18,7 @@ import subprocess
 from pathlib import Path
 
 from slm.errors import SlmError
-from slm.formats import progress
-from slm.formats.metrics import read_metrics
+from slm.formats.metrics import read_metrics, read_progress
 
 
 def _age_s(iso: str | None) -> float | None:
@@ -59,7 +58,7 @@ def status(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SlmError(f"{run_dir}: no such directory")
-    p = progress.read(run_dir)
+    p = read_progress(run_dir)
     ckpts = list_checkpoints(run_dir)
     if p is None:
         if not (run_dir / "metrics.jsonl").is_file() and not ckpts:
