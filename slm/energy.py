@@ -48,6 +48,30 @@ def enabled() -> bool:
     return os.environ.get("SLM_ENERGY", "on").lower() not in ("off", "0", "false", "no")
 
 
+def _tracker_class():
+    """codecarbon's OfflineEmissionsTracker. Under SLURM codecarbon counts the job's CPUs with `scontrol show job`,
+    reading SLURM_JOB_ID when it is imported; without scontrol on PATH its tracker then fails to start and measures
+    nothing, so it is imported without SLURM_JOB_ID and counts the machine's CPUs (said on stderr)."""
+    import shutil
+    import sys
+
+    names = [k for k in ("SLURM_JOB_ID", "SLURM_JOBID") if k in os.environ]
+    if not names or "codecarbon" in sys.modules or shutil.which("scontrol"):
+        from codecarbon import OfflineEmissionsTracker
+
+        return OfflineEmissionsTracker
+    from slm.console import warn
+
+    warn("energy: SLURM_JOB_ID is set but scontrol is not on PATH: codecarbon counts the machine's CPUs, not the "
+         "job's")
+    saved = {k: os.environ.pop(k) for k in names}
+    try:
+        from codecarbon import OfflineEmissionsTracker
+    finally:
+        os.environ.update(saved)
+    return OfflineEmissionsTracker
+
+
 class Meter:
     """with Meter("pretrain"): ... measures the node (local rank 0 only; elsewhere it does nothing)."""
 
@@ -64,7 +88,7 @@ class Meter:
             return self
         try:
             os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")
-            from codecarbon import OfflineEmissionsTracker
+            OfflineEmissionsTracker = _tracker_class()
         except ImportError:
             return self
         logging.getLogger("codecarbon").setLevel(logging.ERROR)
@@ -88,6 +112,10 @@ class Meter:
         _active = None if _active is self else _active
         data = getattr(self.tracker, "final_emissions_data", None)
         if data is None:
+            from slm.console import warn
+
+            warn(f"energy: codecarbon measured nothing for `slm {self.stage}` (its tracker did not start; "
+                 "CODECARBON_LOG_LEVEL=warning shows why): `slm carbon` will not count this command")
             return None
         self.record = make_record(self.stage, data, self.tracker, time.time() - self.t0)
         self.record["started_utc"] = _dt.datetime.fromtimestamp(self.t0, _dt.timezone.utc).isoformat(
@@ -128,10 +156,11 @@ def make_record(stage: str, data, tracker, wall: float) -> dict:
             "codecarbon_version": codecarbon.__version__}
 
 
-def attach(run_dir: Path) -> None:
-    """A training run: the active meter writes its record into RUN_DIR/energy/ when the process ends."""
+def attach(run_dir: Path | None) -> None:
+    """A training run: the active meter writes its record into RUN_DIR/energy/ when the process ends (None: a run
+    that was discarded, nowhere)."""
     if _active is not None and _active.stage in TRAINING:
-        _active.run_dir = Path(run_dir)
+        _active.run_dir = Path(run_dir) if run_dir is not None else None
 
 
 def take() -> dict | None:

@@ -99,7 +99,7 @@ def run_cli(*args, cwd=None, env=None, check=False) -> subprocess.CompletedProce
     full_env = dict(os.environ, **(env or {}))
     full_env.pop("SLM_DEBUG", None)
     proc = subprocess.run([sys.executable, "-m", "slm", *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"slm {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc

@@ -2,9 +2,12 @@
 arithmetic over stage and run directories, and a real stage's meter reading in its manifest."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 pytest.importorskip("codecarbon", reason="codecarbon is in the test extra (scripts/setup.sh)")
 
@@ -32,7 +35,7 @@ def test_estimate_equals_hand_computation():
                                  "--json").stdout)
     assert as_json["energy_kwh"] == pytest.approx(3.0) and as_json["intensity_source"].startswith("codecarbon")
     bad = run_cli("carbon", "estimate", "--gpu-hours", 10, "--gpu", "b200x", "--intensity", 100)
-    assert bad.returncode == 1 and "--gpu 'b200x': expected one of" in bad.stderr
+    assert bad.returncode == 2 and "--gpu 'b200x': unknown; expected one of" in bad.stderr
     region = run_cli("carbon", "estimate", "--gpu-hours", 10, "--gpu", "h100", "--region", "Atlantis")
     assert region.returncode == 1 and "ISO 3166 alpha-3" in region.stderr
 
@@ -86,7 +89,7 @@ def test_rollup_arithmetic(tmp_path):
     none = run_cli("carbon", empty)
     assert none.returncode == 1 and "no energy readings" in none.stderr
     both = run_cli("carbon", root, "--intensity", 100, "--region", "FRA")
-    assert both.returncode == 1 and "not both" in both.stderr
+    assert both.returncode == 2 and "not both" in both.stderr
 
 
 def test_a_stage_records_its_energy_in_its_manifest(tmp_path):
@@ -105,3 +108,25 @@ def test_a_stage_records_its_energy_in_its_manifest(tmp_path):
     assert report["total"]["kg_co2eq"] == pytest.approx(e["energy_kwh"] * 0.056039, rel=1e-6)
     off = run_cli("chat-data", "--out", tmp_path / "off", "--n", 40, env={"SLM_ENERGY": "off"})
     assert off.returncode == 0 and "energy" not in json.loads((tmp_path / "off" / "manifest.json").read_text())
+
+
+def test_the_meter_measures_under_slurm_without_scontrol(tmp_path):
+    """SLURM_JOB_ID set and no `scontrol` on PATH (srun's environment copied to a machine without SLURM's tools):
+    codecarbon's tracker alone fails to start and measures nothing; slm's meter counts the machine's CPUs instead
+    and says so. With a tracker that measured nothing, the meter says that too instead of writing no record."""
+    bin_dir = tmp_path / "bin"  # a PATH with this Python and nothing else: no scontrol, whatever is installed
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {"PATH": str(bin_dir), "SLURM_JOB_ID": "4242", "SLM_ENERGY": "on", "SLM_COUNTRY": "FRA",
+           "PYTHONPATH": str(ROOT)}
+    proc = run_cli("chat-data", "--out", tmp_path / "cd", "--n", 40, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "SLURM_JOB_ID is set but scontrol is not on PATH" in proc.stderr
+    assert json.loads((tmp_path / "cd" / "manifest.json").read_text())["energy"]["energy_kwh"] > 0
+
+    script = ("import codecarbon, slm.energy as e\n"  # codecarbon imported first: the tracker fails as it would
+              "with e.Meter('bench') as m:\n    r = e.take()\nprint(r)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, **env), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "None", proc.stderr
+    assert "energy: codecarbon measured nothing for `slm bench`" in proc.stderr

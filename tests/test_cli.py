@@ -43,8 +43,8 @@ def test_usage_errors_exit_nonzero():
 
 def test_debug_shows_the_traceback():
     env = dict(os.environ, SLM_DEBUG="1")
-    proc = subprocess.run([sys.executable, "-m", "slm", "mix", "nonexistent.yaml"], env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, "-m", "slm", "mix", "nonexistent.yaml", "--dry-run"], env=env,
+                          capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "SlmError" in proc.stderr
 
 
@@ -60,3 +60,16 @@ def test_completion_completes_commands_and_options():
     assert run_cli(env=env).stdout.split() == ["tokenize"]
     env = {"_SLM_COMPLETE": "complete_bash", "COMP_WORDS": "slm tokenize encode --sk", "COMP_CWORD": "3"}
     assert run_cli(env=env).stdout.split() == ["--skip-bad"]
+
+
+def test_completion_completes_option_values():
+    """--recipe, a cooldown's RECIPE:STEP, --suite and --gpu complete to what the command accepts."""
+    def complete(words):
+        env = {"_SLM_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
+        return run_cli(env=env).stdout.split()
+
+    assert complete("slm pretrain --recipe smollm2-1") == ["smollm2-135m", "smollm2-1_7b"]
+    assert complete("slm sft --recipe ti") == ["tiny"]
+    assert "smollm2-1_7b:long_context" in complete("slm cooldown --recipe smollm2-1_7b")
+    assert complete("slm eval m --suite stablelm2-") == ["stablelm2-leaderboard", "stablelm2-multilingual"]
+    assert complete("slm carbon estimate --gpu mi") == ["mi300x", "mi250x"]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import run_cli
 
 from slm.errors import SlmError
@@ -72,7 +73,7 @@ def test_plan_refusals():
     cfg = ModelConfig(family="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
                       intermediate_size=128, max_seq_len=64)
     t = TrainSettings(tokens_per_step=256, micro_batch_size=4)
-    with pytest.raises(SlmError, match="--gpu 'b200': expected one of h200, h100"):
+    with pytest.raises(SlmError, match="--gpu 'b200': unknown; expected one of h200, h100"):
         plan(cfg, t, 32, 10, 1, "single", "b200", 0.4, "bf16")
     with pytest.raises(SlmError, match="8 samples per step, not divisible by 3 processes"):
         plan(cfg, t, 32, 10, 3, "ddp", "h100", 0.4, "bf16")
@@ -89,7 +90,7 @@ def test_dry_run_reads_the_mix_and_writes_nothing(tmp_path, train_data):
     assert p["seq_len"] == 32 and p["steps"] == 7 and p["processes"] == 2 and p["engine"] == "ddp"
     assert p["parameters"] == 214_016 and not out.exists()
     proc = run_cli("pretrain", "--config", train_data / "model.yaml", "--dry-run", "--steps", "7")
-    assert proc.returncode == 1 and "--data: missing (the plan needs the mix's seq_len" in proc.stderr
+    assert proc.returncode == 2 and "--data: missing (the plan needs the mix's seq_len" in proc.stderr
     proc = run_cli("pretrain", "--recipe", "tiny", "--dry-run", "--steps", "7")
     assert proc.returncode == 1 and "model.vocab_size: the recipe takes it from the data's tokenizer" in proc.stderr
     last = run_cli("pretrain", "--config", train_data / "model.yaml", "--data", train_data / "mix", "--out", out,
@@ -98,3 +99,52 @@ def test_dry_run_reads_the_mix_and_writes_nothing(tmp_path, train_data):
     proc = run_cli("cooldown", "--from", out, "--data", train_data / "mix", "--steps", "5", "--dry-run", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["steps"] == 5 and json.loads(proc.stdout)["parameters"] == 214_016
+
+
+def test_a_micro_batch_larger_than_a_process_share_shrinks_aloud(capfd):
+    """The tiny recipe's micro-batch 16 on 2 processes that take 8 samples each per step: micro-batches of 8 (the
+    step is the same), said on stderr; one that does not divide the share takes the largest size that does."""
+    from slm.train.batches import StepBatches
+
+    b = StepBatches(16, 16, rank=0, world=2, device=torch.device("cpu"), micro_name="train.micro_batch_size")
+    assert (b.micro, b.accumulation) == (8, 1)
+    assert ("train.micro_batch_size 16 is more than the 8 samples each of 2 processes takes per step: using "
+            "micro-batches of 8 (1 per step") in capfd.readouterr().err
+    b = StepBatches(24, 5, rank=0, world=2, device=torch.device("cpu"))
+    assert (b.micro, b.accumulation) == (4, 3) and "does not divide" in capfd.readouterr().err
+    b = StepBatches(16, 4, rank=1, world=2, device=torch.device("cpu"))
+    assert (b.micro, b.accumulation) == (4, 2) and capfd.readouterr().err == ""
+    cfg = ModelConfig(family="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+                      intermediate_size=128, max_seq_len=64)
+    p = plan(cfg, TrainSettings(tokens_per_step=512, micro_batch_size=16), 32, 10, 2, "ddp", "h100", 0.4, "bf16")
+    assert (p["micro_batch_size"], p["accumulation_steps"]) == (8, 1)
+
+
+def test_one_gpu_table_for_the_planner_and_the_carbon_estimate(train_data):
+    """Every GPU the carbon estimate knows has its board power; every one with a datasheet peak plans; a100 is the
+    SXM 80 GB board for both."""
+    from slm.devices import ALIASES, GPUS, gpu, gpu_of_device
+    from slm.stages.carbon import estimate
+
+    cfg = ModelConfig(family="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+                      intermediate_size=128, max_seq_len=64)
+    t = TrainSettings(tokens_per_step=256, micro_batch_size=4)
+    for name, g in GPUS.items():
+        assert estimate(10, name, None, 1.0, 100, None)["power_w"] == g.power_w
+        if g.peak_flops:
+            assert plan(cfg, t, 32, 10, 1, "single", name, 0.4, "bf16")["gpu_peak_tflops"] == g.peak_flops / 1e12
+        else:
+            with pytest.raises(SlmError, match="no datasheet peak FLOPs"):
+                plan(cfg, t, 32, 10, 1, "single", name, 0.4, "bf16")
+    assert gpu("a100") == gpu("A100-80GB") == GPUS["a100-80gb"] and set(ALIASES.values()) <= set(GPUS)
+    assert estimate(10, "a100", None, 1.0, 100, None)["gpu"] == "a100-80gb"
+    for device, name in (("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100-pcie"),
+                         ("NVIDIA A100-SXM4-80GB", "a100-80gb"), ("NVIDIA A10G", "a10g"), ("NVIDIA A10", "a10"),
+                         ("NVIDIA L40S", "l40s"), ("NVIDIA L4", "l4"), ("Tesla V100-SXM2-32GB", "v100"),
+                         ("NVIDIA GeForce RTX 4090", "rtx-4090"), ("AMD Instinct MI300X", "mi300x")):
+        assert gpu_of_device(device).name == name, device
+    proc = run_cli("pretrain", "--config", train_data / "model.yaml", "--data", train_data / "mix", "--dry-run",
+                   "--steps", "10", "--gpu", "a100", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["gpu"] == "a100-80gb", proc.stderr
+    proc = run_cli("carbon", "estimate", "--gpu-hours", "10", "--gpu", "a100", "--intensity", "100", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["power_w"] == 400, proc.stderr

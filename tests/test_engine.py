@@ -3,9 +3,13 @@ and a run moves between engines and numbers of processes with the same samples i
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,10 +46,13 @@ def one_process(data, out, steps, *sets):
                                    device="cpu", sets=list(sets)))
 
 
-def two_processes(data, out, steps, *args, nproc=2):
+def extensions_dir() -> Path:
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions")))
+
+
+def two_processes(data, out, steps, *args, nproc=2, env=None):
     """`torchrun --nproc_per_node 2 -m slm pretrain ...` (each process gets one of the two cores)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions_dir()), **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), "-m", "slm", "pretrain", "--config", str(data / "model.yaml"), "--data",
            str(data / "mix"), "--out", str(out), "--steps", str(steps), "--device", "cpu", *map(str, args)]
@@ -192,3 +199,23 @@ def test_deepspeed_config_from_train_settings_and_a_users_file():
         with pytest.raises(SlmError, match=message.replace("*", r"\*")):
             deepspeed_config(t, 4, 2, 2, bad, "x.json")
     assert deepspeed_config(t, 4, 2, 2, {"bf16": {"enabled": False}}, "x.json")["bf16"] == {"enabled": False}
+
+
+@needs_deepspeed
+def test_a_stale_extension_build_lock_is_removed(tmp_path, train_data):
+    """A DeepSpeed run killed while torch built DeepSpeed's communication op leaves the build's `lock` file; every
+    later build then waits on it for ever, without a word. slm removes a lock whose build directory has been idle
+    for 10 minutes, says so, and the run goes on."""
+    ext = tmp_path / "torch_extensions"
+    if extensions_dir().is_dir():  # the built op comes along: nothing to compile again
+        shutil.copytree(extensions_dir(), ext, ignore=shutil.ignore_patterns("lock"))
+    build = ext / "deepspeed_shm_comm"
+    build.mkdir(parents=True, exist_ok=True)
+    (build / "lock").touch()
+    idle = time.time() - 700
+    for p in build.iterdir():
+        os.utime(p, (idle, idle))
+    proc = two_processes(train_data, tmp_path / "run", 2, "--engine", "deepspeed", nproc=1,
+                         env={"TORCH_EXTENSIONS_DIR": str(ext)})
+    assert re.search(r"lock: removed a C\+\+ extension build lock idle for 1\d min", proc.stderr), proc.stderr[-2000:]
+    assert not (build / "lock").exists()

@@ -167,7 +167,8 @@ def test_suites_resolve_in_lm_eval_registry():
 
 
 def test_errors(tmp_path, model_pair):
-    """A missing dataset, an unknown task or suite, a file that is not GGUF: one line each, exit 1, nothing written."""
+    """A missing dataset, an unknown task or suite, a file that is not GGUF: one line each, exit 1 (2 for a bad
+    command line), nothing written."""
     ckpt, gguf = model_pair
     missing = run_cli("eval", gguf, "--tasks", "arc_easy", "--out", tmp_path / "a", env=OFFLINE)
     assert missing.returncode == 1
@@ -177,13 +178,13 @@ def test_errors(tmp_path, model_pair):
     unknown = run_cli("eval", gguf, "--tasks", "slm_cloze,no_such_task", "--out", tmp_path / "b", env=OFFLINE)
     assert unknown.returncode == 1 and "'no_such_task' is not an lm-eval task" in unknown.stderr
     suite = run_cli("eval", gguf, "--suite", "nope", "--out", tmp_path / "c")
-    assert suite.returncode == 1 and "--suite 'nope': expected one of" in suite.stderr
+    assert suite.returncode == 2 and "--suite 'nope': expected one of" in suite.stderr
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not a model")
     bad = run_cli("eval", fake, "--suite", "slm-local", "--out", tmp_path / "d")
     assert bad.returncode == 1 and "not a GGUF file" in bad.stderr
     neither = run_cli("eval", gguf, "--out", tmp_path / "e")
-    assert neither.returncode == 1 and "--suite NAME or --tasks" in neither.stderr
+    assert neither.returncode == 2 and "--suite NAME or --tasks" in neither.stderr
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +271,7 @@ def test_mt_bench_input_errors(tmp_path, chat_pair):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps(QUESTIONS[0]) + "\n")
     nojudge = run_cli("eval", gguf, "--mt-bench", good, "--out", tmp_path / "y")
-    assert nojudge.returncode == 1 and "--judge" in nojudge.stderr
+    assert nojudge.returncode == 2 and "--judge" in nojudge.stderr
     down = run_cli("eval", gguf, "--mt-bench", tmp_path / "none.jsonl", "--judge", "http://127.0.0.1:9/v1",
                    "--out", tmp_path / "z")
     assert down.returncode == 1 and "no such file" in down.stderr

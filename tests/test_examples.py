@@ -216,9 +216,38 @@ def test_every_command_has_json_and_a_working_example():
         assert "--json" in opts, f"slm {name} has no --json"
         import re
 
-        m = re.search(r"Examples?: (slm.*)", cmd.help or "", re.S)
+        m = re.search(r"Examples?:\s*\x08?\s*(slm.*)", cmd.help or "", re.S)
         assert m, f"slm {name} --help has no example"
         example = m.group(1)
         invocations = slm_invocations(example)
         assert invocations and invocations[0][0] == path, (name, invocations)
         assert check_invocations(invocations) == [], name
+
+
+def test_messages_name_real_options():
+    """Every --option that a message or a help text in slm/ names is one slm has, and every `slm ...` command they
+    quote exists with its options: an error that sends the user to an option that is not there is a dead end."""
+    import ast
+    import re
+
+    root = _click_app()
+    known = {"--help"}
+
+    def walk(cmd):
+        for p in cmd.params:
+            known.update(p.opts, getattr(p, "secondary_opts", []))
+        for sub in getattr(cmd, "commands", {}).values():
+            walk(sub)
+
+    walk(root)
+    problems = []
+    for path in sorted((ROOT / "slm").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+                continue
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            problems += [f"{where}: no option {o}" for o in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", node.value)
+                         if o not in known]
+            for quoted in re.findall(r"`(slm [^`]+)`", node.value):
+                problems += [f"{where}: {p}" for p in check_invocations(slm_invocations(quoted))]
+    assert problems == []

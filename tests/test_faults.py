@@ -95,9 +95,33 @@ def test_no_checkpoint_verifies(tmp_path, train_data):
                    "--steps", "8", "--device", "cpu")
     assert proc.returncode == 1
     assert "step-00000005: skipped, it does not verify (config.json is missing)" in proc.stderr
-    assert proc.stderr.strip().endswith("none of its 1 checkpoint(s) verifies (see above); move checkpoints/ "
+    assert proc.stderr.strip().endswith("none of its 1 checkpoint verifies (see above); move checkpoints/ "
                                         "aside to start over")
     assert (run / "checkpoints" / "step-00000005" / "model.safetensors").exists()  # never deleted
+
+
+@pytest.mark.parametrize("damage", ["config.json", "model.safetensors"])
+def test_readers_name_the_newest_checkpoint_they_skip(tmp_path, train_data, damage):
+    """`slm info`, `slm generate` and `slm quantize` of a run whose newest checkpoint lost a file (or half its
+    weights) use the one before and say so, once, naming both; quantize.json records the one it used."""
+    run = tmp_path / "run"
+    _pretrain(train_data, run, 10, "train.save_every=5")
+    bad = run / "checkpoints" / "step-00000010" / damage
+    if damage == "config.json":
+        bad.unlink()
+    else:
+        with open(bad, "r+b") as f:
+            f.truncate(bad.stat().st_size // 2)
+    said = f"{run / 'checkpoints' / 'step-00000010'}: skipped, not a complete checkpoint"
+    info = run_cli("info", run)
+    assert info.returncode == 0 and info.stderr.count(said) == 1 and "using the older step-00000005" in info.stderr
+    assert "step-00000005" in info.stdout
+    gen = run_cli("generate", run, "def", "--max-new-tokens", "2")
+    assert gen.returncode == 0 and gen.stderr.count(said) == 1
+    q = run_cli("quantize", run, "--type", "f16", "--no-report", "--out", tmp_path / "q")
+    assert q.returncode == 0 and q.stderr.count(said) == 1, q.stderr
+    assert "step-00000005" in (tmp_path / "q" / "manifest.json").read_text()
+    assert "step-00000010" not in (tmp_path / "q" / "manifest.json").read_text()
 
 
 def _can_mount_tmpfs(where: Path) -> bool:

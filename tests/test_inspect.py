@@ -147,7 +147,7 @@ def test_json_summaries_of_stage_outputs(tmp_path, base_ckpt, train_data):
     assert s["kind"] == "checkpoint" and s["stage"] == "cooldown" and s["step"] == 6
     assert s["path"].endswith("step-00000006") and s["run"] == str(tmp_path / "cool")
     assert {f["relation"]: f["path"] for f in s["from"]}["parent"] == str(base_ckpt.resolve())
-    assert s["metrics"]["step"] == 5 and isinstance(s["metrics"]["loss"], float)
+    assert s["metrics"]["step"] == 6 and isinstance(s["metrics"]["loss"], float)  # steps done, as the checkpoint
     plot = json.loads(run_cli("plot", tmp_path / "cool", "--json").stdout)
     assert plot == {"path": str(tmp_path / "cool" / "loss.png")}
     gen = run_cli("generate", tmp_path / "cool", "def", "--max-new-tokens", "4", "--temperature", "0", "--device",

@@ -25,7 +25,7 @@ LAYERS = {
     "slm.train": 3, "slm.energy": 2.5,
     "slm.formats": 2, "slm.recipes": 2,
     "slm.model": 1,
-    "slm": 0, "slm.errors": 0, "slm.console": 0,
+    "slm": 0, "slm.errors": 0, "slm.console": 0, "slm.devices": 0.5,
 }
 # Third-party packages that cost real time to import: a function-level import of an slm module is justified only
 # when it brings one of these that the importing module does not already load. (yaml and rich cost 16 and 30 ms:

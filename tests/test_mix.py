@@ -309,3 +309,16 @@ def test_min_doc_tokens_errors(tmp_path, sources, source, message):
                                     "phases": [{"tokens": 100, "weights": {"a_long": 1}}]}))
     proc = run_cli("mix", path, "--dry-run")
     assert proc.returncode == 1 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_weights_that_do_not_add_up_to_one_are_normalised_aloud(tmp_path, sources):
+    """{a: 0.7, b: 0.7} is 0.5 / 0.5: said on stderr, with the shares used; weights that add up to 1 say nothing."""
+    m = write_mix(tmp_path / "m.yaml", sources, [{"name": "p", "tokens": 500, "weights": {"a": 0.7, "b": 0.7}}])
+    proc = run_cli("mix", m, "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "phases[0].weights add up to 1.4, not 1: normalised to a 0.5, b 0.5" in proc.stderr
+    assert [r["weight"] for r in json.loads(proc.stdout)["ledger"]] == [0.5, 0.5]
+    ok = write_mix(tmp_path / "ok.yaml", sources, [{"name": "p", "tokens": 500, "weights": {"a": 0.7, "b": 0.3}}])
+    assert "add up to" not in run_cli("mix", ok, "--dry-run").stderr
+    ratios = write_mix(tmp_path / "r.yaml", sources, [{"name": "p", "tokens": 500, "weights": {"a": 3, "b": 2}}])
+    assert "add up to" not in run_cli("mix", ratios, "--dry-run").stderr  # ratios, as the docs allow

@@ -179,7 +179,7 @@ def test_int4_openvino(tmp_path, base_ckpt, small_tok):
 
 def test_errors(tmp_path, base_ckpt):
     proc = run_cli("quantize", base_ckpt, "--type", "q3_k", "--out", tmp_path / "x")
-    assert proc.returncode == 1 and "--type 'q3_k': expected some of f32, f16" in proc.stderr
+    assert proc.returncode == 2 and "--type 'q3_k': expected some of f32, f16" in proc.stderr
     proc = run_cli("quantize", tmp_path / "nothing", "--out", tmp_path / "x")
     assert proc.returncode == 1 and "nothing" in proc.stderr
     assert not (tmp_path / "x").exists()
@@ -261,3 +261,16 @@ def test_given_gguf_files_are_scored_and_their_lineage_checked(tmp_path, base_ck
     (tmp_path / "junk.gguf").write_bytes(b"GGUF but not really")
     with pytest.raises(SlmError, match="not a GGUF file gguf-py can read"):
         check_lineage(tmp_path / "junk.gguf", ckpt)
+
+
+def test_bench_peak_memory_is_the_models_own(tmp_path, base_ckpt):
+    """Each model is measured in a process of its own; its peak memory must not count the 1 GiB tensor of the
+    bandwidth probe that slm bench runs first (getrusage's ru_maxrss does, across fork and exec)."""
+    common = ["--prompt", 8, "--gen", 2, "--repeat", 1, "--threads", 1, "--format", "json"]
+    given = run_cli("bench", base_ckpt, *common, "--bandwidth", 10)
+    probed = run_cli("bench", base_ckpt, *common)
+    assert given.returncode == probed.returncode == 0, probed.stderr
+    a = json.loads(given.stdout)["results"][0]["peak_rss_bytes"]
+    b = json.loads(probed.stdout)["results"][0]["peak_rss_bytes"]
+    assert b < a + (256 << 20), (a, b)  # the probe alone holds 1,024 MiB
+    assert json.loads(probed.stdout)["device"]["bandwidth_source"].startswith("measured")

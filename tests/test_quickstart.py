@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -106,3 +107,21 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert f"{bill['total']['energy_kwh']:.6f} kWh" in report and bill["model_card"] in report
     assert bill["total"]["energy_kwh"] == pytest.approx(sum(r["energy_kwh"] for r in bill["rows"]))
     assert bill["total"]["energy_kwh"] > 0 and "kWh" in (out / "carbon" / "carbon.md").read_text()
+    # Every artifact names every input it was made from by absolute path and sha256, so that `slm info` walks the
+    # released file back to the raw text; a run directory has its own manifest.
+    for m_path in sorted(out.rglob("manifest.json")):
+        m = json.loads(m_path.read_text())
+        for i in m.get("inputs", []):
+            if i["path"] != "-" and "://" not in i["path"]:
+                assert os.path.isabs(i["path"]) and len(i.get("sha256") or "") == 64, (str(m_path), i)
+    newest = json.loads((out / "runs" / "selfknow" / "checkpoints" / "latest" / "manifest.json").read_text())
+    assert {i["role"] for i in newest["inputs"]} >= {"parent", "data", "facts"}
+    info = subprocess.run([sys.executable, "-m", "slm", "info", str(out / "release" / "selfknow-q4_k_m.gguf"),
+                           "--depth", "12"], capture_output=True, text=True, cwd=out)
+    assert info.returncode == 0 and "Q4_K_M" in info.stdout and "file type" not in info.stdout, info.stderr
+    for ancestor in ("selfknow_pairs", "runs/dpo", "runs/cooldown", "runs/pretrain", "mix", "tokens/code",
+                     "corpus/code/train.jsonl", "facts.yaml"):
+        assert ancestor in info.stdout, ancestor
+    rep = subprocess.run([sys.executable, "-m", "slm", "report", str(out), "--json"], capture_output=True, text=True)
+    steps = {e["dir"]: e["step"] for e in json.loads(rep.stdout)["training"]}
+    assert steps["runs/pretrain"] == 150 and steps["runs/cooldown"] == 180  # as the Markdown and the checkpoints say

@@ -272,7 +272,7 @@ def test_cli_errors_name_the_field(tmp_path, chat_ckpt):
     data = _pairs_file(tmp_path / "pairs.jsonl", 4)
     proc = run_cli("selfknow", "train", "--model", chat, "--data", data, "--out", tmp_path / "x",
                    "--class-weights", "pos=1,negative=0.1")
-    assert proc.returncode == 1 and "--class-weights 'pos=1,negative=0.1': expected pos=W,neg=W" in proc.stderr
+    assert proc.returncode == 2 and "--class-weights 'pos=1,negative=0.1': expected pos=W,neg=W" in proc.stderr
     proc = run_cli("selfknow", "train", "--model", chat, "--data", data, "--out", tmp_path / "x",
                    "--negative-token", "NEG")
     assert proc.returncode == 1 and "selfknow.negative_token" in proc.stderr
@@ -348,3 +348,16 @@ def test_train_resumes_exactly(tmp_path, chat_ckpt):
     a, b = Checkpoint.open(whole).state_dict(), Checkpoint.open(parts).state_dict()
     assert Checkpoint.open(parts).dir.name == "step-00000004"
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pairs_that_state_the_facts_equally_often_warn(capfd):
+    """A chat model that ignores the system prompt answers alike with and without the facts: the pairs teach
+    nothing, and `selfknow generate` says so, why, and what to do; a clear gap says nothing."""
+    from slm.stages.selfknow_pairs import warn_if_uninformative
+
+    warn_if_uninformative({"chosen_name": 0.0, "rejected_name": 0.0, "chosen_maker": 0.02, "rejected_maker": 0.0})
+    err = capfd.readouterr().err
+    assert "warning: selfknow: chosen and rejected answers state the facts about as often (the name 0% vs 0%" in err
+    assert "does not follow the system prompt" in err and "slm sft" in err
+    warn_if_uninformative({"chosen_name": 0.4, "rejected_name": 0.01, "chosen_maker": 0.0, "rejected_maker": 0.0})
+    assert capfd.readouterr().err == ""

@@ -151,10 +151,10 @@ def test_smollm_single_regex_equals_digits_then_gpt2_bytelevel():
 
 def test_train_errors(tmp_path, small_corpus):
     proc = run_cli("tokenize", "train", "--corpus", small_corpus, "--vocab-size", "100", "--out", tmp_path / "t")
-    assert proc.returncode == 1 and "--vocab-size" in proc.stderr and "at least 289" in proc.stderr
+    assert proc.returncode == 2 and "--vocab-size" in proc.stderr and "at least 289" in proc.stderr
     proc = run_cli("tokenize", "train", "--corpus", small_corpus, "--vocab-size", "500", "--rules", "gpt9",
                    "--out", tmp_path / "t")
-    assert proc.returncode == 1 and "--rules" in proc.stderr
+    assert proc.returncode == 2 and "--rules" in proc.stderr
     empty = write_jsonl(tmp_path / "e.jsonl", [])
     proc = run_cli("tokenize", "train", "--corpus", empty, "--vocab-size", "500", "--out", tmp_path / "t")
     assert proc.returncode == 1

@@ -224,6 +224,17 @@ def test_sigterm_saves_and_resumes(tmp_path, train_data):
     assert losses(out) == losses(tmp_path / "whole")
 
 
+def test_a_finished_run_prints_the_same_path_again(tmp_path, train_data):
+    """Re-running a finished run does nothing and prints the checkpoint as the first run did (as the user named the
+    run directory), so `ckpt=$(slm pretrain ...)` holds the same text either way."""
+    args = ["pretrain", "--config", train_data / "model.yaml", "--data", train_data / "mix", "--out", "runs/p",
+            "--steps", "2", "--device", "cpu"]
+    first, again = run_cli(*args, cwd=tmp_path), run_cli(*args, cwd=tmp_path)
+    assert first.returncode == again.returncode == 0, again.stderr
+    assert first.stdout == again.stdout == "runs/p/checkpoints/step-00000002\n"
+    assert "already at step 2 of 2" in again.stderr and "0 steps done" in again.stderr
+
+
 def test_refusals(tmp_path, train_data, arcade_dir):
     mix = train_data / "mix"
     cfg = train_data / "model.yaml"
@@ -239,7 +250,9 @@ def test_refusals(tmp_path, train_data, arcade_dir):
                    "--set", "train.lr_pek=1")
     assert proc.returncode == 1 and "train.lr_pek: unknown field; did you mean 'lr_peak'?" in proc.stderr
     proc = run_cli("pretrain", "--data", mix, "--out", tmp_path / "r5", "--steps", "2")
-    assert proc.returncode == 1 and "--recipe: missing" in proc.stderr
+    assert proc.returncode == 2 and "--recipe: missing" in proc.stderr  # bad usage
+    for r in ("r1", "r2", "r3", "r4", "r5"):  # each failed before its first checkpoint: nothing left
+        assert not (tmp_path / r).exists(), r
     # A checkpoint trained on another tokenizer is refused before any work.
     last = _pretrain(train_data, tmp_path / "base", 1)
     other = tmp_path / "other"

@@ -8,10 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from slm.cli.options import app, Json, emit
-from slm.errors import SlmError
 
 
-@app.command("quantize", rich_help_panel="Deployment")
+@app.command("quantize", short_help="GGUF and INT4 files, with what each costs in quality")
 def quantize(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory.", show_default=False)] = None,
@@ -45,13 +44,14 @@ def quantize(
     divergence and top-1 agreement against the fp32 model on held-out tokens, size and bits per weight; prints the
     directory (quantize.json has the numbers).
 
-    Example: slm quantize runs/selfknow --type f16,q8_0,q4_k_m,int4 --valid chat/valid.jsonl --out release
+    Example:
+
+    \b
+      slm quantize runs/selfknow --type f16,q8_0,q4_k_m,int4 \\
+          --valid chat/valid.jsonl --out release
     """
     from slm.stages.quantize import DEFAULT_TYPES, QuantizeConfig, parse_types, run
 
-    for flag, value in (("--eval-tokens", eval_tokens), ("--window", window), ("--int4-group-size", int4_group_size)):
-        if value < 2:
-            raise SlmError(f"{flag} {value}: expected at least 2")
     types = parse_types(type_) if type_ is not None else ([] if gguf else list(DEFAULT_TYPES))
     emit(run(QuantizeConfig(checkpoint=checkpoint, out=out, types=types, gguf=list(gguf or []), valid=list(valid or []),
                             eval_tokens=eval_tokens, window=window, threads=threads, name=name,
@@ -59,7 +59,7 @@ def quantize(
                             int4_all_layers=int4_all_layers, report=not no_report)), json_out)
 
 
-@app.command("bench", rich_help_panel="Deployment")
+@app.command("bench", short_help="Tokens/s, latency and memory of models (as llama-bench)")
 def bench(
     models: Annotated[list[Path], typer.Argument(help="Checkpoints, .gguf files or INT4 directories.",
                                                  show_default=False)],
@@ -85,7 +85,11 @@ def bench(
     """Prompt-processing and generation tokens/s (mean ± std), time to first token, peak memory and size of each
     model, with the memory-bandwidth bound of generation and the fraction reached; like llama-bench's table.
 
-    Example: slm bench runs/selfknow release/selfknow-q4_k_m.gguf --prompt 128 --gen 32 --out bench
+    Example:
+
+    \b
+      slm bench runs/selfknow release/selfknow-q4_k_m.gguf --prompt 128 \\
+          --gen 32 --out bench
     """
     from slm.stages.bench import BenchConfig, run, table
 

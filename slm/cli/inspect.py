@@ -12,9 +12,10 @@ from typing import Annotated, Optional
 import typer
 
 from slm.cli.options import app
+from slm.errors import AT_LEAST_0, POSITIVE, check_ranges
 
 
-@app.command("info", rich_help_panel="Inspection")
+@app.command("info", short_help="What an artifact is and where it came from")
 def info(
     path: Annotated[Path, typer.Argument(help="A directory slm wrote, a run directory, a checkpoint or a .gguf file.",
                                          show_default=False)],
@@ -24,10 +25,15 @@ def info(
     """Print an artifact's manifest summary and its ancestry: the tokenizer, data, mix and checkpoints that made it
     (from each manifest's inputs, parent and mix), as a tree, or as JSON for jq.
 
-    Example: slm info runs/selfknow      slm info release/selfknow-q4_k_m.gguf --json | jq .from
+    Examples:
+
+    \b
+      slm info runs/selfknow
+      slm info release/selfknow-q4_k_m.gguf --json | jq .from
     """
     from slm.views import info as info_view
 
+    check_ranges({"depth": depth}, depth=AT_LEAST_0)
     node = info_view.describe(path, depth)
     if json_:
         print(json.dumps(node, indent=2, default=str))
@@ -40,7 +46,7 @@ def info(
         out.print(info_view.render(node), crop=False)
 
 
-@app.command("status", rich_help_panel="Inspection")
+@app.command("status", short_help="Where a training run is: step, loss, ETA, process")
 def status(
     run_dir: Annotated[Path, typer.Argument(help="A training run directory (pretrain, cooldown, sft, dpo, selfknow "
                                             "train).", show_default=False)],
@@ -52,10 +58,14 @@ def status(
     """Where a run is: step of total, tokens, loss, learning rate, tokens/s, ETA, last checkpoint, and whether its
     process (or SLURM job) is still there; from the run's own progress.json, for local runs and SLURM jobs alike.
 
-    Example: slm status runs/pretrain --follow
+    Example:
+
+    \b
+      slm status runs/pretrain --follow
     """
     from slm.views import status as status_view
 
+    check_ranges({"interval": interval}, interval=POSITIVE)
     p = status_view.status(run_dir)
     if not follow:
         print(status_view.as_json(p) if json_ else status_view.render(run_dir, p))
@@ -65,13 +75,13 @@ def status(
             print(status_view.as_json(p) if json_ else status_view.render(run_dir, p) + "\n", flush=True)
             if p.get("state") != "running":
                 break
-            time.sleep(max(0.2, interval))
+            time.sleep(interval)
             p = status_view.status(run_dir)
     except KeyboardInterrupt:
         pass
 
 
-@app.command("report", rich_help_panel="Inspection")
+@app.command("report", short_help="One summary of everything slm made under a directory")
 def report(
     directory: Annotated[Path, typer.Argument(help="A directory holding slm's outputs (a pipeline's working "
                                               "directory).", show_default=False)],
@@ -83,7 +93,11 @@ def report(
     unigram baseline, DPO's preference accuracy before and after, the self-knowledge check, the quantization
     quality table, the bench table, the eval table and the carbon bill; read from the files the stages wrote.
 
-    Example: slm report quickstart-out      slm report . --json | jq '.dpo[0].preference_accuracy_after'
+    Examples:
+
+    \b
+      slm report quickstart-out
+      slm report . --json | jq '.dpo[0].preference_accuracy_after'
     """
     from slm.views import report as report_view
 

@@ -7,17 +7,19 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
-from slm.cli.options import app, emit
-from slm.errors import SlmError
+from slm.cli.options import app, complete_gpus, complete_suites, emit
+from slm.devices import GPUS
+from slm.errors import SlmError, UsageError
 
 
-@app.command("eval", rich_help_panel="Measurement")
+@app.command("eval", short_help="Score models with lm-evaluation-harness, side by side")
 def eval_(
     models: Annotated[list[Path], typer.Argument(help="Checkpoints, run directories or .gguf files.",
                                                  show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)],
-    suite: Annotated[Optional[str], typer.Option("--suite", help="stablelm2-leaderboard, stablelm2-multilingual, "
+    suite: Annotated[Optional[str], typer.Option("--suite", autocompletion=complete_suites, help="stablelm2-leaderboard, stablelm2-multilingual, "
                                                  "smollm2-base, smollm2-instruct or slm-local (offline).",
                                                  show_default=False)] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated lm-eval task names (also "
@@ -50,7 +52,11 @@ def eval_(
     files through llama.cpp in this process; papers' suites or local tasks; prints the directory (eval.json has
     the numbers, lm-eval/ its results and per-sample logs).
 
-    Example: slm eval runs/base runs/selfknow release/selfknow-q4_k_m.gguf --suite slm-local --out eval/
+    Example:
+
+    \b
+      slm eval runs/base runs/selfknow release/selfknow-q4_k_m.gguf \\
+          --suite slm-local --out eval/
     """
     from slm.stages.eval import EvalConfig, run
 
@@ -65,7 +71,34 @@ def eval_(
         emit(done)
 
 
-@app.command("carbon", rich_help_panel="Measurement")
+class CarbonCommand(TyperCommand):
+    """`slm carbon`, whose first argument may be `estimate`: `slm carbon estimate --help` then shows the estimate's
+    own usage, text and options."""
+
+    ESTIMATE = {"gpu_hours", "gpu", "power", "pue", "intensity", "region", "json_", "help"}
+    ESTIMATE_HELP = ("The carbon of a run from its GPU-hours, as papers publish it: GPU-hours x power x PUE x grid "
+                     "intensity, with the same at other places for the range.\n\nExample:\n\n\b\n"
+                     "  slm carbon estimate --gpu-hours 92000 --gpu a100-40gb --pue 1.2 \\\n"
+                     "      --region USA:virginia")
+
+    def parse_args(self, ctx, args):
+        ctx.meta["slm.estimate"] = args[:1] == ["estimate"]
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx, formatter) -> None:
+        if not ctx.meta.get("slm.estimate"):
+            return super().format_help(ctx, formatter)
+        formatter.write_usage(f"{ctx.command_path} estimate", "[OPTIONS]")
+        formatter.write_paragraph()
+        with formatter.indentation():
+            formatter.write_text(self.ESTIMATE_HELP)
+        rows = [p.get_help_record(ctx) for p in self.get_params(ctx) if p.name in self.ESTIMATE]
+        with formatter.section("Options"):
+            formatter.write_dl([(a, b[10].upper() + b[11:] if b.startswith("estimate: ") else b)
+                                for a, b in filter(None, rows)])
+
+
+@app.command("carbon", cls=CarbonCommand, short_help="The energy and carbon bill, or a GPU-hours estimate")
 def carbon(
     dirs: Annotated[list[str], typer.Argument(help="Stage or run directories (or directories holding them); or "
                                               "`estimate` for the GPU-hours estimate.", show_default=False)],
@@ -79,9 +112,9 @@ def carbon(
                       "USA:oregon, SWE:SE3, gcp:us-central1, world.", show_default=False)] = None,
     gpu_hours: Annotated[Optional[float], typer.Option("--gpu-hours", help="estimate: GPU-hours of the run.",
                                                        show_default=False)] = None,
-    gpu: Annotated[Optional[str], typer.Option("--gpu", help="estimate: a100-40gb, a100-80gb, h100, h200, v100, "
-                                               "l4, t4, ... (board power from the datasheet).",
-                                               show_default=False)] = None,
+    gpu: Annotated[Optional[str], typer.Option("--gpu", autocompletion=complete_gpus, help="estimate: the GPU whose board power to take from its "
+                                               "datasheet (slm.devices; as `--dry-run --gpu`): " + ", ".join(GPUS)
+                                               + "; a100 = a100-80gb.", show_default=False)] = None,
     power: Annotated[Optional[float], typer.Option("--power", help="estimate: average watts per GPU instead of "
                                                    "--gpu's board power.", show_default=False)] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
@@ -90,16 +123,20 @@ def carbon(
     stage's meter measured, with the assumptions and a paragraph for a model card; or `estimate`: GPU-hours x power
     x PUE x grid intensity, as papers publish it.
 
-    Examples: slm carbon runs/ tokens/ release/ eval/ --pue 1.1 --out carbon/
-              slm carbon estimate --gpu-hours 92000 --gpu a100-40gb --pue 1.2 --region USA:virginia
+    Examples:
+
+    \b
+      slm carbon runs/ tokens/ release/ eval/ --pue 1.1 --out carbon/
+      slm carbon estimate --gpu-hours 92000 --gpu a100-40gb --pue 1.2 \\
+          --region USA:virginia
     """
     from slm.stages import carbon as c
 
     if dirs and dirs[0] == "estimate":
         if len(dirs) > 1:
-            raise SlmError(f"carbon estimate: unexpected argument {dirs[1]!r}")
+            raise UsageError(f"carbon estimate: unexpected argument {dirs[1]!r}")
         if gpu_hours is None:
-            raise SlmError("carbon estimate: give --gpu-hours")
+            raise UsageError("carbon estimate: give --gpu-hours")
         print(json.dumps(c.estimate(gpu_hours, gpu, power, pue, intensity, region), indent=2) if json_
               else c.estimate_text(gpu_hours, gpu, power, pue, intensity, region))
         return

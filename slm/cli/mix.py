@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from slm.cli.options import app, Json
-from slm.errors import SlmError
+from slm.errors import UsageError
 
 
-@app.command("mix", rich_help_panel="Data")
+@app.command("mix", short_help="Plan a data mixture and print its token ledger")
 def mix(
     mixture: Annotated[str, typer.Argument(metavar="MIX", help="A mixture YAML file, a recipe name "
                                                                "(tiny, smollm2-1_7b, stablelm-2-1_6b), or a recipe's "
@@ -33,8 +33,12 @@ def mix(
     Per phase and source: the weight, tokens drawn, tokens available and epochs (on stderr). The data order is a
     pure function of (plan, seed, sample number), so any process reads any range of samples.
 
-    Example: slm mix tiny --source code=tokens/code --source prose=tokens/prose --out mix
-             slm mix smollm2-1_7b --source-root tokens --dry-run
+    Examples:
+
+    \b
+      slm mix tiny --source code=tokens/code --source prose=tokens/prose \\
+          --out mix
+      slm mix smollm2-1_7b --source-root tokens --dry-run
     """
     from slm.stages.mix import MixConfig, dry_run as plan, run
 
@@ -42,7 +46,7 @@ def mix(
     for item in source or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise SlmError(f"--source {item!r}: expected NAME=TOKENS_DIR")
+            raise UsageError(f"--source {item!r}: expected NAME=TOKENS_DIR")
         bindings[name] = path
     cfg = MixConfig(mix=mixture, out=out, sources=bindings, source_root=source_root, seq_len=seq_len, seed=seed)
     if dry_run:

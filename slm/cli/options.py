@@ -13,15 +13,36 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from slm import __version__
+from slm.devices import GPUS
+from slm.errors import MASS, POSITIVE, UsageError, check_ranges
 
+# `slm --help` lists the commands in the pipeline's order, then the views.
+ORDER = ["tokenize", "mix", "pretrain", "cooldown", "sft", "chat-data", "dpo", "selfknow", "generate", "plot",
+         "quantize", "bench", "eval", "carbon", "info", "status", "report"]
+
+
+class PipelineOrder(TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(super().list_commands(ctx), key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+
+
+# Help is click's plain layout (rich_markup_mode=None): it wraps to any width and never cuts an option's name. A
+# paragraph after \b keeps its lines (the examples).
 app = typer.Typer(
-    name="slm",
+    name="slm", cls=PipelineOrder,
     help="Train small language models the way StableLM 2 1.6B and SmolLM2 were trained.\n\n"
          "tokenize -> mix -> pretrain -> cooldown -> sft -> dpo -> selfknow -> quantize -> bench -> eval -> carbon\n\n"
-         "Each stage reads files or directories, writes one output directory and prints its path on stdout.",
-    no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
+         "Each stage reads files or directories, writes one output directory and prints its path on stdout; "
+         "`slm COMMAND -h` says how to run it.\n\n"
+         "Examples:\n\n\b\n"
+         "  bash examples/quickstart.sh out     # every stage, embedded corpus, CPU\n"
+         "  slm tokenize corpus --out corpus\n"
+         "  slm pretrain --recipe smollm2-1_7b --dry-run --gpu h100 --gpus 256\n"
+         "  slm info out/release/selfknow-q4_k_m.gguf",
+    no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]})
 
 
@@ -67,6 +88,33 @@ def field_docs() -> dict[str, str]:
     return out
 
 
+# -- shell completion of option values (what a command's --recipe, --suite, --gpu accept) -------------------------
+def complete_recipes(incomplete: str) -> list[str]:
+    from slm.recipes import names  # yaml: only when completing this option
+
+    return [n for n in names() if n.startswith(incomplete)]
+
+
+def complete_recipe_steps(incomplete: str) -> list[str]:
+    """RECIPE:STEP for each recipe step with a cooldown: part (cooldown --recipe)."""
+    from slm.recipes import load_recipe, names
+
+    steps = [f"{n}:{k}" for n in names() if incomplete.startswith(n) or n.startswith(incomplete.split(":")[0])
+             for k, v in load_recipe(n).items() if isinstance(v, dict) and "cooldown" in v]
+    return [s for s in steps if s.startswith(incomplete)]
+
+
+def complete_suites(incomplete: str) -> list[str]:
+    import yaml
+
+    suites = yaml.safe_load((Path(__file__).parent.parent / "evaluation" / "suites.yaml").read_text(encoding="utf-8"))
+    return [s for s in suites if s.startswith(incomplete)]
+
+
+def complete_gpus(incomplete: str) -> list[str]:
+    return [n for n in GPUS if n.startswith(incomplete.lower())]
+
+
 def field_help(key: str, note: str = "") -> str:
     """The help of an option that sets KEY ("section.field"): the field's docstring, then KEY and NOTE."""
     return f"{field_docs()[key]} ({key}{'; ' + note if note else ''})"
@@ -82,9 +130,9 @@ TxtMode = Annotated[str, typer.Option("--txt-mode", help=".txt inputs: 'file' = 
 Device = Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda.")]
 
 # -- the training stages (pretrain, cooldown, sft, dpo, selfknow train) --------------------------------------------
-Sets = Annotated[Optional[list[str]], typer.Option("--set", help="SECTION.FIELD=VALUE, e.g. train.lr_peak=3e-4 or "
-                                                                 "train.save_every=100 (repeatable; wins over every "
-                                                                 "other source of settings).")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="SECTION.FIELD=VALUE, e.g. train.save_every=100 "
+                                                                 "or train.micro_batch_size=4 (repeatable; wins over "
+                                                                 "every other source of settings).")]
 Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps to run.")]
 StopAfter = Annotated[Optional[int], typer.Option("--steps", help="Stop after this many steps.")]
 Tokens = Annotated[Optional[str], typer.Option("--tokens", help="Tokens to train on (e.g. 20M, 2T); rounded up to "
@@ -113,8 +161,9 @@ PLANNING = "Planning (--dry-run)"
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (parameters, tokens, FLOPs, memory per "
                                                          "process, time, GPU-hours) and train nothing.",
                                          rich_help_panel=PLANNING)]
-Gpu = Annotated[str, typer.Option("--gpu", help="Plan for this GPU: h200, h100, h100-pcie, a100-80gb, a100-40gb, l40s, "
-                                                "a10, l4, rtx-4090, rtx-3090.", rich_help_panel=PLANNING)]
+Gpu = Annotated[str, typer.Option("--gpu", autocompletion=complete_gpus, help="Plan for this GPU (slm.devices; the same names as `slm carbon "
+                                                "estimate`): " + ", ".join(n for n, g in GPUS.items() if g.peak_flops)
+                                                + "; a100 = a100-80gb.", rich_help_panel=PLANNING)]
 Gpus = Annotated[Optional[int], typer.Option("--gpus", help="Plan for this many GPUs (processes); default "
                                                             "WORLD_SIZE or 1.", rich_help_panel=PLANNING)]
 Mfu = Annotated[float, typer.Option("--mfu", help="Model FLOPs utilisation to assume.", rich_help_panel=PLANNING)]
@@ -136,6 +185,9 @@ class RunFlags:
 
     def __init__(self, **values):
         self.__dict__.update({k: default for k, (_, default) in RunFlags.OPTIONS.items()}, **values)
+        check_ranges(self, keep=POSITIVE)
+        if self.zero_stage not in (None, 1, 2, 3):
+            raise UsageError(f"--zero-stage {self.zero_stage}: expected 1, 2 or 3")
 
     def config(self, sets: list[str] | None) -> dict:
         """The stage config's sets (--set, then these options as train.* items), device, require_resume, requeue."""
@@ -167,6 +219,7 @@ class PlanFlags:
 
     def __init__(self, **values):
         self.__dict__.update(values)
+        check_ranges(self, gpus=POSITIVE, mfu=MASS, gpu_hours=POSITIVE)
 
 
 def grouped(command: Callable) -> Callable:

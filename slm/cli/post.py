@@ -7,19 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli.options import (app, Data, Json, RunFlags, RunOut, Sets, SkipBad, StopAfter, emit, field_help, grouped,
-                             section_sets)
-from slm.errors import SlmError
+from slm.cli.options import (app, complete_recipes, Data, Json, RunFlags, RunOut, Sets, SkipBad, StopAfter, emit,
+                             field_help, grouped, section_sets)
 
 
-@app.command("sft", rich_help_panel="Post-training")
+@app.command("sft", short_help="Fine-tune a checkpoint on conversations")
 @grouped
 def sft(
     model: Annotated[Optional[Path], typer.Option("--model", help="The checkpoint (or run directory) to fine-tune.",
                                                   show_default=False)] = None,
     data: Data = None,
     out: RunOut = None,
-    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Take sft: settings from this recipe (default: "
+    recipe: Annotated[Optional[str], typer.Option("--recipe", autocompletion=complete_recipes, help="Take sft: settings from this recipe (default: "
                                                                   "the model's).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A YAML with sft: / train: sections.")] = None,
     template: Annotated[Optional[str], typer.Option("--template", help=field_help("sft.template"))] = None,
@@ -43,7 +42,11 @@ def sft(
     The chat template goes into the checkpoint's tokenizer, so transformers' apply_chat_template and
     `slm generate --chat` use it. Resumes like pretrain; SIGTERM / SIGUSR1 save and exit 75.
 
-    Example: slm sft --model runs/cooldown --recipe tiny --data chat/train.jsonl --valid chat/valid.jsonl --out runs/sft
+    Example:
+
+    \b
+      slm sft --model runs/cooldown --recipe tiny --data chat/train.jsonl \\
+          --valid chat/valid.jsonl --out runs/sft
     """
     from slm.stages.sft import SftConfig, run
 
@@ -53,7 +56,7 @@ def sft(
                        valid=list(valid or []), skip_bad=skip_bad, steps=steps, **flags.config(sets))), json_out)
 
 
-@app.command("chat-data", rich_help_panel="Post-training")
+@app.command("chat-data", short_help="Make small chat and preference sets (quickstart, tests)")
 def chat_data(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)],
     n: Annotated[int, typer.Option("--n", help="Questions in the training split.")] = 2000,
@@ -68,17 +71,18 @@ def chat_data(
     """Make small chat and preference sets (arithmetic, unit conversions, this machine's Python code) with
     held-out splits: OUT/chat/{train,valid}.jsonl, OUT/pairs/{train,valid}.jsonl. For the quickstart and tests.
 
-    Example: slm chat-data --n 1000 --facts examples/facts.yaml --out chatdata
+    Example:
+
+    \b
+      slm chat-data --n 1000 --facts examples/facts.yaml --out chatdata
     """
     from slm.stages.chat_data import ChatDataConfig, run
 
-    if not 0 <= persona_fraction <= 10:
-        raise SlmError(f"--persona-fraction {persona_fraction}: expected a number from 0 to 10")
     emit(run(ChatDataConfig(out=out, n=n, seed=seed, facts=facts, persona_fraction=persona_fraction)),
          json_out)
 
 
-@app.command("dpo", rich_help_panel="Post-training")
+@app.command("dpo", short_help="Direct Preference Optimization of a chat checkpoint")
 @grouped
 def dpo(
     model: Annotated[Optional[Path], typer.Option("--model", help="The fine-tuned checkpoint (or run directory).",
@@ -86,7 +90,7 @@ def dpo(
     data: Data = None,
     out: RunOut = None,
     ref: Annotated[Optional[Path], typer.Option("--ref", help="The reference checkpoint (default: --model).")] = None,
-    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Take dpo: settings from this recipe (default: "
+    recipe: Annotated[Optional[str], typer.Option("--recipe", autocompletion=complete_recipes, help="Take dpo: settings from this recipe (default: "
                                                                   "the model's).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A YAML with dpo: / train: sections.")] = None,
     beta: Annotated[Optional[float], typer.Option("--beta", help=field_help("dpo.beta"))] = None,
@@ -109,7 +113,11 @@ def dpo(
     conversations, UltraFeedback's shape) or Intel Orca pairs' {"system", "question", "chosen", "rejected"}. The
     reference's log-probabilities are computed once into OUT/reference_logprobs/ and reused.
 
-    Example: slm dpo --model runs/sft --recipe tiny --data pairs/train.jsonl --valid pairs/valid.jsonl --out runs/dpo
+    Example:
+
+    \b
+      slm dpo --model runs/sft --recipe tiny --data pairs/train.jsonl \\
+          --valid pairs/valid.jsonl --out runs/dpo
     """
     from slm.stages.dpo import DpoConfig, run
 

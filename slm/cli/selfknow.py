@@ -8,18 +8,22 @@ from typing import Annotated, Optional
 import typer
 
 from slm.cli.options import (app as slm_app, Device, Json, NoZeroRunFlags, RunOut, Sets, SkipBad, StopAfter, emit,
-                             field_help, grouped)
-from slm.errors import SlmError
+                             complete_recipes, field_help, grouped)
+from slm.errors import UsageError
 
-app = typer.Typer(help="Teach a chat model who it is: RLCD pairs from a FACTS file (generate), then C-RLFT (train).",
+app = typer.Typer(help="Teach a chat model who it is: RLCD pairs from a FACTS file (generate), then C-RLFT (train)."
+                       "\n\nExamples:\n\n\b\n"
+                       "  slm selfknow generate --base runs/cooldown --chat runs/dpo \\\n"
+                       "      --facts facts.yaml --out pairs\n"
+                       "  slm selfknow train --model runs/dpo --data pairs --out runs/selfknow",
                   no_args_is_help=True)
-slm_app.add_typer(app, name="selfknow", rich_help_panel="Post-training")
+slm_app.add_typer(app, name="selfknow", short_help="Teach a chat model who it is (RLCD pairs, C-RLFT)")
 
 Facts = Annotated[Optional[Path], typer.Option("--facts", help="FACTS.yaml: name, maker, training data, limits, "
                                                                "examples (slm/formats/facts.py).", show_default=False)]
 
 
-@app.command("generate")
+@app.command("generate", short_help="Make self-knowledge pairs (RLCD) from a FACTS file")
 def generate(
     chat: Annotated[Optional[Path], typer.Option("--chat", help="The chat checkpoint that answers.",
                                                  show_default=False)] = None,
@@ -55,23 +59,15 @@ def generate(
     OUT/pairs.jsonl is valid `slm dpo` input; OUT/messages.jsonl, OUT/facts.yaml and OUT/manifest.json (models,
     facts hash, sampling settings, counts) come with it.
 
-    Example: slm selfknow generate --base runs/cooldown --chat runs/dpo --facts examples/facts.yaml --out selfknow
+    Example:
+
+    \b
+      slm selfknow generate --base runs/cooldown --chat runs/dpo \\
+          --facts examples/facts.yaml --out selfknow
     """
     from slm.inference.chat import Sampling
     from slm.stages.selfknow_pairs import GenerateConfig, run
 
-    for name, value in (("--temperature", temperature), ("--message-temperature", message_temperature)):
-        if value < 0:
-            raise SlmError(f"{name} {value}: expected 0 or more")
-    for name, value in (("--top-p", top_p), ("--message-top-p", message_top_p)):
-        if not 0 < value <= 1:
-            raise SlmError(f"{name} {value}: expected a number in (0, 1]")
-    for name, value in (("--max-new-tokens", max_new_tokens), ("--message-max-tokens", message_max_tokens),
-                        ("--batch-size", batch_size), ("--shots", shots)):
-        if value < 1:
-            raise SlmError(f"{name} {value}: expected a positive integer")
-    if not 0 < near_duplicate <= 1:
-        raise SlmError(f"--near-duplicate {near_duplicate}: expected a number in (0, 1]")
     emit(run(GenerateConfig(
         base=base, chat=chat, facts=facts, out=out, n=n, answer=Sampling(temperature, top_p, top_k, max_new_tokens),
         message=Sampling(message_temperature, message_top_p, 0, message_max_tokens), shots=shots, seed=seed,
@@ -85,17 +81,17 @@ def class_weights(text: str) -> str:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or key not in ("pos", "neg"):
-            raise SlmError(f"--class-weights {text!r}: expected pos=W,neg=W (e.g. pos=1.0,neg=0.1)")
+            raise UsageError(f"--class-weights {text!r}: expected pos=W,neg=W (e.g. pos=1.0,neg=0.1)")
         try:
             out[key] = float(value)
         except ValueError:
-            raise SlmError(f"--class-weights {text!r}: {key}: expected a number, got {value!r}") from None
+            raise UsageError(f"--class-weights {text!r}: {key}: expected a number, got {value!r}") from None
     if set(out) != {"pos", "neg"}:
-        raise SlmError(f"--class-weights {text!r}: expected both pos and neg")
+        raise UsageError(f"--class-weights {text!r}: expected both pos and neg")
     return "{" + ", ".join(f"{k}: {v!r}" for k, v in out.items()) + "}"
 
 
-@app.command("train")
+@app.command("train", short_help="Train a chat model on self-knowledge pairs (C-RLFT)")
 @grouped
 def train(
     model: Annotated[Optional[Path], typer.Option("--model", help="The chat checkpoint (or run directory).",
@@ -115,7 +111,7 @@ def train(
                                                   show_default=False)] = None,
     negative_token: Annotated[Optional[str], typer.Option("--negative-token", help=field_help(
         "selfknow.negative_token"), show_default=False)] = None,
-    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Take selfknow: settings from this recipe "
+    recipe: Annotated[Optional[str], typer.Option("--recipe", autocompletion=complete_recipes, help="Take selfknow: settings from this recipe "
                                                                   "(default: the model's).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A YAML with selfknow: / train: sections.")] = None,
     steps: StopAfter = None,
@@ -131,7 +127,11 @@ def train(
     whose log-probabilities are cached in OUT/reference_logprobs/. With FACTS' held-out questions, OUT/selfknow.json
     tells how many answers state the name and maker before and after.
 
-    Example: slm selfknow train --model runs/dpo --data selfknow --recipe tiny --out runs/selfknow
+    Example:
+
+    \b
+      slm selfknow train --model runs/dpo --data selfknow --recipe tiny \\
+          --out runs/selfknow
     """
     from slm.stages.selfknow import TrainConfig, run
 

@@ -10,12 +10,16 @@ import typer
 
 from slm.cli.options import app as slm_app, Json, Out, TextKey, TxtMode, emit
 
-app = typer.Typer(help="Tokenizers (Arcade100k, or trained on your text), and text -> Megatron .bin/.idx shards.",
+app = typer.Typer(help="Tokenizers (Arcade100k, or trained on your text), and text -> Megatron .bin/.idx shards."
+                       "\n\nExamples:\n\n\b\n"
+                       "  slm tokenize build --out arcade100k\n"
+                       "  slm tokenize corpus --out corpus\n"
+                       "  slm tokenize encode --tokenizer arcade100k corpus/code --out tokens/code",
                   no_args_is_help=True)
-slm_app.add_typer(app, name="tokenize", rich_help_panel="Data")
+slm_app.add_typer(app, name="tokenize", short_help="Tokenizers, and text -> Megatron .bin/.idx shards")
 
 
-@app.command("build")
+@app.command("build", short_help="Build Arcade100k, StableLM 2's tokenizer")
 def build(
     out: Out,
     base: Annotated[str, typer.Option(help="Base ranks: cl100k_base gives Arcade100k, StableLM 2's tokenizer.")] = "cl100k_base",
@@ -28,14 +32,17 @@ def build(
 
     cl100k_base's ranks, every digit its own token, NFC, 32 special tokens at ids 100257-100288.
 
-    Example: slm tokenize build --out arcade100k [--ranks cl100k_base.tiktoken.gz]
+    Example:
+
+    \b
+      slm tokenize build --out arcade100k [--ranks cl100k_base.tiktoken.gz]
     """
     from slm.stages.tokenize import BuildConfig, run
 
     emit(run(BuildConfig(out=out, base=base, ranks=ranks)), json_out)
 
 
-@app.command("train")
+@app.command("train", short_help="Train a byte-level BPE tokenizer on your text")
 def train(
     corpus: Annotated[list[str], typer.Option("--corpus", help="Training text (files, directories, globs); repeatable.")],
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="Total vocabulary, special tokens included.")],
@@ -52,7 +59,11 @@ def train(
 
     Hugging Face tokenizers' trainer with Arcade100k's or SmolLM2's pre-tokenizer and special tokens.
 
-    Example: slm tokenize train --corpus 'data/*.jsonl' --vocab-size 49152 --rules smollm --out tok
+    Example:
+
+    \b
+      slm tokenize train --corpus 'data/*.jsonl' --vocab-size 49152 \\
+          --rules smollm --out tok
     """
     from slm.stages.tokenize import TrainConfig, run
 
@@ -60,7 +71,7 @@ def train(
                                txt_mode=txt_mode, min_frequency=min_frequency, max_mb=max_mb)), json_out)
 
 
-@app.command("encode")
+@app.command("encode", short_help="Encode documents into Megatron .bin/.idx shards")
 def encode(
     inputs: Annotated[list[str], typer.Argument(help="Files, directories or globs: .jsonl .jsonl.gz .jsonl.zst "
                                                      ".parquet .txt, datasets saved with save_to_disk, or - (standard "
@@ -81,8 +92,11 @@ def encode(
     uint16 or int32 ids, an end-of-document token after each document, worker processes; a re-run reuses the shards
     of unchanged inputs and a failed run resumes where it stopped.
 
-    Example: slm tokenize encode --tokenizer tok data/ --out tokens/web
-             zcat x.jsonl.gz | slm tokenize encode -t tok - -o tokens/x
+    Examples:
+
+    \b
+      slm tokenize encode --tokenizer tok data/ --out tokens/web
+      zcat x.jsonl.gz | slm tokenize encode -t tok - -o tokens/x
     """
     from slm.stages.encode import EncodeConfig, run, summary
 
@@ -91,7 +105,7 @@ def encode(
     print(json.dumps(summary(path)) if json_out else str(path), flush=True)
 
 
-@app.command("corpus")
+@app.command("corpus", short_help="Build the embedded default corpus (Python's stdlib)")
 def corpus(
     out: Out,
     stdlib: Annotated[Optional[Path], typer.Option(help="Standard library to read (default: this Python's).")] = None,
@@ -103,7 +117,10 @@ def corpus(
 
     code/ and prose/ sources, each with train.jsonl and valid.jsonl. Nothing is downloaded.
 
-    Example: slm tokenize corpus --out corpus
+    Example:
+
+    \b
+      slm tokenize corpus --out corpus
     """
     from slm.stages.corpus import CorpusConfig, run
 

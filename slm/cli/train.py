@@ -9,8 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from slm.cli.options import app, Device, PlanFlags, RunFlags, Sets, Steps, TokenizerOpt, Tokens, Valid, emit, grouped
-from slm.errors import SlmError
+from slm.cli.options import (app, complete_recipe_steps, complete_recipes, Device, PlanFlags, RunFlags, Sets, Steps,
+                             TokenizerOpt, Tokens, Valid, emit, grouped)
+from slm.errors import SlmError, UsageError
 
 
 def _tokens(value: str | None) -> int | None:
@@ -18,7 +19,10 @@ def _tokens(value: str | None) -> int | None:
         return None
     from slm.recipes import parse_budget
 
-    return parse_budget(value, "--tokens")
+    try:
+        return parse_budget(value, "--tokens")
+    except SlmError as e:  # a value on the command line: bad usage
+        raise UsageError(str(e)) from None
 
 
 def _plan_or_run(cfg, p: PlanFlags, plan, run) -> None:
@@ -33,14 +37,14 @@ def _plan_or_run(cfg, p: PlanFlags, plan, run) -> None:
         print(json.dumps(result, indent=2))
 
 
-@app.command("pretrain", rich_help_panel="Training")
+@app.command("pretrain", short_help="Pretrain a StableLM 2 or SmolLM2 model on a mix")
 @grouped
 def pretrain(
     data: Annotated[Optional[Path], typer.Option("--data", help="The mix directory (from `slm mix`).",
                                                  show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The run directory (resumes if it has "
                                                                     "checkpoints).", show_default=False)] = None,
-    recipe: Annotated[Optional[str], typer.Option(help="tiny, smollm2-135m, smollm2-360m, smollm2-1_7b, "
+    recipe: Annotated[Optional[str], typer.Option(autocompletion=complete_recipes, help="tiny, smollm2-135m, smollm2-360m, smollm2-1_7b, "
                                                        "stablelm-2-1_6b.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A YAML file with model: and train: "
                                                                      "sections (wins over the recipe).")] = None,
@@ -57,8 +61,12 @@ def pretrain(
 
     Run under torchrun, srun or the deepspeed launcher for several processes (--engine ddp, fsdp or deepspeed). Re-running the same command resumes where it stopped, on any number of processes; SIGTERM / SIGUSR1 save first and exit with code 75. --dry-run prints what the run will cost.
 
-    Example: slm pretrain --recipe tiny --data mix --valid tokens/valid --out runs/pretrain
-             slm pretrain --recipe smollm2-1_7b --dry-run --gpu h100 --gpus 256
+    Examples:
+
+    \b
+      slm pretrain --recipe tiny --data mix --valid tokens/valid \\
+          --out runs/pretrain
+      slm pretrain --recipe smollm2-1_7b --dry-run --gpu h100 --gpus 256
     """
     from slm.stages.pretrain import PretrainConfig, dry_run as plan, run
 
@@ -67,7 +75,7 @@ def pretrain(
                                 **flags.config(set_)), planning, plan, run)
 
 
-@app.command("cooldown", rich_help_panel="Training")
+@app.command("cooldown", short_help="Cool a checkpoint down: the learning rate decays to 0")
 @grouped
 def cooldown(
     source: Annotated[Path, typer.Option("--from", help="The checkpoint (or run directory) to cool down; with "
@@ -81,7 +89,7 @@ def cooldown(
     lr_start: Annotated[Optional[float], typer.Option(help="Start here instead of the checkpoint's learning rate.")] = None,
     phase: Annotated[Optional[str], typer.Option(help="Start at this phase of the mix (e.g. decay).")] = None,
     recipe: Annotated[Optional[str], typer.Option(
-        "--recipe", help="RECIPE:STEP: a recipe's cooldown step, its --set values and length (e.g. "
+        "--recipe", autocompletion=complete_recipe_steps, help="RECIPE:STEP: a recipe's cooldown step, its --set values and length (e.g. "
                          "smollm2-1_7b:long_context, the 2k -> 8k context extension); flags win.",
         show_default=False)] = None,
     set_: Sets = None,
@@ -94,7 +102,11 @@ def cooldown(
 
     StableLM 2's cooldown and SmolLM2's decay phase. Weights and AdamW moments continue from the checkpoint.
 
-    Example: slm cooldown --from runs/pretrain --data mix --phase decay --steps 30 --out runs/cooldown
+    Example:
+
+    \b
+      slm cooldown --from runs/pretrain --data mix --phase decay --steps 30 \\
+          --out runs/cooldown
     """
     from slm.stages.cooldown import CooldownConfig, dry_run as plan, run
 
@@ -103,7 +115,7 @@ def cooldown(
                                 **flags.config(set_)), planning, plan, run)
 
 
-@app.command("generate", rich_help_panel="Models")
+@app.command("generate", short_help="Continue a prompt, or answer a chat message")
 def generate(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
     prompt: Annotated[Optional[str], typer.Argument(help="The text to continue; - reads prompts from standard input, "
@@ -126,12 +138,16 @@ def generate(
 ) -> None:
     """Continue PROMPT (or answer --chat) with a KV cache, streaming tokens to stdout.
 
-    Example: slm generate runs/cooldown "def fibonacci(n):" --temperature 0      slm generate runs/sft --chat "Hi!"
+    Examples:
+
+    \b
+      slm generate runs/cooldown "def fibonacci(n):" --temperature 0
+      slm generate runs/sft --chat "Hi!"
     """
     from slm.inference.generate import GenerateConfig, Generator
 
     if chat is None and prompt is None:
-        raise SlmError("give a PROMPT to continue, or --chat MESSAGE")
+        raise UsageError("give a PROMPT to continue, or --chat MESSAGE")
     gen = Generator(GenerateConfig(checkpoint=checkpoint, prompt=prompt or "", max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, device=device))
     if chat == "-" or (prompt == "-" and chat is None):
@@ -150,7 +166,7 @@ def generate(
     sys.stdout.write("\n")
 
 
-@app.command("plot", rich_help_panel="Training")
+@app.command("plot", short_help="Draw a run's loss curve (loss.png)")
 def plot_cmd(
     run_dir: Annotated[Path, typer.Argument(metavar="RUNDIR", help="A run directory (with metrics.jsonl).",
                                             show_default=False)],
@@ -158,7 +174,10 @@ def plot_cmd(
 ) -> None:
     """Draw RUNDIR/loss.png from metrics.jsonl; prints its path.
 
-    Example: slm plot runs/pretrain
+    Example:
+
+    \b
+      slm plot runs/pretrain
     """
     from slm.train.metrics import plot
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from slm.errors import SlmError
+from slm.errors import SlmError, UsageError
 from slm.formats.manifest import read_json
 from slm.formats.records import BadRecord, expand_inputs, open_lines, parse_object
 
@@ -272,7 +272,7 @@ class ChatTemplate:
             return cls(spec, source, list(specials), eot)
         path = Path(spec)
         if not path.is_file():
-            raise SlmError(f"--template {spec!r}: expected chatml, zephyr or a Jinja template file")
+            raise UsageError(f"--template {spec!r}: expected chatml, zephyr or a Jinja template file")
         try:
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -283,15 +283,16 @@ class ChatTemplate:
         return cls(str(path), source, specials, "<|im_end|>" if "<|im_end|>" in specials else None)
 
     @classmethod
-    def of_checkpoint(cls, directory: Path) -> "ChatTemplate":
-        """The template in a checkpoint's (or tokenizer's) tokenizer_config.json, as `slm sft` writes it."""
+    def of_checkpoint(cls, directory: Path, instead: str = "") -> "ChatTemplate":
+        """The template in a checkpoint's (or tokenizer's) tokenizer_config.json, as `slm sft` writes it. INSTEAD:
+        what else the command offers when there is none (e.g. "give --template"), for the message."""
         import re
 
         cfg = Path(directory) / "tokenizer_config.json"
         source = read_json(cfg).get("chat_template") if cfg.is_file() else None
         if not isinstance(source, str) or not source:
-            raise SlmError(f"{directory}: no chat template in its tokenizer_config.json (fine-tune it with `slm sft` "
-                           "first, or give --template)")
+            raise SlmError(f"{directory}: no chat template in its tokenizer_config.json: not a chat model (`slm sft` "
+                           f"makes one and writes its template{'; or ' + instead if instead else ''})")
         specials = sorted(set(re.findall(r"<\|[A-Za-z0-9_]+\|>", source)))
         return cls(f"{directory}'s", source, specials, "<|im_end|>" if "<|im_end|>" in specials else None)
 

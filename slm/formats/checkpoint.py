@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 
 from slm.errors import SlmError
-from slm.formats.manifest import MANIFEST, fsync_tree, new_manifest, read_json, sha256_file, write_json
+from slm.formats.manifest import (MANIFEST, check_writable, fsync_tree, new_manifest, read_json, sha256_file,
+                                  write_json)
 from slm.model.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from slm.model.transformer import ModelConfig
 
@@ -118,13 +119,87 @@ def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
     return None
 
 
+# What a run directory holds besides its checkpoints (and the .tmp-* / .old-* of a directory being replaced)
+RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "progress.json", "loss.png", "checkpoints", "energy", "tokenizer",
+               "reference_logprobs", "manifest.json", "dpo.json", "selfknow.json"}
+_REPLACING = re.compile(r"^(.+)\.(tmp|old)-[0-9a-f]{8}$")
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """The names in RUN_DIR that a run does not write (a directory that is not a run's, or not only a run's)."""
+    if not Path(run_dir).is_dir():
+        return []
+    out = []
+    for p in Path(run_dir).iterdir():
+        m = _REPLACING.match(p.name)
+        if p.name not in RUN_ENTRIES and not (m and m.group(1) in RUN_ENTRIES):
+            out.append(p.name)
+    return sorted(out)
+
+
+def check_run_dir(run_dir: Path) -> str:
+    """A run directory can be written at RUN_DIR: it does not exist ("absent"), is empty ("empty"), or holds only
+    what runs write ("run": it is resumed); anything else is refused, as the other stages refuse to replace a
+    directory they did not write."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SlmError(f"{run_dir}: exists and is not a directory (--out is a run directory)")
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise SlmError(f"{run_dir}: exists and holds what a run does not write ({shown}); choose another --out")
+    check_writable(run_dir / "checkpoints")
+    return "absent" if not run_dir.exists() else "run" if any(run_dir.iterdir()) else "empty"
+
+
+def discard_failed_run(run_dir: Path, was: str) -> bool:
+    """Undo what a run that failed before its first checkpoint wrote in RUN_DIR, which WAS "absent" or "empty"
+    before it started (check_run_dir), saying so: no half directories. One with a checkpoint stays, to resume.
+    True when it was undone."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or list_checkpoints(run_dir, complete_only=False) or foreign_entries(run_dir):
+        return False
+    from slm.console import warn
+
+    if was == "absent":
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        for p in run_dir.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    warn(f"{run_dir}: {'removed' if was == 'absent' else 'emptied'} (the run failed before its first checkpoint: "
+         "nothing to resume from)")
+    return True
+
+
+_skipped: set[Path] = set()  # checkpoints already named on stderr as skipped, once per process
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose files are all there with their sizes (no hashing: cheap enough to open a
-    model with); resuming checks the hashes too (newest_verified)."""
+    model with); resuming checks the hashes too (newest_verified). A newer one that is not complete is named on
+    stderr, with what is wrong and the one used instead."""
+    skipped = []
     for p in reversed(list_checkpoints(run_dir, complete_only=False)):
-        if verify_checkpoint(p, hashes=False) is None:
+        why = verify_checkpoint(p, hashes=False)
+        if why is None:
+            _warn_skipped(skipped, p)
             return p.resolve()
+        if p not in _skipped:
+            skipped.append((p, why))
+    _warn_skipped(skipped, None)
     return None
+
+
+def _warn_skipped(skipped: list[tuple[Path, str]], used: Path | None) -> None:
+    from slm.console import warn
+
+    for p, why in skipped:
+        _skipped.add(p)
+        warn(f"{p}: skipped, not a complete checkpoint ({why}); "
+             + (f"using the older {used.name}" if used is not None else "no older checkpoint to use"))
 
 
 def newest_verified(run_dir: Path, on_skip=None) -> Path | None:
@@ -135,6 +210,7 @@ def newest_verified(run_dir: Path, on_skip=None) -> Path | None:
         if why is None:
             return p.resolve()
         if on_skip is not None:
+            _skipped.add(p)
             on_skip(p, why)
     return None
 

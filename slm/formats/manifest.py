@@ -37,7 +37,8 @@ MANIFEST = "manifest.json"
 # checkpoint 2: the manifest lists every file with its size and sha256; train_state/optimizer.safetensors
 # holds AdamW's moments by parameter name (1: train_state/optimizer.pt, torch's state_dict by index).
 FORMAT_VERSIONS = {"tokenizer": 1, "corpus": 1, "tokens": 1, "mix": 1, "checkpoint": 2, "chatdata": 1,
-                   "reference_logprobs": 1, "selfknow_pairs": 1, "quantize": 1, "bench": 1, "eval": 1, "carbon": 1}
+                   "reference_logprobs": 1, "selfknow_pairs": 1, "quantize": 1, "bench": 1, "eval": 1, "carbon": 1,
+                   "run": 1}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -99,13 +100,73 @@ def manifest_of(directory: Path) -> dict | None:
     return m
 
 
+TREE_HASH_LIMIT = 1 << 30  # a directory slm did not write is hashed file by file up to this many bytes
+
+
+def content_sha256(path: Path) -> str | None:
+    """The sha256 that identifies PATH as an input: a file's content; a directory slm wrote: its manifest.json's
+    (which lists the sha256 of every file in it); a transformers model directory: its weights'; another directory:
+    its files' paths and contents, up to TREE_HASH_LIMIT bytes (None beyond, or for what does not exist)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return None
+    for name in (MANIFEST, "model.safetensors"):
+        if (path / name).is_file():
+            return sha256_file(path / name)
+    files, size = [], 0
+    for p in path.rglob("*"):
+        if p.is_file():
+            files.append(p)
+            size += p.stat().st_size
+            if size > TREE_HASH_LIMIT:
+                return None
+    return tree_sha256(path, files)
+
+
+def tree_sha256(root: Path, files: list[Path]) -> str:
+    """The sha256 of FILES under ROOT: of each one's path relative to ROOT and its content's sha256, in order of
+    path (a directory's identity when slm did not write it)."""
+    h = hashlib.sha256()
+    for p in sorted(files, key=lambda p: Path(p).relative_to(root).as_posix()):
+        h.update(f"{Path(p).relative_to(root).as_posix()}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+def input_entry(path, role: str, sha256: str | None = None, **extra: Any) -> dict:
+    """One of a manifest's `inputs`, which `slm info` follows back to raw text: the absolute path, the ROLE it
+    played (data, parent, reference, facts, valid, ...) and its sha256 (content_sha256 unless given). Standard
+    input ("-") and URLs stay as they are."""
+    p = str(path)
+    if p == "-" or "://" in p:
+        return {"path": p, "role": role, "sha256": sha256, **extra}
+    path = Path(p).absolute()
+    return {"path": str(path), "role": role, "sha256": sha256 or content_sha256(path), **extra}
+
+
+def absolute(paths) -> list[str]:
+    """PATHS as absolute paths (standard input, "-", and URLs as they are), for a manifest."""
+    return [p if p == "-" or "://" in p else str(Path(p).absolute()) for p in map(str, paths)]
+
+
+def _complete(entry: dict) -> dict:
+    """An input as a stage gave it, with an absolute path and its sha256 (see input_entry)."""
+    if not isinstance(entry.get("path"), str):
+        return entry
+    role = entry.get("role") or entry.get("name") or entry.get("kind") or "input"
+    return {**input_entry(entry["path"], role, entry.get("sha256")),
+            **{k: v for k, v in entry.items() if k not in ("path", "sha256")}}
+
+
 def new_manifest(kind: str, config: dict, *, inputs: list[dict] | None = None, counts: dict | None = None,
                  started: float | None = None, energy: dict | None = None, **extra: Any) -> dict:
-    """The manifest of an output of KIND (a plain dict: nothing is written or measured here). ENERGY: the node's
-    meter reading for the stage that made it (slm.energy.take()), kept with its total in kWh."""
+    """The manifest of an output of KIND (a plain dict: nothing is written here). INPUTS get absolute paths and
+    their sha256 (input_entry). ENERGY: the node's meter reading for the stage that made it (slm.energy.take()),
+    kept with its total in kWh."""
     m = {"kind": kind, "format_version": FORMAT_VERSIONS[kind], "slm_version": __version__,
          "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": list(sys.argv),
-         "config": config, "inputs": inputs or [], "counts": counts or {},
+         "config": config, "inputs": [_complete(i) for i in inputs or []], "counts": counts or {},
          "wall_seconds": round(time.time() - started, 3) if started else None, "energy_kwh": None}
     if energy is not None:
         m["energy_kwh"], m["energy"] = energy["energy_kwh"], energy
@@ -149,7 +210,8 @@ def fsync_tree(root: Path) -> None:
 
 
 def check_replaceable(out: Path) -> None:
-    """An existing output directory is replaced only if slm wrote it (it has a manifest) or it is empty."""
+    """An existing output directory is replaced only if slm wrote it (it has a manifest) or it is empty; and a
+    directory can be made beside it (stages check this before their work, not after)."""
     out = Path(out)
     if out.exists():
         if not out.is_dir():
@@ -157,6 +219,24 @@ def check_replaceable(out: Path) -> None:
         if any(out.iterdir()) and not (out / MANIFEST).exists():
             raise SlmError(f"{out}: exists, is not empty and was not written by slm (no manifest.json); "
                            "choose another --out")
+    check_writable(out)
+
+
+def check_writable(path: Path) -> None:
+    """PATH (a directory to create, or to replace) can be written: a directory made in its nearest existing
+    ancestor, then removed, says so (permissions, read-only mounts and /proc alike)."""
+    path = Path(path).absolute()
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SlmError(f"{path}: cannot be made ({parent} is a file)")
+    probe = parent / f".{path.name}.probe-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.mkdir()
+    except OSError as e:
+        raise SlmError(f"{path}: cannot be written ({parent}: {e.strerror or e})") from None
+    probe.rmdir()
 
 
 def publish_dir(tmp: Path, out: Path) -> None:
@@ -184,9 +264,12 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     """
     out = Path(out).absolute()
     check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise SlmError(f"{out}: cannot be written ({e.strerror or e})") from None
     try:
         yield tmp
     except BaseException:

@@ -60,15 +60,20 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def last_metrics(run_dir: Path) -> dict:
-    """A run's last training step and last validation (step, loss, lr, valid_loss, unigram_loss ...)."""
+    """A run's last training step and last validation (step, loss, lr, valid_loss, unigram_loss ...). Steps are
+    counted as checkpoints and progress.json count them, steps done (metrics.jsonl numbers each from 0)."""
     rows = read_metrics(run_dir)
     steps = [r for r in rows if "loss" in r]
     valid = [r for r in rows if "valid_loss" in r]
     out = {"run": str(run_dir)}
+
+    def done(r):
+        return r["step"] + 1 if isinstance(r.get("step"), int) else None
+
     if steps:
-        out.update(step=steps[-1].get("step"), loss=steps[-1].get("loss"), lr=steps[-1].get("lr"))
+        out.update(step=done(steps[-1]), loss=steps[-1].get("loss"), lr=steps[-1].get("lr"))
     if valid:
-        out.update(valid_loss=valid[-1]["valid_loss"], valid_step=valid[-1].get("step"),
+        out.update(valid_loss=valid[-1]["valid_loss"], valid_step=done(valid[-1]),
                    unigram_loss=valid[-1].get("unigram_loss"), tokens_seen=valid[-1].get("tokens_seen"),
                    first_valid_loss=valid[0]["valid_loss"])
     return out

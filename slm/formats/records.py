@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 from slm.console import warn
 from slm.errors import SlmError
+from slm.formats.tables import plural
 
 SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".parquet": "parquet",
             ".txt": "txt"}
@@ -110,7 +111,8 @@ def _walk(root: Path) -> Iterator[tuple[Path, str]]:
         else:
             ignored += 1
     if ignored:
-        warn(f"{root}: ignored {ignored} file(s) that are not {', '.join(SUFFIXES)}")
+        warn(f"{root}: ignored {plural(ignored, 'file')} that {'is' if ignored == 1 else 'are'} not "
+             f"{', '.join(SUFFIXES)}")
 
 
 def spool_stdin(directory: Path, name: str) -> Path:

@@ -18,6 +18,13 @@ def human(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def plural(n: int, word: str) -> str:
+    """'1 step', '2 steps', '1 process', '3 processes', '1,000 micro-batches'."""
+    if n == 1:
+        return f"1 {word}"
+    return f"{n:,} {word}{'es' if word.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
+
+
 def number(x, spec: str, missing: str = "-") -> str:
     """X formatted with SPEC, or MISSING when it is not a number (a field a file lacks)."""
     return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else missing

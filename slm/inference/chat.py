@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from slm.console import RateColumn, progress
-from slm.errors import SlmError
+from slm.errors import AT_LEAST_0, MASS, POSITIVE, SlmError, check_ranges
 from slm.formats.chat import ChatTemplate
 from slm.inference.sampling import generate_batch
 
@@ -21,6 +21,12 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 300
+
+    def check(self, prefix: str = "") -> None:
+        """The options (--PREFIX-temperature, ...) in their ranges."""
+        check_ranges(self, {k: f"--{prefix}{k.replace('_', '-')}" for k in ("temperature", "top_p", "top_k")}
+                     | {"max_new_tokens": f"--{prefix}{'max-tokens' if prefix else 'max-new-tokens'}"},
+                     temperature=AT_LEAST_0, top_p=MASS, top_k=AT_LEAST_0, max_new_tokens=POSITIVE)
 
 
 def unsampled(tok, stops: set[int]) -> set[int]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from slm.errors import SlmError
+from slm.errors import AT_LEAST_0, MASS, POSITIVE, SlmError, check_ranges
 from slm.formats.chat import ChatTemplate, parse_messages
 from slm.formats.checkpoint import Checkpoint
 from slm.formats.manifest import read_json
@@ -34,6 +34,10 @@ class GenerateConfig:
     chat: list[dict] | None = None
     """A conversation (messages) to answer: rendered with the checkpoint's chat template, generation stops at
     its end of turn. PROMPT is then unused."""
+
+    def __post_init__(self):
+        check_ranges(self, max_new_tokens=POSITIVE, temperature=AT_LEAST_0, top_p=MASS, top_k=AT_LEAST_0,
+                     seed=AT_LEAST_0)
 
 
 class TextDecoder:
@@ -82,7 +86,7 @@ def prompt_ids(ckpt: Checkpoint, text: TextDecoder, prompt: str, chat: list[dict
     if chat is None:
         ids = text.encode(prompt)
     else:
-        template = ChatTemplate.of_checkpoint(ckpt.dir)
+        template = ChatTemplate.of_checkpoint(ckpt.dir, "continue a PROMPT instead of --chat")
         spec = getattr(text.tok, "spec", None)
         bos, eos = (spec.bos_token, spec.eos_token) if spec is not None else ("", "")
         ids = text.encode(template.render(parse_messages(chat, "--chat"), True, bos, eos), special=True)

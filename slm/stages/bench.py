@@ -19,7 +19,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import platform
+import resource
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,9 +31,9 @@ import torch
 
 from slm import energy
 from slm.console import err, progress
-from slm.errors import SlmError
+from slm.errors import AT_LEAST_0, POSITIVE, SlmError, UsageError, check_ranges
 from slm.formats.checkpoint import Checkpoint
-from slm.formats.manifest import atomic_dir, new_manifest, read_json, write_json
+from slm.formats.manifest import atomic_dir, check_replaceable, new_manifest, read_json, write_json
 from slm.formats.tables import bar_chart, render_bench
 from slm.inference.llamacpp import open_gguf
 from slm.inference.load import load_model
@@ -60,6 +62,10 @@ class BenchConfig:
     format: str = "md"
     plot: Path | None = None
     seed: int = 0
+
+    def __post_init__(self):
+        check_ranges(self, prompt=POSITIVE, gen=POSITIVE, repeat=POSITIVE, threads=POSITIVE, batch=POSITIVE,
+                     bandwidth=POSITIVE, seed=AT_LEAST_0)
 
 
 def detect_backend(path: Path, backend: str) -> str:
@@ -106,6 +112,21 @@ def measure_bandwidth(gib: float = 1.0, rounds: int = 3) -> float:
     return best
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM (the high-water mark of its own address space; getrusage's
+    ru_maxrss would also count what the parent held when it started this process, the bandwidth probe's GiB),
+    else ru_maxrss (kilobytes on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 # --- runners: one prompt, then greedy tokens -----------------------------------------------------------------------
 class Runner:
     """run(): seconds to the prompt's logits and to each greedy token, around prefill(ids, batch) and step(state)."""
@@ -114,7 +135,7 @@ class Runner:
 
     def run(self, ids: list[int], gen: int, batch: int) -> tuple[float, list[float]]:
         if batch != 1 and not self.batched:
-            raise SlmError(f"--batch: the {self.name} backend measures batch 1")
+            raise UsageError(f"--batch: the {self.name} backend measures batch 1")
         t = time.perf_counter()
         state = self.prefill(ids, batch)
         first = time.perf_counter() - t
@@ -196,8 +217,6 @@ class OpenVinoRunner(Runner):
 
 def bench_one(path: str, backend: str, cfg: dict) -> dict:
     """Measure one model (in the current process): the row of the table."""
-    import resource
-
     prompt, gen, repeat = cfg["prompt"], cfg["gen"], cfg["repeat"]
     if backend == "torch":
         r = TorchRunner(Path(path), cfg["threads"], cfg["dtype"], prompt + gen, cfg["compile"])
@@ -215,7 +234,7 @@ def bench_one(path: str, backend: str, cfg: dict) -> dict:
         pp.append(prompt * cfg["batch"] / first)
         if times:
             tg.append(len(times) * cfg["batch"] / sum(times))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    peak = peak_rss_bytes()
 
     def ms(xs):
         return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
@@ -238,14 +257,11 @@ def measure(cfg: BenchConfig) -> dict:
     if not cfg.models:
         raise SlmError("MODEL: give at least one checkpoint, .gguf file or INT4 directory")
     if cfg.backend not in BACKENDS:
-        raise SlmError(f"--backend {cfg.backend!r}: expected one of {', '.join(BACKENDS)}")
+        raise UsageError(f"--backend {cfg.backend!r}: expected one of {', '.join(BACKENDS)}")
     if cfg.format not in FORMATS:
-        raise SlmError(f"--format {cfg.format!r}: expected one of {', '.join(FORMATS)}")
+        raise UsageError(f"--format {cfg.format!r}: expected one of {', '.join(FORMATS)}")
     if cfg.dtype not in ("fp32", "bf16"):
-        raise SlmError(f"--dtype {cfg.dtype!r}: expected fp32 or bf16")
-    for name in ("prompt", "gen", "repeat", "batch"):
-        if getattr(cfg, name) < 1:
-            raise SlmError(f"--{name} {getattr(cfg, name)}: expected a positive integer")
+        raise UsageError(f"--dtype {cfg.dtype!r}: expected fp32 or bf16")
     jobs = [(str(Path(m)), detect_backend(Path(m), cfg.backend)) for m in cfg.models]
     for path, _ in jobs:
         if not Path(path).exists():
@@ -300,7 +316,8 @@ def table(cfg: BenchConfig) -> str:
 def run(cfg: BenchConfig) -> Path:
     """OUT/bench.json, .md, .csv, .png and the manifest; the table on stderr."""
     if cfg.out is None:
-        raise SlmError("--out: missing (the directory to write)")
+        raise UsageError("--out: missing (the directory to write)")
+    check_replaceable(cfg.out)
     started = time.time()
     report = measure(cfg)
     if cfg.plot is not None:
@@ -315,6 +332,6 @@ def run(cfg: BenchConfig) -> Path:
         write_json(tmp / "manifest.json", new_manifest(
             "bench", {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                       if k not in ("models", "out", "plot")},
-            inputs=[{"path": str(m)} for m in cfg.models], counts={"models": len(cfg.models)}, started=started,
+            inputs=[{"path": str(m), "role": "model"} for m in cfg.models], counts={"models": len(cfg.models)}, started=started,
             energy=energy.take()))
     return out

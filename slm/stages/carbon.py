@@ -16,17 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slm import energy
+from slm import devices, energy
 from slm.console import err, warn
-from slm.errors import SlmError
+from slm.errors import AT_LEAST_0, AT_LEAST_1, POSITIVE, SlmError, UsageError, check_ranges
 from slm.formats.manifest import atomic_dir, manifest_of, new_manifest, read_json, write_json
-
-# Board power (TDP) per GPU, W: NVIDIA's datasheets. An average draw under training is usually a little below it.
-GPU_POWER_W = {
-    "a100-40gb": 400, "a100-80gb": 400, "a100-40gb-pcie": 250, "a100-80gb-pcie": 300,
-    "h100": 700, "h100-pcie": 350, "h200": 700, "v100": 300, "v100-pcie": 250, "a10g": 150, "l4": 72, "t4": 70,
-    "mi250x": 560, "mi300x": 750,
-}
 
 # Places whose intensity the estimate also shows, to give the range (codecarbon's bundled data).
 RANGE = ["SWE", "FRA", "USA:oregon", "GBR", "USA:virginia", "USA", "DEU", "world", "CHN", "IND"]
@@ -120,14 +113,13 @@ class CarbonConfig:
     out: Path | None = None
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        check_ranges(self, pue=AT_LEAST_1, intensity=AT_LEAST_0)
+
 
 def rollup(cfg: CarbonConfig) -> dict:
-    if cfg.pue < 1:
-        raise SlmError(f"--pue {cfg.pue}: expected at least 1 (a data centre's total energy / its IT energy)")
-    if cfg.intensity is not None and cfg.intensity < 0:
-        raise SlmError(f"--intensity {cfg.intensity}: expected grams CO2eq per kWh, at least 0")
     if cfg.intensity is not None and cfg.region:
-        raise SlmError("give --intensity or --region, not both")
+        raise UsageError("give --intensity or --region, not both")
     found, unmeasured = find_stage_dirs(cfg.dirs)
     if not found:
         raise SlmError(f"{', '.join(map(str, cfg.dirs))}: no energy readings in any stage directory (were the "
@@ -214,7 +206,7 @@ def text(cfg: CarbonConfig) -> str:
 def run(cfg: CarbonConfig) -> Path:
     """OUT/carbon.json, carbon.md and the manifest; the table on stderr."""
     if cfg.out is None:
-        raise SlmError("--out: missing (the directory to write)")
+        raise UsageError("--out: missing (the directory to write)")
     started = time.time()
     r = report(cfg)
     r["out"] = str(cfg.out)
@@ -224,7 +216,7 @@ def run(cfg: CarbonConfig) -> Path:
         (tmp / "carbon.md").write_text(render(r) + "\n\n" + r["model_card"] + "\n")
         write_json(tmp / "manifest.json", new_manifest(
             "carbon", {"pue": cfg.pue, "intensity": cfg.intensity, "region": cfg.region},
-            inputs=[{"path": row["dir"]} for row in r["rows"]], counts={"stages": len(r["rows"])},
+            inputs=[{"path": row["dir"], "role": "measured"} for row in r["rows"]], counts={"stages": len(r["rows"])},
             started=started, energy=energy.take()))
     return Path(cfg.out)
 
@@ -233,18 +225,15 @@ def run(cfg: CarbonConfig) -> Path:
 def estimate(gpu_hours: float, gpu: str | None, power_w: float | None, pue: float, intensity: float | None,
              region: str | None) -> dict:
     """GPU-hours x power x PUE x intensity, and the same at the places of RANGE."""
-    if gpu_hours <= 0:
-        raise SlmError(f"--gpu-hours {gpu_hours}: expected a positive number")
-    if pue < 1:
-        raise SlmError(f"--pue {pue}: expected at least 1")
+    check_ranges({"gpu_hours": gpu_hours, "power": power_w, "pue": pue, "intensity": intensity}, gpu_hours=POSITIVE,
+                 power=POSITIVE, pue=AT_LEAST_1, intensity=AT_LEAST_0)
     if power_w is None:
         if gpu is None:
-            raise SlmError("give --gpu NAME or --power WATTS")
-        if gpu.lower() not in GPU_POWER_W:
-            raise SlmError(f"--gpu {gpu!r}: expected one of {', '.join(GPU_POWER_W)} (or give --power WATTS)")
-        power_w = GPU_POWER_W[gpu.lower()]
+            raise UsageError("give --gpu NAME or --power WATTS")
+        g = devices.gpu(gpu)
+        power_w, gpu = g.power_w, g.name
     if (intensity is None) == (region is None):
-        raise SlmError("give --intensity G_PER_KWH or --region PLACE")
+        raise UsageError("give --intensity G_PER_KWH or --region PLACE")
     kg_per_kwh, source = (intensity / 1000, "given (--intensity)") if intensity is not None else intensity_for(region)
     kwh = gpu_hours * power_w / 1000 * pue
     by_region = {}

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slm import energy
-from slm.errors import SlmError
+from slm.errors import AT_LEAST_0, UsageError, check_ranges
 from slm.formats.facts import Facts, load_facts
-from slm.formats.manifest import atomic_dir, new_manifest, write_json
+from slm.formats.manifest import atomic_dir, check_replaceable, new_manifest, tree_sha256, write_json
 from slm.formats.records import write_jsonl
 
 UNITS = [("metres", "centimetres", 100), ("kilometres", "metres", 1000), ("kilograms", "grams", 1000),
@@ -50,6 +50,11 @@ class ChatDataConfig:
     facts: Path | None = None
     """A FACTS.yaml whose persona is 30% of the personas (so that a model too small to take a new name from its
     system prompt still learns to answer as this one when told to)."""
+
+    def __post_init__(self):
+        check_ranges(self, seed=AT_LEAST_0, persona_fraction=AT_LEAST_0)
+        if self.n < 10:
+            raise UsageError(f"--n {self.n}: expected at least 10 questions")
 
 
 def _calc(a: int, op: str, b: int) -> int:
@@ -79,11 +84,13 @@ def _units(rng: random.Random) -> tuple[str, str, str]:
     return f"How many {small} are in {k} {big}?", f"{k} {big} are {k * factor} {small}.", f"{k * factor}.", wrong
 
 
+STDLIB = Path(sysconfig.get_paths()["stdlib"])  # its top-level modules' functions are the code questions
+
+
 def stdlib_functions(limit: int = 1000) -> list[tuple[str, str]]:
     """(name, source) of short top-level functions of this machine's Python standard library."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     out = []
-    for path in sorted(root.glob("*.py")):
+    for path in sorted(STDLIB.glob("*.py")):
         try:
             text = path.read_text(encoding="utf-8")
             tree = ast.parse(text)
@@ -215,8 +222,7 @@ def pair_records(items, rng: random.Random, with_noise: bool) -> list[dict]:
 
 
 def run(cfg: ChatDataConfig) -> Path:
-    if cfg.n < 10:
-        raise SlmError(f"--n {cfg.n}: expected at least 10 questions")
+    check_replaceable(cfg.out)
     functions = stdlib_functions()
     n_valid = max(50, cfg.n // 10)
     valid = make(n_valid, cfg.seed + 1, functions, set())
@@ -240,7 +246,9 @@ def run(cfg: ChatDataConfig) -> Path:
         write_json(tmp / "manifest.json", new_manifest(
             "chatdata", {"n": cfg.n, "seed": cfg.seed, "persona_fraction": cfg.persona_fraction,
                          "facts": str(cfg.facts) if cfg.facts else None},
+            inputs=[{"path": str(STDLIB), "role": "stdlib", "sha256": tree_sha256(STDLIB, sorted(STDLIB.glob("*.py")))}]
+            + ([{"path": str(cfg.facts), "role": "facts"}] if cfg.facts else []),
             counts={"train": len(train), "valid": len(valid), "persona_conversations": n_persona,
-                                                                 "stdlib_functions": len(functions)},
+                    "stdlib_functions": len(functions)},
             energy=energy.take()))
     return out

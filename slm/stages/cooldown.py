@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from slm.console import warn
-from slm.errors import SlmError
+from slm.errors import POSITIVE, SlmError, UsageError, check_ranges
 from slm.formats.checkpoint import Checkpoint
+from slm.formats.manifest import input_entry
 from slm.recipes import find_recipe, load_recipe, load_step, parse_budget
 from slm.train import engine, start as setup
 from slm.train.batches import Batches
@@ -46,14 +47,28 @@ class CooldownConfig:
     requeue: bool = False
     """--requeue: after a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
 
+    def __post_init__(self):
+        check_ranges(self, steps=POSITIVE, tokens=POSITIVE, lr_start=POSITIVE)
+
 
 # What a cooldown may change in the checkpoint's model: the context it trains at and RoPE's base (SmolLM2's
 # 2k -> 8k extension raised theta from 10k to 130k); every other field shapes or means the weights.
 MODEL_CHANGES = {"max_seq_len", "rope_theta"}
 
 
+# The schedule settings a cooldown does not use: its learning rate goes linearly from --lr-start to 0.
+UNUSED_SCHEDULE = {"train.lr_peak", "train.lr_min", "train.schedule", "train.warmup_steps", "train.decay_fraction",
+                   "train.cosine_fraction", "train.cosine_horizon_steps"}
+
+
 def with_recipe_step(cfg: CooldownConfig) -> CooldownConfig:
-    """CFG with a recipe step's settings under its own flags (flags win)."""
+    """CFG with a recipe step's settings under its own flags (flags win); a --set of a schedule setting, which a
+    cooldown would not use, is refused."""
+    for item in cfg.sets:
+        key = item.split("=", 1)[0].strip()
+        if key in UNUSED_SCHEDULE:
+            raise UsageError(f"--set {item}: a cooldown does not use {key} (its learning rate decays linearly from "
+                             "--lr-start, default the checkpoint's, to 0); give --lr-start instead")
     if not cfg.recipe:
         return cfg
     step = load_step(cfg.recipe, "--recipe").get("cooldown")
@@ -96,7 +111,7 @@ def dry_run(cfg: CooldownConfig, dry: DryRun) -> dict:
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer) if cfg.data else (None, None)
     seq_len = reader.seq_len if reader else step_mix.get("seq_len") or recipe_seq_len(resolved.get("recipe"))
     if not seq_len:
-        raise SlmError("--data: missing (the plan needs the mix's seq_len)")
+        raise UsageError("--data: missing (the plan needs the mix's seq_len)")
     steps = setup.steps_from(cfg.steps, cfg.tokens, t.tokens_per_step)
     if not steps:
         raise SlmError("how long to cool down: give --steps or --tokens")
@@ -107,7 +122,7 @@ def dry_run(cfg: CooldownConfig, dry: DryRun) -> dict:
 def run(cfg: CooldownConfig, d: Dist) -> Path:
     cfg = with_recipe_step(cfg)
     if cfg.data is None or cfg.out is None:
-        raise SlmError(f"--{'data' if cfg.data is None else 'out'}: missing")
+        raise UsageError(f"--{'data' if cfg.data is None else 'out'}: missing")
     out = Path(cfg.out)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer)
     resume = setup.resume_point(out, "cooldown", d, cfg.require_resume)
@@ -137,7 +152,7 @@ def run(cfg: CooldownConfig, d: Dist) -> Path:
     model = setup.new_model(model_cfg, d.device, t.seed)
     setup.load_weights(model, source if plan is None else resume)
     batches = Batches(reader, sps, t.micro_batch_size, d.rank, d.world, d.device)
-    eng = setup.make_engine(d, model, t, batches.accumulation)
+    eng = setup.make_engine(d, model, t, batches)
     if plan is None:
         plan = _plan(cfg, source, reader, t)
         _continue_optimizer(source, model, eng, t)
@@ -155,7 +170,9 @@ def run(cfg: CooldownConfig, d: Dist) -> Path:
     valid, unigram = setup.valid_set(cfg.valid, seq_len, t.eval_samples, reader, tok)
     lineage = {"stage": "cooldown", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
                "mix": {"path": str(Path(cfg.data).absolute()), "plan_sha256": setup.plan_sha256(cfg.data)},
-               "parent": plan["from"]}
+               "parent": plan["from"],
+               "inputs": [input_entry(plan["from"], "parent"), input_entry(cfg.data, "mix")]
+               + ([input_entry(cfg.valid, "valid")] if cfg.valid else [])}
     run = Run(stage="cooldown", run_dir=out, model=model, model_cfg=model_cfg, train=t, engine=eng,
               batches=batches, dist=d,
               lr_at=lambda s: linear_to_zero(s, plan["lr_start"], plan["start_step"], plan["steps"]),

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from slm import energy
 from slm.console import RateColumn, progress
-from slm.errors import SlmError
+from slm.errors import SlmError, UsageError
 from slm.evaluation.heldout import SKIP_DIRS, is_heldout, prose_of
-from slm.formats.manifest import atomic_dir, new_manifest, write_json
+from slm.formats.manifest import atomic_dir, check_replaceable, new_manifest, tree_sha256, write_json
 
 TOPICS = Path("pydoc_data/topics.py")
 
@@ -41,6 +41,10 @@ class CorpusConfig:
     """Percentage of files (and topics) put in the held-out split."""
     include_tests: bool = True
     """Include the standard library's own test suite (about 60% of its code where it is installed)."""
+
+    def __post_init__(self):
+        if not (isinstance(self.heldout_percent, (int, float)) and 0 <= self.heldout_percent < 100):
+            raise UsageError(f"--heldout-percent {self.heldout_percent}: expected a number from 0 to below 100")
 
 
 def _topics(path: Path) -> dict[str, str]:
@@ -61,11 +65,10 @@ def _topics(path: Path) -> dict[str, str]:
 
 def run(cfg: CorpusConfig) -> Path:
     started = time.time()
+    check_replaceable(cfg.out)
     root = Path(cfg.stdlib or sysconfig.get_paths()["stdlib"]).absolute()
     if not (root / "os.py").is_file():
         raise SlmError(f"{root}: not a Python standard library (no os.py)")
-    if not 0 <= cfg.heldout_percent < 100:
-        raise SlmError(f"--heldout-percent: expected a number in [0, 100), got {cfg.heldout_percent}")
     files = sorted(p for p in root.rglob("*.py")
                    if not SKIP_DIRS.intersection(p.relative_to(root).parts)
                    and (cfg.include_tests or not {"test", "tests", "idle_test"}.intersection(p.relative_to(root).parts)))
@@ -119,7 +122,8 @@ def run(cfg: CorpusConfig) -> Path:
         write_json(tmp / "manifest.json", new_manifest(
             "corpus", {"stdlib": str(root), "heldout_percent": cfg.heldout_percent,
                        "include_tests": cfg.include_tests, "out": str(cfg.out)},
-            inputs=[{"path": str(root), "files": len(files), "python": platform.python_version()}],
+            inputs=[{"path": str(root), "role": "stdlib", "files": len(files), "python": platform.python_version(),
+                     "sha256": tree_sha256(root, files + [p for p in [root / "LICENSE.txt"] if p.is_file()])}],
             counts={**counts, "files_skipped_not_utf8": skipped}, started=started,
             sources={"code": {"train": "code/train.jsonl", "valid": "code/valid.jsonl"},
                      "prose": {"train": "prose/train.jsonl", "valid": "prose/valid.jsonl"}}, energy=energy.take()))

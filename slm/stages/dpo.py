@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from slm.console import info, table
-from slm.errors import SlmError
+from slm.errors import SlmError, UsageError
 from slm.formats.chat import ChatTemplate, Pair
 from slm.formats.checkpoint import Checkpoint
-from slm.formats.manifest import write_json
+from slm.formats.manifest import absolute, input_entry, write_json
 from slm.formats.metrics import read_metrics
 from slm.formats.tokenizer import Tokenizer
 from slm.train.chat_batches import encode_chat
@@ -80,13 +80,13 @@ def pairs_digest(pairs: list[EncodedPair]) -> str:
 
 
 def template_of(ckpt: Checkpoint, spec: str | None) -> ChatTemplate:
-    return ChatTemplate.load(spec) if spec else ChatTemplate.of_checkpoint(ckpt.dir)
+    return ChatTemplate.load(spec) if spec else ChatTemplate.of_checkpoint(ckpt.dir, "give --template")
 
 
 @per_process
 def run(cfg: DpoConfig, d: Dist) -> Path:
     if not cfg.data:
-        raise SlmError("--data: missing (preference files, or - for standard input)")
+        raise UsageError("--data: missing (preference files, or - for standard input)")
     out, resume, resolved, source, plan = open_run(cfg, "dpo", d, "the fine-tuned checkpoint")
     s = dpo_settings(resolved)
     t = train_settings(resolved)
@@ -142,7 +142,9 @@ def run(cfg: DpoConfig, d: Dist) -> Path:
                                   tok.eos_id, t.seed, d.device)) if valid_enc else None
     lineage = {"stage": "dpo", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
                "parent": plan["from"], "reference": plan["reference"], "reference_sha256": ref_hash,
-               "data": [str(p) for p in cfg.data], "data_pairs_sha256": digest, "data_counts": plan["counts"]}
+               "data": absolute(cfg.data), "data_pairs_sha256": digest, "data_counts": plan["counts"],
+               "inputs": [input_entry(plan["from"], "parent"), input_entry(plan["reference"], "reference")]
+               + [input_entry(p, "data") for p in cfg.data] + [input_entry(p, "valid") for p in cfg.valid]}
     mean_len = float(np.mean([len(p.chosen) + len(p.rejected) for p in encoded])) / 2
     last = train(make_run("dpo", out, d, model, model_cfg, t, s, ep, batches, resume, resolved, plan, first,
                           max(1, round(2 * mean_len)), tok, source.dir, template, lineage, cfg.requeue, valid=valid,

@@ -23,11 +23,12 @@ import numpy as np
 
 from slm import energy
 from slm.console import Heartbeat, RateColumn, info, progress, warn
-from slm.errors import SlmError
+from slm.errors import AT_LEAST_0, POSITIVE, SlmError, UsageError, check_ranges
 from slm.formats.indexed import IndexedWriter
 from slm.formats.manifest import (MANIFEST, canonical_json, check_replaceable, new_manifest, publish_dir, read_json,
                                   read_manifest, sha256_bytes, sha256_file, write_json)
 from slm.formats.records import Input, Unit, UnitReader, expand_inputs, plan_units, spool_stdin
+from slm.formats.tables import plural
 from slm.formats.tokenizer import Tokenizer
 
 
@@ -52,6 +53,9 @@ class EncodeConfig:
     shard_mb: float = 256.0
     """Input megabytes per shard for inputs that can be cut (plain .jsonl, paragraph .txt, parquet, datasets)."""
     settings: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        check_ranges(self, workers=AT_LEAST_0, shard_mb=POSITIVE)
 
 
 def _settings(cfg: EncodeConfig, tok: Tokenizer) -> dict:
@@ -195,9 +199,7 @@ def run(cfg: EncodeConfig) -> Path:
     started = time.time()
     tok = Tokenizer(cfg.tokenizer)
     if cfg.txt_mode not in ("file", "paragraph"):
-        raise SlmError(f"--txt-mode: expected 'file' or 'paragraph', got {cfg.txt_mode!r}")
-    if cfg.shard_mb <= 0:
-        raise SlmError(f"--shard-mb: expected a positive number, got {cfg.shard_mb}")
+        raise UsageError(f"--txt-mode: expected 'file' or 'paragraph', got {cfg.txt_mode!r}")
     out = Path(cfg.out).absolute()
     specs, spool = list(cfg.inputs), None
     if "-" in specs:
@@ -225,7 +227,8 @@ def _run(cfg: EncodeConfig, tok, specs: list, spool: Path | None, out: Path, sta
     for inp in inputs:
         if inp.size == 0 and inp.kind != "dataset":
             if not cfg.skip_bad:
-                raise SlmError(f"{inp.path}: empty file (expected at least one document; --skip-bad skips it)")
+                where = "-: standard input is empty" if inp.shown == "-" else f"{inp.path}: empty file"
+                raise SlmError(f"{where} (expected at least one document; --skip-bad skips it)")
             skipped_inputs.append(inp)
     inputs = [i for i in inputs if i not in skipped_inputs]
     if not inputs:
@@ -266,7 +269,7 @@ def _run_locked(cfg, tok, inputs, skipped_inputs, out, partial, settings, previo
     jobs, records = _jobs(cfg, inputs, units, hashes, settings, out, partial, previous_units)
     reused = len(records)
     if reused:
-        info(f"reusing {reused} of {len(units)} shard(s) whose input and settings did not change")
+        info(f"reusing {reused} of {plural(len(units), 'shard')} whose input and settings did not change")
     if jobs:
         _encode(cfg, tok, jobs, partial, records)
     unit_records = [records[_unit_key(settings, hashes[u.input_index], u)] for u in units]
@@ -281,7 +284,7 @@ def _run_locked(cfg, tok, inputs, skipped_inputs, out, partial, settings, previo
     write_json(partial / MANIFEST, manifest)
     publish_dir(partial, out)
     if manifest["counts"]["bad_records"]:
-        warn(f"skipped {manifest['counts']['bad_records']} bad record(s) (counted in manifest.json)")
+        warn(f"skipped {plural(manifest['counts']['bad_records'], 'bad record')} (counted in manifest.json)")
     return Path(cfg.out)
 
 

@@ -26,12 +26,12 @@ from pathlib import Path
 
 from slm import energy
 from slm.console import err, progress
-from slm.errors import SlmError
+from slm.errors import AT_LEAST_0, POSITIVE, SlmError, UsageError, check_ranges
 from slm.evaluation.local import METRICS, SHOTS, TASKS, write_tasks
 from slm.evaluation.models import make_lm, model_backend
 from slm.evaluation.mtbench import read_questions, run_mt_bench
 from slm.formats.checkpoint import run_name
-from slm.formats.manifest import atomic_dir, new_manifest, sha256_file, write_json
+from slm.formats.manifest import atomic_dir, check_replaceable, new_manifest, write_json
 from slm.formats.tables import bar_chart, render_eval
 
 SUITES_FILE = Path(__file__).resolve().parent.parent / "evaluation" / "suites.yaml"
@@ -65,6 +65,10 @@ class EvalConfig:
     judge_model: str | None = None
     """With an HTTP judge: the model name the endpoint expects."""
 
+    def __post_init__(self):  # --limit: a count, or a fraction of each task below 1
+        check_ranges(self, shots=AT_LEAST_0, limit=POSITIVE, batch_size=POSITIVE, threads=POSITIVE,
+                     seed=AT_LEAST_0, bootstrap_iters=AT_LEAST_0)
+
 
 def load_suites() -> dict:
     import yaml
@@ -75,7 +79,7 @@ def load_suites() -> dict:
 def suite_specs(name: str) -> tuple[list[TaskSpec], dict]:
     suites = load_suites()
     if name not in suites:
-        raise SlmError(f"--suite {name!r}: expected one of {', '.join(suites)}")
+        raise UsageError(f"--suite {name!r}: expected one of {', '.join(suites)}")
     s = suites[name]
     items = list(s.get("tasks") or [])
     for lang in s.get("languages") or []:
@@ -86,7 +90,7 @@ def suite_specs(name: str) -> tuple[list[TaskSpec], dict]:
 def task_specs(cfg: EvalConfig) -> tuple[list[TaskSpec], bool]:
     """The tasks to run and whether prompts go through the chat template."""
     if bool(cfg.suite) == bool(cfg.tasks) and not cfg.mt_bench:
-        raise SlmError("give --suite NAME or --tasks a,b (or --mt-bench FILE)")
+        raise UsageError("give --suite NAME or --tasks a,b (or --mt-bench FILE)")
     specs, chat = [], False
     if cfg.suite:
         specs, suite = suite_specs(cfg.suite)
@@ -251,18 +255,15 @@ def evaluate_model(lm, label: str, specs: list[TaskSpec], tm, cfg: EvalConfig, c
 
 def run(cfg: EvalConfig) -> Path:
     started = time.time()
+    check_replaceable(cfg.out)
     specs, chat = task_specs(cfg)
     if not cfg.models:
         raise SlmError("MODEL: give at least one checkpoint, run directory or .gguf file")
-    if cfg.limit is not None and cfg.limit <= 0:
-        raise SlmError(f"--limit {cfg.limit}: expected a positive number (a count, or a fraction below 1)")
-    if cfg.batch_size < 1:
-        raise SlmError(f"--batch-size {cfg.batch_size}: expected a positive integer")
     for p in cfg.include_path:
         if not Path(p).is_dir():
             raise SlmError(f"--include-path {p}: no such directory")
     if cfg.judge and not cfg.mt_bench:
-        raise SlmError("--judge: give the questions with --mt-bench FILE")
+        raise UsageError("--judge: give the questions with --mt-bench FILE")
     models = [model_backend(Path(m)) for m in cfg.models]
     labels = labels_for(cfg.models)
     questions = None
@@ -270,7 +271,7 @@ def run(cfg: EvalConfig) -> Path:
 
         questions = read_questions(Path(cfg.mt_bench))
         if not cfg.judge:
-            raise SlmError("--mt-bench: give the judge with --judge (a checkpoint, a .gguf file or an http(s) URL)")
+            raise UsageError("--mt-bench: give the judge with --judge (a checkpoint, a .gguf file or an http(s) URL)")
     _quiet()
 
     report: dict = {"suite": cfg.suite, "tasks": [asdict(s) for s in specs], "chat_template": chat, "models": []}
@@ -304,8 +305,10 @@ def run(cfg: EvalConfig) -> Path:
         (tmp / "eval.md").write_text(table + "\n")
         if cfg.plot is not None:
             plot(report, tmp / "eval.png")
-        inputs = [{"path": str(Path(p).absolute()), **({"sha256": sha256_file(p)} if p.is_file() else {})}
-                  for _, p in models]
+        inputs = ([{"path": str(p), "role": "model"} for _, p in models]
+                  + [{"path": str(p), "role": "tasks"} for p in cfg.include_path]
+                  + ([{"path": str(cfg.mt_bench), "role": "questions"}] if cfg.mt_bench else [])
+                  + ([{"path": cfg.judge, "role": "judge"}] if cfg.judge else []))
         write_json(tmp / "manifest.json", new_manifest(
             "eval", {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                      if k not in ("models", "out")} | {"include_path": [str(p) for p in cfg.include_path]},

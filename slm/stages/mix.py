@@ -14,7 +14,8 @@ The YAML:
     phases:                  # one or more, in order
       - name: stable
         tokens: 6T           # budget: 6T / 500B / 20M / 1.5k / an integer
-        weights: {web: 0.9, code: 0.1}   # positive; normalised to sum to 1
+        weights: {web: 0.9, code: 0.1}   # positive; normalised to sum to 1 (ratios such as {web: 9, code: 1}
+                                         # are fine; shares below 1 that do not add up to 1 get a warning)
 
 Everything is checked before anything is written: sources exist and share one tokenizer, weights are positive,
 every phase can be served. A source repeated more than 4 epochs gets a warning (SmolLM2's rule of thumb).
@@ -40,8 +41,8 @@ from rich.table import Table
 
 from slm import energy
 from slm.console import err, warn
-from slm.errors import SlmError
-from slm.formats.manifest import atomic_dir, new_manifest, write_json
+from slm.errors import AT_LEAST_0, POSITIVE, SlmError, UsageError, check_ranges
+from slm.formats.manifest import atomic_dir, check_replaceable, new_manifest, write_json
 from slm.formats.mixplan import MixPlan
 from slm.formats.tables import human
 from slm.formats.tokens import TokensDir
@@ -64,6 +65,9 @@ class MixConfig:
     """Bind every source without a path to SOURCE_ROOT/NAME."""
     seq_len: int | None = None
     seed: int | None = None
+
+    def __post_init__(self):
+        check_ranges(self, seq_len=POSITIVE, seed=AT_LEAST_0)
 
 
 def _load(cfg: MixConfig) -> tuple[dict, str, Path]:
@@ -236,6 +240,11 @@ def _phases(raw: object, where: str, paths: dict) -> list[dict]:
                 raise SlmError(f"{at}.weights.{src}: no such source (sources: {', '.join(paths)})")
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or not math.isfinite(w):
                 raise SlmError(f"{at}.weights.{src}: expected a positive number, got {w!r}")
+        total = sum(weights.values())
+        if all(w < 1 for w in weights.values()) and not math.isclose(total, 1.0, abs_tol=1e-6):
+            # written as shares that do not add up (a likely slip); ratios such as {web: 3, code: 1} are meant
+            shares = ", ".join(f"{src} {w / total:.4g}" for src, w in weights.items())
+            warn(f"{at}.weights add up to {total:g}, not 1: normalised to {shares}")
         phases.append({"name": str(ph.get("name", f"phase{i}")), "tokens": tokens, "weights": dict(weights)})
     if len({p["name"] for p in phases}) != len(phases):
         raise SlmError(f"{where}: phases: names must be unique")
@@ -363,7 +372,8 @@ def dry_run(cfg: MixConfig) -> dict:
 def run(cfg: MixConfig) -> Path:
     started = time.time()
     if cfg.out is None:
-        raise SlmError("--out: missing (or use --dry-run)")
+        raise UsageError("--out: missing (or use --dry-run)")
+    check_replaceable(cfg.out)
     plan, dirs, windows = resolve(cfg)
     print_ledger(plan)
     with atomic_dir(cfg.out) as tmp:

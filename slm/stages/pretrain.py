@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slm.console import info, warn
-from slm.errors import SlmError
+from slm.errors import POSITIVE, SlmError, UsageError, check_ranges
 from slm.formats.checkpoint import Checkpoint
+from slm.formats.manifest import input_entry
+from slm.formats.tables import plural
 from slm.train import start as setup
 from slm.train.batches import Batches
 from slm.train.config import resolve, train_settings
@@ -44,11 +46,14 @@ class PretrainConfig:
     requeue: bool = False
     """--requeue: after a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
 
+    def __post_init__(self):
+        check_ranges(self, steps=POSITIVE, tokens=POSITIVE)
+
 
 def _settings(cfg: PretrainConfig, saved: dict | None):
     """(the resolved config, its train settings): the run's config.yaml, else recipe and --config; then --set."""
     if saved is None and cfg.recipe is None and cfg.config_file is None and cfg.init is None:
-        raise SlmError("--recipe: missing (or --config FILE, or --init CKPT)")
+        raise UsageError("--recipe: missing (or --config FILE, or --init CKPT)")
     resolved = resolve(None, None, cfg.sets, base=saved) if saved is not None else \
         resolve(cfg.recipe, cfg.config_file, cfg.sets)
     return resolved, train_settings(resolved)
@@ -68,7 +73,7 @@ def dry_run(cfg: PretrainConfig, dry: DryRun) -> dict:
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer) if cfg.data else (None, None)
     seq_len = reader.seq_len if reader else recipe_seq_len(resolved.get("recipe"))
     if not seq_len:
-        raise SlmError("--data: missing (the plan needs the mix's seq_len; recipes carry one)")
+        raise UsageError("--data: missing (the plan needs the mix's seq_len; recipes carry one)")
     model_values = Checkpoint.open(cfg.init).model_config.to_dict() if cfg.init else resolved["model"]
     steps = _steps(cfg, t)
     p = plan_run(model_values, tok, t, seq_len, steps, dry)
@@ -80,9 +85,9 @@ def dry_run(cfg: PretrainConfig, dry: DryRun) -> dict:
 @per_process
 def run(cfg: PretrainConfig, d: Dist) -> Path:
     if cfg.data is None:
-        raise SlmError("--data: missing (the mix directory from `slm mix`)")
+        raise UsageError("--data: missing (the mix directory from `slm mix`)")
     if cfg.out is None:
-        raise SlmError("--out: missing (the run directory)")
+        raise UsageError("--out: missing (the run directory)")
     out = Path(cfg.out)
     reader, tok = setup.open_data(cfg.data, cfg.tokenizer)
     resume = setup.resume_point(out, "pretrain", d, cfg.require_resume)
@@ -132,12 +137,12 @@ def run(cfg: PretrainConfig, d: Dist) -> Path:
     if resume is not None:
         setup.load_weights(model, resume)
     batches = Batches(reader, sps, t.micro_batch_size, d.rank, d.world, d.device)
-    eng = setup.make_engine(d, model, t, batches.accumulation)
+    eng = setup.make_engine(d, model, t, batches)
     start, state = setup.start_or_resume(
         resume, eng, d, out, resolved,
         f"pretrain: {model_cfg.family} model, {model.num_parameters():,} parameters; {steps} steps of "
-        f"{t.tokens_per_step:,} tokens ({sps} x {seq_len}; {sps // (d.world * t.micro_batch_size)} micro-batches of "
-        f"{t.micro_batch_size} per process, {d.world} process(es), {eng.describe()}, {d.device})",
+        f"{t.tokens_per_step:,} tokens ({sps} x {seq_len}; {plural(batches.accumulation, 'micro-batch')} of "
+        f"{batches.micro} per process, {plural(d.world, 'process')}, {eng.describe()}, {d.device})",
         {"tokens_seen": resume.step * t.tokens_per_step if resume is not None else 0})
     if start >= steps and d.main:
         info(f"{out}: already at step {start} of {steps}")
@@ -145,7 +150,9 @@ def run(cfg: PretrainConfig, d: Dist) -> Path:
     valid, unigram = setup.valid_set(cfg.valid, seq_len, t.eval_samples, reader, tok)
     lineage = {"stage": "pretrain", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
                "mix": {"path": str(Path(cfg.data).absolute()), "plan_sha256": setup.plan_sha256(cfg.data)},
-               "parent": str(init.dir) if init is not None else None}
+               "parent": str(init.dir) if init is not None else None,
+               "inputs": [input_entry(cfg.data, "mix")] + ([input_entry(cfg.valid, "valid")] if cfg.valid else [])
+               + ([input_entry(init.dir, "init")] if init is not None else [])}
     run = Run(stage="pretrain", run_dir=out, model=model, model_cfg=model_cfg, train=t, engine=eng,
               batches=batches, dist=d,
               lr_at=schedule, first_sample_of=lambda s: s * sps, start_step=start, end_step=steps,

@@ -23,13 +23,13 @@ import numpy as np
 
 from slm import energy
 from slm.console import err, info, progress, warn
-from slm.errors import SlmError
+from slm.errors import POSITIVE, SlmError, UsageError, check_ranges
 from slm.evaluation.heldout import heldout_text
 from slm.formats.chat import ChatTemplate, iter_objects, parse_chat
 from slm.formats.checkpoint import Checkpoint, run_name
 from slm.formats.gguf import LLAMA_CPP_TYPES, PYTHON_TYPES, check_lineage, read_tensor_types, write_gguf
-from slm.formats.manifest import atomic_dir, new_manifest, write_json
-from slm.formats.tables import QUANTIZE_COLUMNS, quantize_rows
+from slm.formats.manifest import atomic_dir, check_replaceable, new_manifest, write_json
+from slm.formats.tables import QUANTIZE_COLUMNS, plural, quantize_rows
 from slm.formats.tokens import TokensDir
 from slm.inference.llamacpp import LlamaCppScorer, quantize_gguf
 from slm.inference.openvino import OpenVinoScorer, export_int4
@@ -59,14 +59,20 @@ class QuantizeConfig:
     """GGUF files written elsewhere (llama.cpp's own quantizer, an imatrix run) to score against the checkpoint
     beside the types slm writes; each must be this checkpoint's model (slm.formats.gguf.check_lineage)."""
 
+    def __post_init__(self):
+        check_ranges(self, threads=POSITIVE)
+        for name in ("eval_tokens", "window", "int4_group_size"):  # a window of one token scores nothing
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 2):
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected an integer >= 2")
+
 
 def parse_types(text: str) -> list[str]:
     types = [t.strip().lower() for t in text.split(",") if t.strip()]
     unknown = [t for t in types if t not in TYPES]
     if unknown:
-        raise SlmError(f"--type {unknown[0]!r}: expected some of {', '.join(TYPES)}")
+        raise UsageError(f"--type {unknown[0]!r}: expected some of {', '.join(TYPES)}")
     if not types:
-        raise SlmError(f"--type: expected some of {', '.join(TYPES)}")
+        raise UsageError(f"--type: expected some of {', '.join(TYPES)}")
     return list(dict.fromkeys(types))
 
 
@@ -163,7 +169,8 @@ def write_files(ckpt: Checkpoint, state: dict, tmp: Path, types: list[str], name
 def run(cfg: QuantizeConfig) -> Path:
     started = time.time()
     if cfg.out is None:
-        raise SlmError("--out: missing (the output directory)")
+        raise UsageError("--out: missing (the output directory)")
+    check_replaceable(cfg.out)
     ckpt = Checkpoint.open(cfg.checkpoint)
     model_cfg = ckpt.model_config  # a checkpoint slm cannot read fails here, before anything is written
     tok = ckpt.tokenizer()
@@ -210,7 +217,8 @@ def run(cfg: QuantizeConfig) -> Path:
             "quantize", {"types": types, "eval_tokens": cfg.eval_tokens, "window": cfg.window,
                          "int4_group_size": cfg.int4_group_size, "int4_symmetric": cfg.int4_symmetric,
                          "int4_all_layers": cfg.int4_all_layers},
-            inputs=[{"path": str(ckpt.dir)}] + [{"path": str(g), "kind": "gguf"} for g in external.values()],
+            inputs=[{"path": str(ckpt.dir), "role": "checkpoint"}]
+            + [{"path": str(g), "role": "gguf"} for g in external.values()],
             counts={"files": len(files)}, started=started,
             lineage={"parent": str(ckpt.dir), "stage": "quantize"},
             files={k: v["file"] for k, v in files.items()}, energy=energy.take()))
@@ -269,4 +277,4 @@ def print_table(report: dict) -> None:
     for row in quantize_rows(report):
         t.add_row(*row)
     Console(stderr=True, highlight=False, width=max(err.width, 100)).print(t)
-    info(f"quantize: {len(report['types'])} file(s); quantize.json has the numbers")
+    info(f"quantize: {plural(len(report['types']), 'file')}; quantize.json has the numbers")

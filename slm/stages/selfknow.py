@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from slm.console import info, table
-from slm.errors import SlmError
+from slm.errors import SlmError, UsageError
 from slm.formats.chat import ChatTemplate
 from slm.formats.checkpoint import Checkpoint
 from slm.formats.facts import Facts, load_facts
-from slm.formats.manifest import write_json
+from slm.formats.manifest import absolute, input_entry, write_json
 from slm.inference.chat import Sampling, answer_all, stop_ids
 from slm.inference.load import load_model
 from slm.train.chat_batches import ChatBatches, Encoded, encode_chat, pack
@@ -98,11 +98,12 @@ def check_answers(ckpt_dir: Path, questions: list[str], facts: Facts, device) ->
 @per_process
 def run(cfg: TrainConfig, d: Dist) -> Path:
     if not cfg.data:
-        raise SlmError("--data: missing (a `slm selfknow generate` directory or preference files)")
+        raise UsageError("--data: missing (a `slm selfknow generate` directory or preference files)")
     out, resume, resolved, source, plan = open_run(cfg, "selfknow", d, "the chat checkpoint to train")
     s = selfknow_settings(resolved)
     t = train_settings(resolved)
-    template = ChatTemplate.load(s.template) if s.template else ChatTemplate.of_checkpoint(source.dir)
+    template = ChatTemplate.load(s.template) if s.template else ChatTemplate.of_checkpoint(
+        source.dir, "set selfknow.template with --set")
     files, found_facts = data_files(cfg.data)
     facts_path = cfg.facts or found_facts
     facts = load_facts(facts_path) if facts_path is not None else None
@@ -143,10 +144,12 @@ def run(cfg: TrainConfig, d: Dist) -> Path:
         f"selfknow: C-RLFT from {source.dir}{' (added ' + ', '.join(added) + ')' if added else ''}; class weights "
         f"pos {w[0]:g}, neg {w[1]:g}, kl_coef {s.kl_coef:g}; " + ep.describe(s, len(rows), "sequences"))
     lineage = {"stage": "selfknow", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
-               "parent": plan["from"], "data": [str(p) for p in files], "data_rows_sha256": digest,
+               "parent": plan["from"], "data": absolute(files), "data_rows_sha256": digest,
                "data_counts": plan["counts"], "facts_sha256": facts.sha256 if facts else None,
-               "negative_token": s.negative_token, "class_weights": s.class_weights, "kl_coef": s.kl_coef}
-    batches = ChatBatches(rows, ep.per_step, s.micro_batch_size, d.rank, d.world, d.device)
+               "negative_token": s.negative_token, "class_weights": s.class_weights, "kl_coef": s.kl_coef,
+               "inputs": [input_entry(plan["from"], "parent")] + [input_entry(p, "data") for p in cfg.data]
+               + ([input_entry(facts_path, "facts")] if facts_path is not None else [])}
+    batches = ChatBatches(rows, ep.per_step, s.micro_batch_size, d.rank, d.world, d.device, "selfknow")
     last = train(make_run("selfknow", out, d, model, model_cfg, t, s, ep, batches, resume, resolved, plan, first,
                           s.max_length - 1, tok, tok.dir, template, lineage, cfg.requeue,
                           loss_fn=make_loss_fn(s.kl_coef)))

@@ -30,11 +30,11 @@ import torch
 
 from slm import energy
 from slm.console import RateColumn, info, progress, table, warn
-from slm.errors import SlmError
+from slm.errors import AT_LEAST_0, MASS, POSITIVE, SlmError, UsageError, check_ranges
 from slm.formats.chat import ChatTemplate
 from slm.formats.checkpoint import Checkpoint
 from slm.formats.facts import DEFAULT_MESSAGES, Facts, load_facts
-from slm.formats.manifest import atomic_dir, new_manifest, write_json
+from slm.formats.manifest import atomic_dir, check_replaceable, new_manifest, write_json
 from slm.formats.records import write_jsonl
 from slm.inference.chat import Sampling, answer_all, stop_ids, unsampled
 from slm.inference.load import device_for, load_model
@@ -69,6 +69,10 @@ class GenerateConfig:
     def __post_init__(self):
         self.answer = self.answer or Sampling()
         self.message = self.message or Sampling(temperature=1.0, top_p=0.95, max_new_tokens=64)
+        self.answer.check()
+        self.message.check("message-")
+        check_ranges(self, n=AT_LEAST_0, shots=POSITIVE, near_duplicate=MASS, batch_size=POSITIVE,
+                     max_attempts=POSITIVE, seed=AT_LEAST_0)
 
 
 def _count(counts: dict, key: str, k: int = 1) -> None:
@@ -102,7 +106,7 @@ def write_messages(model, tok, facts: Facts, cfg: GenerateConfig, counts: dict) 
     if cfg.n == 0:
         return kept
     if model is None:
-        raise SlmError("--base: missing (the base model that writes the first messages)")
+        raise UsageError("--base: missing (the base model that writes the first messages)")
     newline = {i for b, i in tok.ranks.items() if b"\n" in b}
     stops = newline | {tok.eos_id}
     rng = random.Random(cfg.seed)
@@ -173,13 +177,12 @@ def _pairs(messages, pos, neg, facts: Facts, max_new: int, counts: dict) -> tupl
 def run(cfg: GenerateConfig) -> Path:
     started = time.time()
     if cfg.out is None:
-        raise SlmError("--out: missing (the output directory)")
+        raise UsageError("--out: missing (the output directory)")
+    check_replaceable(cfg.out)
     if cfg.facts is None:
-        raise SlmError("--facts: missing (a FACTS.yaml: name, maker, examples)")
+        raise UsageError("--facts: missing (a FACTS.yaml: name, maker, examples)")
     if cfg.chat is None:
-        raise SlmError("--chat: missing (the chat model that answers)")
-    if cfg.n < 0:
-        raise SlmError(f"--n {cfg.n}: expected 0 or more messages")
+        raise UsageError("--chat: missing (the chat model that answers)")
     facts = load_facts(cfg.facts)
     device = device_for(cfg.device)
     chat_ckpt = Checkpoint.open(cfg.chat)
@@ -234,4 +237,19 @@ def run(cfg: GenerateConfig) -> Path:
             stated_rates=rates, chat_template=template.source, energy=energy.take()))
     info(f"selfknow: {len(records):,} pairs in {out / 'pairs.jsonl'} (chosen answers state the name in "
          f"{rates['chosen_name']:.0%}, rejected in {rates['rejected_name']:.0%})")
+    warn_if_uninformative(rates)
     return out
+
+
+MIN_RATE_GAP = 0.05  # chosen answers must state a fact this much more often than rejected ones to teach it
+
+
+def warn_if_uninformative(rates: dict) -> None:
+    """Pairs teach the facts only if chosen answers state them more often than rejected ones."""
+    if any(rates[f"chosen_{k}"] - rates[f"rejected_{k}"] >= MIN_RATE_GAP for k in ("name", "maker")):
+        return
+    both = ", ".join(f"the {k} {rates[f'chosen_{k}']:.0%} vs {rates[f'rejected_{k}']:.0%}" for k in ("name", "maker"))
+    warn(f"selfknow: chosen and rejected answers state the facts about as often ({both}): the chat model does not "
+         "follow the system prompt that gives them, so training on these pairs teaches nothing. Fine-tune it on "
+         "conversations under a system prompt first (`slm chat-data --facts FACTS.yaml`, then `slm sft`), or use "
+         "a larger chat model; pairs.jsonl's chosen_states / rejected_states show which answers state what")

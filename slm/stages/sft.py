@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slm.console import table
-from slm.errors import SlmError
+from slm.errors import SlmError, UsageError
 from slm.formats.chat import ChatTemplate, iter_objects, parse_chat
+from slm.formats.manifest import absolute, input_entry
 from slm.formats.records import BadRecord
 from slm.formats.tokenizer import Tokenizer
 from slm.train.chat_batches import ChatBatches, ChatValid, Encoded, Rows, encode_chat, pack, user_turns
@@ -72,7 +73,7 @@ def prepare(convs: list[list[dict]], tok: Tokenizer, template: ChatTemplate, max
 @per_process
 def run(cfg: SftConfig, d: Dist) -> Path:
     if not cfg.data:
-        raise SlmError("--data: missing (chat files, or - for standard input)")
+        raise UsageError("--data: missing (chat files, or - for standard input)")
     out, resume, resolved, source, plan = open_run(cfg, "sft", d, "the checkpoint to fine-tune", reopen_source=False)
     s = sft_settings(resolved)
     t = train_settings(resolved)
@@ -125,7 +126,9 @@ def run(cfg: SftConfig, d: Dist) -> Path:
         + ep.describe(s, len(rows), "sequences"))
     lineage = {"stage": "sft", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
                "parent": plan["from"], "template": template.name, "data_rows_sha256": digest,
-               "data": [str(p) for p in cfg.data], "data_counts": plan["counts"]}
+               "data": absolute(cfg.data), "data_counts": plan["counts"],
+               "inputs": [input_entry(plan["from"], "parent")] + [input_entry(p, "data") for p in cfg.data]
+               + [input_entry(p, "valid") for p in cfg.valid]}
     batches = ChatBatches(rows, ep.per_step, s.micro_batch_size, d.rank, d.world, d.device)
     return train(make_run("sft", out, d, model, model_cfg, t, s, ep, batches, resume, resolved, plan, first,
                           s.max_length - 1, tok, tok.dir, template, lineage, cfg.requeue, valid=valid))

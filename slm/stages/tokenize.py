@@ -8,8 +8,8 @@ from pathlib import Path
 
 from slm import energy
 from slm.console import RateColumn, progress, warn
-from slm.errors import SlmError
-from slm.formats.manifest import atomic_dir, new_manifest, write_json
+from slm.errors import POSITIVE, SlmError, UsageError, check_ranges
+from slm.formats.manifest import atomic_dir, check_replaceable, new_manifest, write_json
 from slm.formats.records import expand_inputs, iter_documents
 from slm.formats.tokenizer import (ARCADE_FIRST_SPECIAL_ID, CL100K_N_RANKS, CL100K_SHA256, RULES, bpe_str_to_bytes,
                                    byte_level, load_cl100k_ranks, make_spec, write_tokenizer)
@@ -30,7 +30,7 @@ def build_arcade(cfg: BuildConfig) -> Path:
     special tokens at ids 100257-100288; n_vocab 100,289, padded to 100,352 for the model."""
     started = time.time()
     if cfg.base != "cl100k_base":
-        raise SlmError(f"--base: only cl100k_base is supported (Arcade100k), got {cfg.base!r}")
+        raise UsageError(f"--base: only cl100k_base is supported (Arcade100k), got {cfg.base!r}")
     ranks, source = load_cl100k_ranks(cfg.ranks)
     if len(ranks) != CL100K_N_RANKS:
         raise SlmError(f"{source}: {len(ranks)} ranks, cl100k_base has {CL100K_N_RANKS}")
@@ -64,6 +64,9 @@ class TrainConfig:
     """Train on at most this many megabytes of text (the first ones, in input order)."""
     name: str = field(default="")
 
+    def __post_init__(self):
+        check_ranges(self, vocab_size=POSITIVE, min_frequency=POSITIVE, max_mb=POSITIVE)
+
 
 def train_bpe(cfg: TrainConfig) -> Path:
     """Train a byte-level BPE with Hugging Face tokenizers' trainer (all 256 bytes in the initial alphabet) under the
@@ -72,11 +75,11 @@ def train_bpe(cfg: TrainConfig) -> Path:
 
     started = time.time()
     if cfg.rules not in RULES:
-        raise SlmError(f"--rules: expected one of {', '.join(RULES)}, got {cfg.rules!r}")
+        raise UsageError(f"--rules: expected one of {', '.join(RULES)}, got {cfg.rules!r}")
     rules = RULES[cfg.rules]
     n_specials = len(rules.specials)
     if cfg.vocab_size < 256 + n_specials + 1:
-        raise SlmError(f"--vocab-size: expected at least {256 + n_specials + 1} (256 bytes, {n_specials} special "
+        raise UsageError(f"--vocab-size: expected at least {256 + n_specials + 1} (256 bytes, {n_specials} special "
                        f"tokens and one merge), got {cfg.vocab_size}")
     inputs = expand_inputs(cfg.corpus)
     total = sum(i.size for i in inputs)
@@ -128,4 +131,5 @@ def train_bpe(cfg: TrainConfig) -> Path:
 
 def run(cfg: BuildConfig | TrainConfig) -> Path:
     """The tokenizer directory CFG describes: Arcade100k built from cl100k_base, or a BPE trained on text."""
+    check_replaceable(cfg.out)
     return build_arcade(cfg) if isinstance(cfg, BuildConfig) else train_bpe(cfg)

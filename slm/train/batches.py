@@ -43,6 +43,21 @@ def to_micro_batch(tokens: np.ndarray, doc_starts: list[np.ndarray], device: tor
     return MicroBatch(t[:, :-1], t[:, 1:], None if seg is None else torch.from_numpy(seg).to(device))
 
 
+def fit_micro_batch(per_rank: int, micro: int, micro_name: str, unit: str, world: int, announce: bool) -> int:
+    """The micro-batch size a process uses: MICRO when it divides the process's PER_RANK samples of a step, else
+    the largest size that does (said on stderr when ANNOUNCE): a step's result does not depend on how it is cut."""
+    if per_rank % micro == 0:
+        return micro
+    fit = max(k for k in range(1, min(micro, per_rank) + 1) if per_rank % k == 0)
+    if announce:
+        from slm.console import warn
+
+        share = f"the {per_rank} {unit} each of {world} processes takes" if world > 1 else f"the {per_rank} {unit}"
+        warn(f"{micro_name} {micro} {'is more than' if micro > per_rank else 'does not divide'} {share} per step: "
+             f"using micro-batches of {fit} ({per_rank // fit} per step; the step is the same, memory is less)")
+    return fit
+
+
 class StepBatches:
     """Step s reads the global samples [first, first + samples_per_step); rank r of W takes the r-th contiguous
     slice and cuts it into micro-batches. Subclasses say how samples become a micro-batch (micro_batch)."""
@@ -55,12 +70,10 @@ class StepBatches:
             raise SlmError(f"{batch_name} gives {samples_per_step} {self.unit} per step, not divisible by the "
                            f"{world} processes")
         self.per_rank = samples_per_step // world
-        if self.per_rank % micro_batch_size:
-            raise SlmError(f"{self.per_rank} {self.unit} per process per step is not a multiple of "
-                           f"{micro_name} {micro_batch_size}")
-        self.samples_per_step, self.micro = samples_per_step, micro_batch_size
+        self.samples_per_step = samples_per_step
+        self.micro = fit_micro_batch(self.per_rank, micro_batch_size, micro_name, self.unit, world, rank == 0)
         self.rank, self.device = rank, device
-        self.accumulation = self.per_rank // micro_batch_size
+        self.accumulation = self.per_rank // self.micro
 
     def micro_batch(self, samples: np.ndarray) -> MicroBatch:
         raise NotImplementedError

@@ -139,8 +139,9 @@ class ChatBatches(StepBatches):
     unit = "sequences"
 
     def __init__(self, rows: Rows, samples_per_step: int, micro_batch_size: int, rank: int, world: int,
-                 device: torch.device):
-        super().__init__(samples_per_step, micro_batch_size, rank, world, device)
+                 device: torch.device, section: str = "sft"):
+        super().__init__(samples_per_step, micro_batch_size, rank, world, device, f"{section}.batch_size",
+                         f"{section}.micro_batch_size")
         self.rows = rows
 
     def micro_batch(self, samples: np.ndarray) -> MicroBatch:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from slm.errors import SlmError
+from slm.errors import SlmError, UsageError
 from slm.model.transformer import ModelConfig
 from slm.recipes import find_recipe, load_recipe, names as recipe_names
 
@@ -256,9 +256,9 @@ def parse_set(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
-            raise SlmError(f"--set {item!r}: expected SECTION.FIELD=VALUE (e.g. train.lr_peak=3e-4)")
+            raise UsageError(f"--set {item!r}: expected SECTION.FIELD=VALUE (e.g. train.lr_peak=3e-4)")
         if section not in SECTIONS:
-            raise SlmError(f"--set {item!r}: unknown section {section!r} (expected {', '.join(SECTIONS)})")
+            raise UsageError(f"--set {item!r}: unknown section {section!r} (expected {', '.join(SECTIONS)})")
         parsed = yaml.safe_load(value) if value.strip() else None
         out.setdefault(section, {})[name] = value if isinstance(parsed, str) else parsed
     return out
@@ -272,7 +272,7 @@ def resolve(recipe: str | None, config_file: Path | None = None, sets: list[str]
         layers.append(("the run's config.yaml", base))
     elif recipe is not None:
         if find_recipe(recipe) is None:
-            raise SlmError(f"--recipe {recipe!r}: no such recipe (recipes: {', '.join(recipe_names())})")
+            raise UsageError(f"--recipe {recipe!r}: no such recipe (recipes: {', '.join(recipe_names())})")
         layers.append((f"recipe {recipe}", load_recipe(recipe)))
     if config_file is not None:
         try:
@@ -311,7 +311,10 @@ def train_settings(resolved: dict) -> TrainSettings:
         raise SlmError(f"train.engine: expected one of {', '.join(ENGINES)}, got {t.engine!r}")
     if t.zero_stage not in (1, 2, 3):
         raise SlmError(f"train.zero_stage: expected 1, 2 or 3, got {t.zero_stage!r}")
-    for name in ("tokens_per_step", "micro_batch_size", "max_bad_steps"):
+    for name in ("save_every", "eval_every"):  # 0: only at the end
+        if getattr(t, name) < 0:
+            raise SlmError(f"train.{name}: expected an integer >= 0 (0: only at the end), got {getattr(t, name)}")
+    for name in ("tokens_per_step", "micro_batch_size", "max_bad_steps", "keep", "eval_samples"):
         if getattr(t, name) < 1:
             raise SlmError(f"train.{name}: expected a positive integer, got {getattr(t, name)}")
     return t

@@ -25,15 +25,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from slm import devices
 from slm.console import table, warn
-from slm.errors import SlmError
-from slm.formats.tables import human
+from slm.errors import SlmError, UsageError
+from slm.formats.tables import human, plural
 from slm.formats.tokenizer import padded_vocab_size
 from slm.model.transformer import ModelConfig, build
 from slm.recipes import find_recipe, load_recipe
+from slm.train.batches import fit_micro_batch
 from slm.train.dist import Dist
 from slm.train.engine import resolve_engine
-from slm.train.metrics import GPUS
 
 DEEPSPEED_BUCKET = 5e8  # DeepSpeed's default reduce_bucket_size (elements)
 DEEPSPEED_PREFETCH = 5e7  # ZeRO-3's default stage3_prefetch_bucket_size (elements)
@@ -46,25 +47,22 @@ def gib(n: float) -> float:
 def plan(model_cfg: ModelConfig, t, seq_len: int, steps: int, world: int, engine: str, gpu: str, mfu: float,
          compute_dtype: str, gpu_hours: float | None = None) -> dict:
     """The plan of a run of STEPS steps of train.tokens_per_step on WORLD processes of GPU at MFU."""
-    if gpu not in GPUS:
-        raise SlmError(f"--gpu {gpu!r}: expected one of {', '.join(GPUS)}")
+    device = devices.gpu(gpu, planning=True)
     if not 0 < mfu <= 1:
-        raise SlmError(f"--mfu {mfu}: expected a fraction in (0, 1], e.g. 0.4")
+        raise UsageError(f"--mfu {mfu}: expected a fraction in (0, 1], e.g. 0.4")
     if t.tokens_per_step % seq_len:
         raise SlmError(f"train.tokens_per_step {t.tokens_per_step} is not a multiple of seq_len {seq_len}")
     samples = t.tokens_per_step // seq_len
     if samples % world:
         raise SlmError(f"train.tokens_per_step gives {samples} samples per step, not divisible by {world} processes")
     per_rank = samples // world
-    if per_rank % t.micro_batch_size:
-        raise SlmError(f"{per_rank} samples per process per step is not a multiple of train.micro_batch_size "
-                       f"{t.micro_batch_size}")
+    micro = fit_micro_batch(per_rank, t.micro_batch_size, "train.micro_batch_size", "samples", world, True)
     model = build(model_cfg, "meta")
     P = model.num_parameters()
     flops_per_token = model.flops_per_token(seq_len)
     tokens = steps * t.tokens_per_step
     total_flops = flops_per_token * tokens
-    peak, memory_gib = GPUS[gpu]
+    peak, memory_gib = device.peak_flops, device.memory_gib
     seconds = total_flops / (world * peak * mfu)
 
     c = 2 if compute_dtype == "bf16" else 4
@@ -84,7 +82,7 @@ def plan(model_cfg: ModelConfig, t, seq_len: int, steps: int, world: int, engine
                "buffers": 4 * min(DEEPSPEED_BUCKET, P) + 4 * min(DEEPSPEED_PREFETCH, P) + 2 * block * 4}
     h, L, i = model_cfg.hidden_size, model_cfg.num_layers, model_cfg.intermediate_size
     k = model_cfg.num_kv_heads * model_cfg.head_dim
-    tokens_micro = t.micro_batch_size * seq_len
+    tokens_micro = micro * seq_len
     per_block_token = 8 * h + c * (5 * h + 3 * k + 4 * i)
     if t.activation_checkpointing:
         act = tokens_micro * (L * 4 * h + per_block_token)
@@ -95,12 +93,12 @@ def plan(model_cfg: ModelConfig, t, seq_len: int, steps: int, world: int, engine
     total = sum(mem.values())
     out = {
         "parameters": P, "seq_len": seq_len, "steps": steps, "tokens_per_step": t.tokens_per_step, "tokens": tokens,
-        "samples_per_step": samples, "processes": world, "micro_batch_size": t.micro_batch_size,
-        "accumulation_steps": per_rank // t.micro_batch_size, "engine": engine + (f" ZeRO-{zero}" if zero else ""),
+        "samples_per_step": samples, "processes": world, "micro_batch_size": micro,
+        "accumulation_steps": per_rank // micro, "engine": engine + (f" ZeRO-{zero}" if zero else ""),
         "compute_dtype": compute_dtype, "activation_checkpointing": t.activation_checkpointing,
         "flops_per_token": flops_per_token, "flops": total_flops,
         "memory_gib_per_process": {key: round(gib(v), 3) for key, v in mem.items()} | {"total": round(gib(total), 3)},
-        "gpu": gpu, "gpu_peak_tflops": peak / 1e12, "gpu_memory_gib": memory_gib, "fits": gib(total) <= memory_gib,
+        "gpu": device.name, "gpu_peak_tflops": peak / 1e12, "gpu_memory_gib": memory_gib, "fits": gib(total) <= memory_gib,
         "mfu": mfu, "hours": seconds / 3600, "gpu_hours": seconds * world / 3600,
     }
     if gpu_hours:
@@ -114,8 +112,8 @@ def print_plan(p: dict) -> None:
     rows = [
         ("parameters", f"{p['parameters']:,}"),
         ("tokens", f"{human(p['tokens'])} ({p['steps']:,} steps x {p['tokens_per_step']:,} tokens)"),
-        ("a step", f"{p['samples_per_step']:,} x {p['seq_len']:,} tokens = {p['processes']:,} process(es) x "
-                   f"{p['accumulation_steps']} micro-batch(es) of {p['micro_batch_size']}"),
+        ("a step", f"{p['samples_per_step']:,} x {p['seq_len']:,} tokens = {plural(p['processes'], 'process')} x "
+                   f"{plural(p['accumulation_steps'], 'micro-batch')} of {p['micro_batch_size']}"),
         ("engine", f"{p['engine']}, {p['compute_dtype']}"
                    + (", activation checkpointing" if p["activation_checkpointing"] else "")),
         ("FLOPs per token", f"{human(p['flops_per_token'])} (6N + 12 L H T)"), ("FLOPs", f"{p['flops']:.3e}"),
@@ -140,7 +138,7 @@ class DryRun:
     """--dry-run: resolve the configuration and print the plan without training."""
 
     gpu: str = "h100"
-    """The GPU to plan for (a name in slm.train.metrics.GPUS)."""
+    """The GPU to plan for (a name or alias in slm.devices.GPUS)."""
     gpus: int | None = None
     """How many processes (one per GPU); default WORLD_SIZE, else 1."""
     mfu: float = 0.4
@@ -172,7 +170,7 @@ def plan_run(model_values: dict, tok, t, seq_len: int, steps: int, dry: DryRun) 
         raise SlmError(str(e)) from None
     world = dry.gpus or int(os.environ.get("WORLD_SIZE", "1"))
     if world < 1:
-        raise SlmError(f"--gpus {world}: expected a positive number")
+        raise UsageError(f"--gpus {world}: expected a positive number")
     name = resolve_engine(t.engine, Dist(world=world))
     dtype = t.dtype if t.dtype != "auto" else "bf16"  # a plan is for GPUs: auto is bf16 there
     return plan(model_cfg, t, seq_len, steps, world, name, dry.gpu, dry.mfu, dtype, dry.gpu_hours)

@@ -17,7 +17,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from slm import energy
 from slm.console import set_rank
+from slm.errors import Stopped
+from slm.formats.checkpoint import check_run_dir, discard_failed_run
 
 
 @dataclass
@@ -117,12 +120,18 @@ def teardown(d: Dist) -> None:
 
 def per_process(stage: Callable) -> Callable:
     """run(cfg) of a training stage: STAGE(cfg, d) for this process (on cfg.device), the process group torn
-    down after it, whatever happens."""
+    down after it, whatever happens. cfg.out must be a run directory (slm.formats.checkpoint.check_run_dir); one
+    this call started that fails before its first checkpoint is removed (a stop that saved is not a failure)."""
     @functools.wraps(stage)
     def run(cfg):
+        was = check_run_dir(cfg.out) if cfg.out is not None else "run"
         d = setup(cfg.device)
         try:
             return stage(cfg, d)
+        except BaseException as e:
+            if was != "run" and d.main and not isinstance(e, Stopped) and discard_failed_run(cfg.out, was):
+                energy.attach(None)
+            raise
         finally:
             teardown(d)
     return run

@@ -26,11 +26,14 @@ import functools
 import math
 import os
 import socket
+import threading
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from slm.console import stdout_to_stderr
+from slm.console import stdout_to_stderr, warn
 from slm.errors import SlmError
 from slm.formats.checkpoint import MOMENTS, OptimizerState
 from slm.train.config import ENGINES, TrainSettings
@@ -277,6 +280,57 @@ class FSDPEngine(Engine):
         set_optimizer_state_dict(self.model, self.optimizer, osd, options=self._options(cpu_offload=False))
 
 
+STALE_LOCK_S = 600  # a build lock whose build directory has not changed for this long is left from a killed build
+
+
+def extension_locks() -> list[Path]:
+    """The `lock` files in torch's C++ extension build root (TORCH_EXTENSIONS_DIR, else torch's default): torch
+    holds one while it builds an extension (DeepSpeed's ops), and a build that was killed leaves it behind."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()
+    return [p for pattern in ("*/lock", "*/*/lock") for p in Path(root).glob(pattern)]
+
+
+def _idle_seconds(lock: Path) -> float:
+    """Seconds since anything in LOCK's build directory changed (a build writes its objects there)."""
+    try:
+        newest = max(p.stat().st_mtime for p in lock.parent.iterdir())
+    except (OSError, ValueError):
+        return 0.0
+    return time.time() - newest
+
+
+@contextlib.contextmanager
+def watched_extension_locks(interval: float = 60.0):
+    """Inside (while DeepSpeed builds its ops): a lock idle for STALE_LOCK_S is removed first, saying so; one that
+    holds the build up is named on stderr every INTERVAL seconds (torch waits on it without a word, for ever)."""
+    for lock in extension_locks():
+        idle = _idle_seconds(lock)
+        if idle > STALE_LOCK_S:
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+                warn(f"{lock}: removed a C++ extension build lock idle for {idle / 60:.0f} min (left by a build "
+                     "that was killed); the extension is built again")
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(interval):
+            for lock in extension_locks():
+                warn(f"waiting for torch's C++ extension build lock {lock} (another process builds the extension, "
+                     f"or a killed build left the lock: if none runs, remove it; it is removed by itself after "
+                     f"{STALE_LOCK_S // 60} idle minutes on the next run)")
+
+    watcher = threading.Thread(target=watch, daemon=True, name="slm-extension-locks")
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 class DeepSpeedEngine(Engine):
     """DeepSpeed's engine runs the step: it reduces (ZeRO-2/3: reduce-scatters) gradients, clips them and applies
     the update at the accumulation boundary; with fp32 master weights it skips a step whose gradient norm is not
@@ -302,8 +356,9 @@ class DeepSpeedEngine(Engine):
             if ours:
                 os.environ["LOCAL_RANK"] = str(d.local_rank)
             try:
-                self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
-                                                        dist_init_required=False)
+                with watched_extension_locks():
+                    self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
+                                                            dist_init_required=False)
             finally:
                 if ours:
                     os.environ.pop("LOCAL_RANK", None)

@@ -22,16 +22,18 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from slm.console import Heartbeat, err, info, progress, warn
-from slm.errors import SlmError, Stopped
-from slm.formats.checkpoint import latest_checkpoint, write_checkpoint
+from slm.errors import Interrupted, SlmError, Stopped
+from slm.formats.checkpoint import checkpoints_dir, latest_checkpoint, write_checkpoint
+from slm.formats.manifest import new_manifest, write_json
 from slm.formats.metrics import MetricsLog, ProgressFile
+from slm.formats.tables import plural
 from slm.model.transformer import ModelConfig, Transformer
 from slm.train import engine
 from slm.train.batches import Batches, ValidSet
@@ -166,14 +168,26 @@ def requeue_job() -> None:
 
 
 @contextlib.contextmanager
-def stop_signals():
-    """Inside, SIGTERM and SIGUSR1 only set the yielded dict's "signal": the loop saves and stops after the step."""
-    stop, previous = {"signal": None}, {}
+def stop_signals(announce: bool):
+    """Inside, SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) set the yielded dict's "signal": the loop saves and stops after
+    the step. The same signal again stops at once, unsaved (Interrupted; "step": the step then running). Another
+    kind does not: torchrun answers a terminal's Ctrl-C, which every worker gets too, with a SIGTERM to each.
+    ANNOUNCE: say so on stderr (the main process)."""
+    stop, previous = {"signal": None, "step": None}, {}
 
     def on_signal(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if stop["signal"] == name:
+            raise Interrupted(f"stopped at once by a second {name} during step {stop['step']}, without saving; "
+                              "run the same command again to resume from the last checkpoint", signum)
+        if stop["signal"] is None:
+            stop["signal"] = name
+            if announce:  # os.write: a handler may run while a print holds stderr's buffer
+                again = "press Ctrl-C again" if name == "SIGINT" else f"send {name} again"
+                os.write(2, f"\n{name}: saving a checkpoint after step {stop['step']}, then stopping ({again} to "
+                            "stop at once, without saving)\n".encode())
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         with contextlib.suppress(ValueError):  # not in the main thread
             previous[sig] = signal.signal(sig, on_signal)
     try:
@@ -252,6 +266,15 @@ def validate(run: Run, step: int, log: MetricsLog) -> None:
             f" (unigram baseline {run.unigram_loss:.4f})" if run.unigram_loss is not None else ""))
 
 
+def write_run_manifest(run: Run) -> None:
+    """RUN_DIR/manifest.json (kind "run"): the stage, its inputs and lineage, the step it goes to; rewritten by each
+    session, so that `slm info` describes a run before (or without) a checkpoint."""
+    lineage = {k: v for k, v in run.lineage.items() if k != "inputs"}
+    write_json(run.run_dir / "manifest.json", new_manifest(
+        "run", {"train": asdict(run.train)}, inputs=run.lineage.get("inputs", []),
+        counts={"start_step": run.start_step, "end_step": run.end_step}, **lineage))
+
+
 def train(run: Run) -> Path:
     """Run steps [start_step, end_step); returns the last checkpoint."""
     d, t, eng = run.dist, run.train, run.engine
@@ -263,6 +286,8 @@ def train(run: Run) -> Path:
     peak = peak_flops(d.device)
     mfu_per_token_s = run.model.flops_per_token(run.seq_len) / (peak * d.world) if peak else None
     log = MetricsLog(run.run_dir, run.start_step if run.state.pop("resumed", False) else None, d.main)
+    if d.main:
+        write_run_manifest(run)
     for key in ("tokens_seen", "bad_steps_total", "bad_steps_in_a_row"):
         run.state.setdefault(key, 0)
     last_ckpt = None
@@ -273,9 +298,10 @@ def train(run: Run) -> Path:
     started = time.perf_counter()
     lr = run.lr_at(max(run.start_step - 1, 0))
     try:
-        with stop_signals() as stop, (progress() if d.main else contextlib.nullcontext()) as bar:
+        with stop_signals(d.main) as stop, (progress() if d.main else contextlib.nullcontext()) as bar:
             task = bar.add_task(run.stage, total=run.end_step - run.start_step) if bar else None
             for step in range(run.start_step, run.end_step):
+                stop["step"] = step + 1  # counted from 1, as checkpoints are
                 t0 = time.perf_counter()
                 lr = run.lr_at(step)
                 eng.set_lr(lr)
@@ -316,11 +342,13 @@ def train(run: Run) -> Path:
                     raise Stopped(f"{why}; checkpoint {last_ckpt} saved; run the same command again to resume")
     except SlmError as e:
         if prog.data["state"] == "running":
-            prog.end("failed", message=str(e))
+            prog.end("stopped" if isinstance(e, Interrupted) else "failed", message=str(e))
         raise
-    last_ckpt = last_ckpt or latest_checkpoint(run.run_dir)  # None: nothing to do, already at end_step
+    if last_ckpt is None and (found := latest_checkpoint(run.run_dir)) is not None:  # already at end_step
+        last_ckpt = checkpoints_dir(run.run_dir) / found.name  # named as a save names it: under the run as given
     prog.end("done", step=run.end_step, last_checkpoint=str(last_ckpt) if last_ckpt else None)
     if d.main:
-        err.print(f"{run.stage}: {run.end_step - run.start_step} steps done; checkpoint {last_ckpt}", soft_wrap=True)
+        err.print(f"{run.stage}: {plural(run.end_step - run.start_step, 'step')} done; checkpoint {last_ckpt}",
+                  soft_wrap=True)
         plot(run.run_dir)
     return last_ckpt

@@ -8,20 +8,12 @@ from pathlib import Path
 
 import torch
 
+from slm.devices import gpu_of_device
 from slm.formats.metrics import read_metrics
 from slm.formats.tables import save_figure
 
 # GPUs by the names --gpu takes: peak dense bf16 tensor-core FLOP/s (vendor data sheets, without sparsity) and
 # memory in GiB. MFU is measured against these peaks; --dry-run plans with them.
-GPUS = {
-    "h200": (989e12, 141), "h100": (989e12, 80), "h100-pcie": (756e12, 80), "a100-80gb": (312e12, 80),
-    "a100-40gb": (312e12, 40), "l40s": (362e12, 48), "a10": (125e12, 24), "l4": (121e12, 24),
-    "rtx-4090": (165e12, 24), "rtx-3090": (71e12, 24),
-}
-# How torch.cuda.get_device_name() names them (first match wins); V100: fp16 tensor cores (no bf16).
-PEAK_FLOPS = [("H200", GPUS["h200"][0]), ("H100 PCIe", GPUS["h100-pcie"][0]), ("H100", GPUS["h100"][0]),
-              ("A100", GPUS["a100-80gb"][0]), ("L40S", GPUS["l40s"][0]), ("A10", GPUS["a10"][0]),
-              ("L4", GPUS["l4"][0]), ("4090", GPUS["rtx-4090"][0]), ("3090", GPUS["rtx-3090"][0]), ("V100", 125e12)]
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -30,11 +22,8 @@ def peak_flops(device: torch.device) -> float | None:
         return float(os.environ["SLM_PEAK_TFLOPS"]) * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_FLOPS:
-        if key in name:
-            return flops
-    return None
+    g = gpu_of_device(torch.cuda.get_device_name(device))
+    return g.peak_flops if g is not None else None
 
 
 def memory_gib(device: torch.device) -> float:

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm.errors import SlmError
+from slm.errors import POSITIVE, SlmError, UsageError, check_ranges
 from slm.formats.chat import ChatTemplate
 from slm.formats.checkpoint import Checkpoint
 from slm.formats.manifest import atomic_dir, new_manifest, write_json
+from slm.formats.tables import plural
 from slm.formats.tokenizer import Tokenizer, padded_vocab_size, with_special_tokens
 from slm.model.transformer import load_state
 from slm.train.batches import StepBatches
@@ -49,6 +50,9 @@ class PostTrainingConfig:
     require_resume: bool = False
     requeue: bool = False
 
+    def __post_init__(self):
+        check_ranges(self, steps=POSITIVE)
+
 
 def open_run(cfg: PostTrainingConfig, stage: str, d: Dist, what: str,
              reopen_source: bool = True) -> tuple[Path, Checkpoint | None, dict, Checkpoint | None, dict | None]:
@@ -56,7 +60,7 @@ def open_run(cfg: PostTrainingConfig, stage: str, d: Dist, what: str,
     with a checkpoint resumes with its config.yaml and plan (REOPEN_SOURCE: the start checkpoint opened again);
     else cfg.model (WHAT, for the error) is opened and its recipe's STAGE settings resolved with the flags."""
     if cfg.out is None:
-        raise SlmError("--out: missing (the run directory)")
+        raise UsageError("--out: missing (the run directory)")
     out = Path(cfg.out)
     resume = resume_point(out, stage, d, cfg.require_resume)
     if resume is not None:
@@ -64,7 +68,7 @@ def open_run(cfg: PostTrainingConfig, stage: str, d: Dist, what: str,
         source = Checkpoint.open(plan["from"]) if reopen_source else None
         return out, resume, resolve(None, None, cfg.sets, base=saved_config(out)), source, plan
     if cfg.model is None:
-        raise SlmError(f"--model: missing ({what})")
+        raise UsageError(f"--model: missing ({what})")
     source = Checkpoint.open(cfg.model)
     return out, None, post_training_config(source, stage, cfg.recipe, cfg.config_file, cfg.sets), source, None
 
@@ -82,17 +86,17 @@ class Epochs:
     schedule: Schedule
 
     def describe(self, s, n: int, unit: str) -> str:
-        return (f"{s.epochs} epoch(s) of {n:,} {unit} = {self.total} steps of {self.per_step}, lr {s.lr:g} "
-                f"({s.schedule}, warmup {self.warmup})")
+        return (f"{plural(s.epochs, 'epoch')} of {n:,} {unit} = {plural(self.total, 'step')} of {self.per_step}, "
+                f"lr {s.lr:g} ({s.schedule}, warmup {self.warmup})")
 
 
 def epochs(s, n: int, steps: int | None) -> Epochs:
     """The schedule of settings S (epochs, batch_size, lr, lr_min, schedule, warmup_ratio) over N items."""
     total = math.ceil(s.epochs * n / s.batch_size)
     warmup = round(s.warmup_ratio * total)
-    return Epochs(per_step=s.batch_size, total=total, end=min(total, steps) if steps else total, warmup=warmup,
-                  schedule=Schedule(kind=s.schedule, lr_peak=s.lr, lr_min=s.lr_min, warmup_steps=warmup,
-                                    total_steps=total))
+    return Epochs(per_step=s.batch_size, total=total, end=min(total, steps) if steps is not None else total,
+                  warmup=warmup, schedule=Schedule(kind=s.schedule, lr_peak=s.lr, lr_min=s.lr_min,
+                                                   warmup_steps=warmup, total_steps=total))
 
 
 def answer_ends(tok: Tokenizer, template: ChatTemplate) -> int | list[int]:
@@ -105,7 +109,7 @@ def make_run(stage: str, out: Path, d: Dist, model, model_cfg, t, s, ep: Epochs,
              resume: Checkpoint | None, resolved: dict, plan: dict, first_line: str, seq_len: int, tok: Tokenizer,
              tokenizer_dir: Path, template: ChatTemplate, lineage: dict, requeue: bool, **extra) -> Run:
     """The engine around MODEL, the run started or resumed, and the loop's Run (EXTRA: valid, loss_fn)."""
-    eng = make_engine(d, model, t, batches.accumulation)
+    eng = make_engine(d, model, t, batches)
     resolved["train"] = {**resolved["train"], "micro_batch_size": s.micro_batch_size}
     start, state = start_or_resume(resume, eng, d, out, resolved, first_line, {"tokens_seen": 0, stage: plan})
     return Run(stage=stage, run_dir=out, model=model, model_cfg=model_cfg, train=t, engine=eng, batches=batches,

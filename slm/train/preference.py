@@ -130,7 +130,7 @@ class PairBatches(StepBatches):
 
     def __init__(self, pairs: list[EncodedPair], ref: torch.Tensor, pairs_per_step: int, micro: int, rank: int,
                  world: int, pad_id: int, seed: int, device):
-        super().__init__(pairs_per_step, micro, rank, world, device)
+        super().__init__(pairs_per_step, micro, rank, world, device, "dpo.batch_size", "dpo.micro_batch_size")
         self.pairs, self.ref, self.pad_id = pairs, ref, pad_id
         self.order = PairOrder(len(pairs), seed)
 

@@ -12,15 +12,16 @@ import yaml
 
 from slm import energy
 from slm.console import info, warn
-from slm.errors import SlmError
+from slm.errors import SlmError, UsageError
 from slm.formats.checkpoint import Checkpoint, list_checkpoints, newest_verified
 from slm.formats.manifest import read_json, sha256_file
 from slm.formats.mixplan import MixReader
+from slm.formats.tables import plural
 from slm.formats.tokenizer import Tokenizer, padded_vocab_size
 from slm.model.transformer import ModelConfig, Transformer, build, load_state
 from slm.recipes import find_recipe, load_recipe
 from slm.train import engine
-from slm.train.batches import ValidSet
+from slm.train.batches import StepBatches, ValidSet
 from slm.train.config import resolve, to_yaml
 from slm.train.dist import Dist, broadcast_object
 from slm.train.loop import set_rng_state
@@ -88,7 +89,7 @@ def resume_point(run_dir: Path, stage: str, d: Dist, required: bool = False) -> 
     if found is None:
         existing = list_checkpoints(run_dir, complete_only=False)
         if existing:
-            raise SlmError(f"{run_dir}: none of its {len(existing)} checkpoint(s) verifies (see above); move "
+            raise SlmError(f"{run_dir}: none of its {plural(len(existing), 'checkpoint')} verifies (see above); move "
                            "checkpoints/ aside to start over")
         if required:
             raise SlmError(f"--resume: {run_dir} has no checkpoint to resume from")
@@ -129,13 +130,13 @@ def samples_per_step(tokens_per_step: int, seq_len: int) -> int:
 def steps_from(steps: int | None, tokens: int | None, tokens_per_step: int) -> int | None:
     """--steps or --tokens (rounded up to whole steps)."""
     if steps is not None and tokens is not None:
-        raise SlmError("give --steps or --tokens, not both")
-    return steps or (math.ceil(tokens / tokens_per_step) if tokens else None)
+        raise UsageError("give --steps or --tokens, not both")
+    return steps if steps is not None else math.ceil(tokens / tokens_per_step) if tokens is not None else None
 
 
-def make_engine(d: Dist, model: Transformer, t, accumulation: int) -> engine.Engine:
-    """The engine train.engine names, around MODEL (whose weights are already loaded), with its optimizer;
-    ACCUMULATION micro-batches per step and process."""
+def make_engine(d: Dist, model: Transformer, t, batches: StepBatches) -> engine.Engine:
+    """The engine train.engine names, around MODEL (whose weights are already loaded), with its optimizer; each
+    step in BATCHES' micro-batches."""
     name = engine.resolve_engine(t.engine, d)
     user, where = None, ""
     if name == "deepspeed" and t.deepspeed_config:
@@ -143,8 +144,8 @@ def make_engine(d: Dist, model: Transformer, t, accumulation: int) -> engine.Eng
         user = read_json(Path(where), "DeepSpeed config")
         if not isinstance(user, dict):
             raise SlmError(f"{where}: expected a JSON object (a DeepSpeed config)")
-    return engine.build(name, d, model, t, accumulation=accumulation,
-                        micro_batch_size=t.micro_batch_size, deepspeed_user_config=user, deepspeed_where=where)
+    return engine.build(name, d, model, t, accumulation=batches.accumulation, micro_batch_size=batches.micro,
+                        deepspeed_user_config=user, deepspeed_where=where)
 
 
 def restore(ckpt: Checkpoint, eng: engine.Engine, d: Dist) -> None:
@@ -172,8 +173,8 @@ def start_or_resume(resume: Checkpoint | None, eng: engine.Engine, d: Dist, out:
     restore(resume, eng, d)
     ts = resume.train_state
     if d.main:
-        info(f"resuming {out} at step {resume.step} ({eng.describe()}, {d.world} process(es); the checkpoint was "
-             f"written by {ts.get('engine', 'single')} on {ts.get('world_size', 1)})")
+        info(f"resuming {out} at step {resume.step} ({eng.describe()}, {plural(d.world, 'process')}; the checkpoint "
+             f"was written by {ts.get('engine', 'single')} on {plural(ts.get('world_size', 1), 'process')})")
     return resume.step, {**state, "tokens_seen": ts.get("tokens_seen", state.get("tokens_seen", 0)), "resumed": True,
                          "bad_steps_total": ts.get("bad_steps_total", 0),
                          "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0)}

@@ -15,6 +15,7 @@ from pathlib import Path
 from slm.errors import SlmError
 from slm.formats.manifest import manifest_of, read_json
 from slm.formats.metrics import last_metrics
+from slm.formats.tables import plural
 
 SUMMARY_KEYS = ("kind", "stage", "recipe", "step", "tokens_seen", "slm_version", "created_utc", "wall_seconds",
                 "energy_kwh", "tokenizer_sha256")
@@ -34,7 +35,7 @@ def _edges(m: dict) -> list[tuple[str, str]]:
             out.append((rel, ref["path"]))
     for i in m.get("inputs") or []:
         if isinstance(i, dict) and isinstance(i.get("path"), str):
-            rel = i.get("name") or i.get("kind") or "input"
+            rel = i.get("role") or i.get("name") or i.get("kind") or "input"
             out.append((str(rel), i["path"]))
     seen, unique = set(), []
     for rel, p in out:
@@ -57,16 +58,18 @@ def resolve(path: Path) -> tuple[Path, dict | None, dict]:
         else:
             return path, None, {"kind": "file", "bytes": path.stat().st_size}
     m = manifest_of(path)
+    if (path / "checkpoints").is_dir() or (m is not None and m["kind"] == "run"):
+        from slm.formats.checkpoint import latest_checkpoint
+
+        newest = latest_checkpoint(path)  # names a newer one it skips
+        if newest is not None:  # a run is its newest checkpoint, with the run's facts
+            return newest, manifest_of(newest), _run_facts(path)
+        if m is None:
+            raise SlmError(f"{path}: a run directory with no complete checkpoint yet")
+        return path, m, _run_facts(path)  # a run with no checkpoint (yet): its own manifest
     if m is not None:
         run = path.parent.parent if path.parent.name == "checkpoints" else None
         return path, m, (_run_facts(run) if run is not None else {})
-    if (path / "checkpoints").is_dir():
-        from slm.formats.checkpoint import list_checkpoints
-
-        ckpts = list_checkpoints(path)
-        if not ckpts:
-            raise SlmError(f"{path}: a run directory with no complete checkpoint yet")
-        return ckpts[-1], manifest_of(ckpts[-1]), _run_facts(path)
     raise SlmError(f"{path}: no manifest.json (not a directory slm wrote) and no checkpoints/ (not a run)")
 
 
@@ -94,6 +97,13 @@ def gguf_facts(path: Path) -> dict:
                 "slm.checkpoint_sha256", "slm.tokenizer_sha256", "slm.quantization"):
         if (v := field(key)) is not None:
             facts[key] = v
+    if isinstance(facts.get("general.file_type"), int):  # llama.cpp's number for the type: 15 is Q4_K_M
+        import gguf
+
+        try:
+            facts["file_type"] = gguf.LlamaFileType(facts["general.file_type"]).name.removeprefix("MOSTLY_")
+        except ValueError:
+            pass
     return facts
 
 
@@ -164,12 +174,12 @@ def render(node: dict):
         if n.get("energy_kwh"):
             facts.append(f"{n['energy_kwh']:.3g} kWh")
         if n.get("general.file_type") is not None:
-            facts.append(f"file type {n['general.file_type']}")
+            facts.append(n.get("file_type") or f"file type {n['general.file_type']}")
         if "bytes" in n:
             facts.append(f"{n['bytes'] / 1e6:.1f} MB")
         if "checkpoints" in n:
-            facts.append(f"run {short(n['run'])}: {len(n['checkpoints'])} checkpoint(s), {n['run_energy_kwh']:.3g} kWh "
-                         f"in {n['energy_records']} energy record(s)")
+            facts.append(f"run {short(n['run'])}: {plural(len(n['checkpoints']), 'checkpoint')}, "
+                         f"{n['run_energy_kwh']:.3g} kWh in {plural(n['energy_records'], 'energy record')}")
         if n.get("truncated"):
             return f"{short(n['path'])} [dim](not followed: --depth)[/dim]"
         if n.get("missing"):

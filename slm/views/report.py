@@ -98,7 +98,7 @@ def render(report: dict) -> str:
                 "|---|---|---:|---:|---:|---:|---:|"]
         for e in report["training"]:
             step = e.get("step")
-            out.append(f"| {e['stage']} | {e['dir']} | {_f(step + 1 if isinstance(step, int) else None, ',')} | "
+            out.append(f"| {e['stage']} | {e['dir']} | {_f(step, ',')} | "
                        f"{_f(e.get('tokens_seen'), ',')} | {_f(e.get('loss'), '.3f')} | "
                        f"{_f(e.get('valid_loss'), '.3f')} | {_f(e.get('unigram_loss'), '.3f')} |")
         out.append("")
@@ -110,13 +110,17 @@ def render(report: dict) -> str:
     for e in report["selfknow"]:
         before, after = e.get("before") or {}, e.get("after") or {}
         sample = next(iter(after.get("answers") or []), None)
+        first = next(iter(before.get("answers") or []), None)
         out += ["## Self-knowledge", "",
                 f"{e.get('questions', '?')} held-out questions ({e['dir']}), answered with no system prompt: the "
                 f"name {e.get('name', '?')!s} in {_f(before.get('name'), '.0%')} before, "
                 f"**{_f(after.get('name'), '.0%')} after**; the maker {e.get('maker', '?')!s} in "
                 f"{_f(before.get('maker'), '.0%')} before, **{_f(after.get('maker'), '.0%')} after**."]
         if sample:
-            out += ["", f"> {sample.get('question', '')}  ", f"> {sample.get('answer', '')}"]
+            out += ["", f"> {sample.get('question', '')}  "]
+            if first and first.get("question") == sample.get("question"):
+                out += [f"> before: {first.get('answer', '')}  "]
+            out += [f"> {'after: ' if first else ''}{sample.get('answer', '')}"]
         out.append("")
     for e in report["quantize"]:
         out += [f"## Quantization ({e['dir']})", ""] + markdown(QUANTIZE_COLUMNS, quantize_rows(e), "lrrrrr") + [""]
