@@ -219,3 +219,17 @@ def test_a_stale_extension_build_lock_is_removed(tmp_path, train_data):
                          env={"TORCH_EXTENSIONS_DIR": str(ext)})
     assert re.search(r"lock: removed a C\+\+ extension build lock idle for 1\d min", proc.stderr), proc.stderr[-2000:]
     assert not (build / "lock").exists()
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_a_micro_batch_larger_than_a_process_share_shrinks(tmp_path, train_data, reference):
+    """train.micro_batch_size 16 on 2 processes that take 4 samples each per step (the tiny recipe's situation under
+    torchrun): micro-batches of 4, said once, and the same steps as one process computes (DeepSpeed, whose batch
+    arithmetic must agree, included)."""
+    out = tmp_path / "two"
+    proc = two_processes(train_data, out, 6, "--engine", "deepspeed", "--set", "train.micro_batch_size=16")
+    said = "train.micro_batch_size 16 is more than the 4 samples each of 2 processes takes per step: using " \
+           "micro-batches of 4"
+    assert proc.stderr.count(said) == 1, proc.stderr[-3000:]
+    np.testing.assert_allclose(losses(out), losses(reference), rtol=2e-5)

@@ -251,3 +251,29 @@ def test_messages_name_real_options():
             for quoted in re.findall(r"`(slm [^`]+)`", node.value):
                 problems += [f"{where}: {p}" for p in check_invocations(slm_invocations(quoted))]
     assert problems == []
+
+
+def test_readme_quotes_the_recorded_quickstart():
+    """Every quickstart figure the README gives sits between <!-- recorded --> marks and is, word for word, in
+    docs/quickstart-run.md: the report of a recorded run with its date, machine and commit
+    (scripts/record-quickstart.sh). A figure changed by hand, or a run re-recorded without the README, fails here."""
+    import re
+
+    def plain(text: str, quoted: bool = False) -> str:
+        lines = []
+        for line in text.splitlines():
+            line = line.strip()
+            if quoted and line.startswith(">"):
+                line = line[1:].strip()  # the README quotes the report as a block quote
+            line = re.sub(r"^####? ", "## ", line)
+            lines.append(line)
+        return " ".join(" ".join(lines).split())
+
+    recorded = plain((ROOT / "docs" / "quickstart-run.md").read_text(encoding="utf-8"))
+    quotes = re.findall(r"<!-- recorded -->(.*?)<!-- /recorded -->", (ROOT / "README.md").read_text(encoding="utf-8"),
+                        re.S)
+    assert len(quotes) >= 3
+    for q in quotes:
+        assert plain(q, quoted=True) in recorded, q
+    header = (ROOT / "docs" / "quickstart-run.md").read_text(encoding="utf-8").splitlines()[2]
+    assert re.search(r"finished \d{4}-\d\d-\d\d \d\d:\d\d UTC after \d+ minutes, .* at commit [0-9a-f]{7}", header)
