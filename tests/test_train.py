@@ -233,6 +233,9 @@ def test_a_finished_run_prints_the_same_path_again(tmp_path, train_data):
     assert first.returncode == again.returncode == 0, again.stderr
     assert first.stdout == again.stdout == "runs/p/checkpoints/step-00000002\n"
     assert "already at step 2 of 2" in again.stderr and "0 steps done" in again.stderr
+    m = json.loads((tmp_path / "runs" / "p" / "manifest.json").read_text())  # the run's own manifest
+    assert m["kind"] == "run" and m["stage"] == "pretrain" and m["counts"]["end_step"] == 2
+    assert [i["role"] for i in m["inputs"]] == ["mix"] and len(m["inputs"][0]["sha256"]) == 64
 
 
 def test_refusals(tmp_path, train_data, arcade_dir):
