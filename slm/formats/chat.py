@@ -233,6 +233,27 @@ def parse_pair(obj: dict, where: str) -> Pair:
 
 # --- templates --------------------------------------------------------------------------------------------------
 
+def template_source(directory: Path) -> str | None:
+    """The chat template a model directory carries, where transformers looks: chat_template.jinja (as
+    transformers >= 4.47 saves it) first, else tokenizer_config.json's chat_template, a string or a list of named
+    templates (the one named "default")."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8") or None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SlmError(f"{jinja}: cannot read ({e})") from None
+    cfg = directory / "tokenizer_config.json"
+    source = read_json(cfg).get("chat_template") if cfg.is_file() else None
+    if isinstance(source, list):
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        if "default" not in named:
+            raise SlmError(f"{cfg}: chat_template: a list of named templates without one named 'default' "
+                           f"(it has {', '.join(map(str, named))})")
+        source = named["default"]
+    return source if isinstance(source, str) and source else None
+
+
 def _environment():
     """Jinja as transformers' apply_chat_template sets it up (sandboxed, trim_blocks, lstrip_blocks)."""
     import jinja2
@@ -288,9 +309,8 @@ class ChatTemplate:
         what else the command offers when there is none (e.g. "give --template"), for the message."""
         import re
 
-        cfg = Path(directory) / "tokenizer_config.json"
-        source = read_json(cfg).get("chat_template") if cfg.is_file() else None
-        if not isinstance(source, str) or not source:
+        source = template_source(Path(directory))
+        if not source:
             raise SlmError(f"{directory}: no chat template in its tokenizer_config.json: not a chat model (`slm sft` "
                            f"makes one and writes its template{'; or ' + instead if instead else ''})")
         specials = sorted(set(re.findall(r"<\|[A-Za-z0-9_]+\|>", source)))

@@ -492,9 +492,10 @@ class Checkpoint:
         return int((self.train_state or {}).get("step", 0))
 
     def tokenizer(self):
-        """The slm tokenizer stored with the checkpoint (encoding.json + ranks), or None for a foreign model."""
+        """The tokenizer stored with the checkpoint: slm's (encoding.json + ranks) or a released tokenizer.json;
+        None when it has neither."""
         from slm.formats.tokenizer import Tokenizer
 
-        if (self.dir / "encoding.json").is_file():
+        if (self.dir / "encoding.json").is_file() or (self.dir / "tokenizer.json").is_file():
             return Tokenizer(self.dir)
         return None

@@ -27,14 +27,16 @@ from pathlib import Path
 import numpy as np
 
 from slm.errors import SlmError
+from slm.formats.chat import template_source
 from slm.formats.manifest import read_json
+from slm.formats.tokenizer import Tokenizer
 
 # slm type name -> (GGMLQuantizationType name for 2-D weights, LlamaFileType name)
 PYTHON_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
                 "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1")}
 # k-quants by llama.cpp: slm name -> llama_cpp.LLAMA_FTYPE_* name
 LLAMA_CPP_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
-PRE_TOKENIZER = {"arcade": "stablelm2", "smollm": "smollm"}
+PRE_TOKENIZER = {"arcade": "stablelm2", "smollm": "smollm", "gpt2": "gpt-2"}
 
 
 @dataclass
@@ -107,12 +109,13 @@ def vocab_of(ckpt_dir: Path, vocab_size: int) -> Vocab:
     import gguf
 
     ckpt_dir = Path(ckpt_dir)
-    spec = read_json(ckpt_dir / "encoding.json")
+    spec = Tokenizer(ckpt_dir).spec  # slm's encoding.json, or what a released tokenizer.json says
     tj = read_json(ckpt_dir / "tokenizer.json")
-    rules = spec.get("rules")
+    rules = spec.rules
     if rules not in PRE_TOKENIZER:
-        raise SlmError(f"{ckpt_dir / 'encoding.json'}: rules {rules!r}: llama.cpp knows no pre-tokenizer for them "
-                       f"(expected {', '.join(PRE_TOKENIZER)})")
+        raise SlmError(f"{ckpt_dir / 'tokenizer.json'}: its pre-tokenizer ({rules}) is none llama.cpp knows (slm "
+                       f"writes {', '.join(f'{k} as {v!r}' for k, v in PRE_TOKENIZER.items())}): llama.cpp would "
+                       "tokenize differently")
     T = gguf.TokenType
     tokens: list[str | None] = [None] * vocab_size
     types = [int(T.UNUSED)] * vocab_size
@@ -123,7 +126,7 @@ def vocab_of(ckpt_dir: Path, vocab_size: int) -> Vocab:
         if i >= vocab_size:
             raise SlmError(f"{ckpt_dir}: token id {i} does not fit the model's vocab_size {vocab_size}")
         tokens[i], types[i] = text, int(T.NORMAL)
-    placeholders = set(spec.get("placeholders", {}).values())
+    placeholders = set(spec.placeholders.values())
     for t in tj.get("added_tokens", []):
         i = t["id"]
         if i >= vocab_size:
@@ -133,15 +136,12 @@ def vocab_of(ckpt_dir: Path, vocab_size: int) -> Vocab:
         tokens[i], types[i] = t["content"], int(T.CONTROL if t.get("special", True) else T.USER_DEFINED)
     tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    specials = spec["special_tokens"]
-    template, eot = None, None
-    cfg_path = ckpt_dir / "tokenizer_config.json"
-    if cfg_path.is_file():
-        template = read_json(cfg_path).get("chat_template") or None
+    specials = spec.special_tokens
+    template, eot = template_source(ckpt_dir), None
     if template and "<|im_end|>" in template and "<|im_end|>" in specials:
         eot = specials["<|im_end|>"]
-    return Vocab(tokens, types, merges, PRE_TOKENIZER[rules], specials[spec["bos_token"]],
-                 specials[spec["eos_token"]], eot, template)
+    return Vocab(tokens, types, merges, PRE_TOKENIZER[rules], specials[spec.bos_token], specials[spec.eos_token],
+                 eot, template)
 
 
 def write_gguf(ckpt, path: Path, kind: str, name: str | None = None, state: dict | None = None) -> Written:

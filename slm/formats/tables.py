@@ -18,11 +18,11 @@ def human(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def plural(n: int, word: str) -> str:
-    """'1 step', '2 steps', '1 process', '3 processes', '1,000 micro-batches'."""
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 step', '2 steps', '1 process', '3 processes', '1,000 micro-batches' (MANY: an irregular plural)."""
     if n == 1:
         return f"1 {word}"
-    return f"{n:,} {word}{'es' if word.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
+    return f"{n:,} {many or word + ('es' if word.endswith(('s', 'x', 'ch', 'sh')) else 's')}"
 
 
 def number(x, spec: str, missing: str = "-") -> str:

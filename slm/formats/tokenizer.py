@@ -66,6 +66,9 @@ SMOLLM_SPECIALS = [
 # Both papers pad the embedding matrix to a multiple of 64 (StableLM 2: 100,289 -> 100,352).
 VOCAB_PAD_MULTIPLE = 64
 
+# GPT-2's pre-tokenizer regex (tokenizers' ByteLevel with use_regex=True; tiktoken's r50k_base).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
 
 @dataclass(frozen=True)
 class Rules:
@@ -301,11 +304,18 @@ PARITY_PROBE = (
 # --- Loading -----------------------------------------------------------------------------------------------------
 
 class Tokenizer:
-    """A tokenizer directory, opened. Encoding uses tiktoken; decoding round-trips NFC text exactly."""
+    """A tokenizer directory, opened: slm's (encoding.json and tiktoken ranks: tiktoken encodes), or a released one
+    (a Hugging Face byte-level BPE tokenizer.json, as SmolLM2 and StableLM 2 ship: Hugging Face tokenizers encodes,
+    so the ids are the released tokenizer's by construction). Both decode to bytes exactly."""
 
     def __init__(self, directory: Path):
-        """DIRECTORY: a tokenizer directory, or a checkpoint that carries the tokenizer files."""
+        """DIRECTORY: a tokenizer directory, a checkpoint that carries the tokenizer files, or a released model or
+        tokenizer directory with tokenizer.json."""
         self.dir = Path(directory)
+        if not (self.dir / "encoding.json").is_file() and (self.dir / "tokenizer.json").is_file():
+            self._open_released()
+            return
+        self.backend = "tiktoken"
         self.manifest = read_manifest(self.dir, ("tokenizer", "checkpoint"))
         if self.manifest["kind"] == "checkpoint":  # a checkpoint carries its tokenizer's files, not its manifest
             self.manifest = {}
@@ -317,6 +327,48 @@ class Tokenizer:
         self.hash = self.spec.identity()
         if self.manifest.get("tokenizer_sha256") not in (None, self.hash):
             raise SlmError(f"{self.dir}: encoding.json does not match manifest.json's tokenizer_sha256")
+
+    def _open_released(self) -> None:
+        """A Hugging Face tokenizer.json (byte-level BPE): the spec slm needs, read from it and tokenizer_config.json;
+        its identity is the sha256 of what encodes (model, pre-tokenizer, normalizer, added tokens)."""
+        self.backend = "hf"
+        path = self.dir / "tokenizer.json"
+        tj = read_json(path, "tokenizer.json")
+        model = tj.get("model") if isinstance(tj, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+            kind = model.get("type") if isinstance(model, dict) else None
+            raise SlmError(f"{path}: a {kind or 'non-BPE'} tokenizer; slm reads byte-level BPE tokenizer.json files "
+                           "(SmolLM2's, StableLM 2's, GPT-2's)")
+        if (tj.get("decoder") or {}).get("type") != "ByteLevel":
+            raise SlmError(f"{path}: decoder {(tj.get('decoder') or {}).get('type')!r}: slm reads byte-level BPE "
+                           "(decoder ByteLevel)")
+        rules, pattern = released_rules(tj.get("pre_tokenizer"))
+        norm = tj.get("normalizer")
+        normalization = "none" if norm is None else "NFC" if norm.get("type") == "NFC" else norm.get("type", "?")
+        specials = {t["content"]: int(t["id"]) for t in tj.get("added_tokens") or []}
+        ids = list(model["vocab"].values()) + list(specials.values())
+        n_vocab = max(ids) + 1
+        config_path = self.dir / "tokenizer_config.json"
+        config = read_json(config_path) if config_path.is_file() else {}
+
+        def named(key: str) -> str | None:
+            v = config.get(key) if isinstance(config, dict) else None
+            v = v.get("content") if isinstance(v, dict) else v
+            return v if isinstance(v, str) and v in specials else None
+
+        eos = named("eos_token") or next((t for t in ("<|endoftext|>", "</s>", "<|im_end|>") if t in specials), None)
+        if eos is None:
+            raise SlmError(f"{config_path}: eos_token: missing, and no <|endoftext|> among the added tokens")
+        self.spec = EncodingSpec(name=self.dir.name, rules=rules, pattern=pattern, special_tokens=specials,
+                                 n_vocab=n_vocab, padded_vocab_size=padded_vocab_size(n_vocab),
+                                 bos_token=named("bos_token") or eos, eos_token=eos, normalization=normalization,
+                                 ranks_file="")
+        encoding_part = {k: tj.get(k) for k in ("model", "pre_tokenizer", "normalizer", "added_tokens")}
+        self.hash = sha256_bytes(canonical_json(encoding_part))
+        self.manifest = {}
+        m = self.dir / "manifest.json"
+        if m.is_file() and (read_json(m) or {}).get("tokenizer_sha256") not in (None, self.hash):
+            raise SlmError(f"{self.dir}: tokenizer.json does not match manifest.json's tokenizer_sha256")
 
     @property
     def n_vocab(self) -> int:
@@ -336,11 +388,25 @@ class Tokenizer:
 
     @cached_property
     def ranks(self) -> dict[bytes, int]:
+        """Each token's bytes and id (for a released tokenizer: its vocabulary, byte-level strings decoded)."""
+        if self.backend == "hf":
+            vocab = read_json(self.dir / "tokenizer.json")["model"]["vocab"]
+            return {bpe_str_to_bytes(s): i for s, i in vocab.items() if s not in self.spec.special_tokens}
         path = self.dir / self.spec.ranks_file
         data, digest = read_ranks_file(path)
         if self.spec.ranks_sha256 and digest != self.spec.ranks_sha256:
             raise SlmError(f"{path}: sha256 does not match encoding.json's ranks_sha256 (file changed?)")
         return parse_ranks(data, str(path))
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """The bytes of each id (b"" for an id with no token)."""
+        out = [b""] * self.n_vocab
+        for b, i in self.ranks.items():
+            out[i] = b
+        for t, i in self.spec.special_tokens.items():
+            out[i] = t.encode("utf-8")
+        return out
 
     @cached_property
     def encoding(self):
@@ -360,24 +426,68 @@ class Tokenizer:
             return unicodedata.normalize("NFC", text)
         return text
 
+    def _hf_ids(self, texts: list[str], special: bool) -> list[list[int]]:
+        self.hf.encode_special_tokens = not special  # special tokens written in text: plain text unless allowed
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
     def encode(self, text: str, allowed_special: Iterable[str] | str = ()) -> list[int]:
-        """Token ids of TEXT; special tokens written in the text are plain text unless allowed."""
+        """Token ids of TEXT; special tokens written in the text are plain text unless allowed ("all")."""
+        if self.backend == "hf":
+            return self._hf_ids([text], allowed_special == "all")[0]
         allowed = set(allowed_special) if not isinstance(allowed_special, str) else allowed_special
         return self.encoding.encode(self.normalize(text), allowed_special=allowed, disallowed_special=())
 
     def encode_numpy(self, text: str) -> np.ndarray:
         """Like encode, as a uint32 array straight from tiktoken's buffer (no Python list on the way)."""
+        if self.backend == "hf":
+            return np.asarray(self._hf_ids([text], False)[0], dtype=np.uint32)
         return self.encoding.encode_to_numpy(self.normalize(text), allowed_special=set(), disallowed_special=())
+
+    def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+        """encode_numpy of each text; a released tokenizer encodes them as one batch (tokenizers' threads)."""
+        if self.backend == "hf":
+            return [np.asarray(ids, dtype=np.uint32) for ids in self._hf_ids(texts, False)]
+        return [self.encode_numpy(t) for t in texts]
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not (0 <= i < self.n_vocab) or i in self.spec.placeholders.values()]
         if bad:
             raise SlmError(f"token id {bad[0]} is not in the tokenizer {self.dir} (n_vocab {self.n_vocab})")
+        if self.backend == "hf":
+            return b"".join(self.token_bytes[i] for i in ids)
         return self.encoding.decode_bytes(ids)
+
+    def decode_with_offsets(self, ids: list[int]) -> tuple[str, list[int]]:
+        """The text of IDS and the character offset where each token starts (a token that begins inside a
+        character, with a UTF-8 continuation byte, starts where that character does), as tiktoken counts them."""
+        if self.backend == "tiktoken":
+            return self.encoding.decode_with_offsets(ids)
+        starts, chars = [], 0
+        for i in ids:
+            b = self.token_bytes[int(i)]
+            starts.append(max(chars - 1, 0) if b and 0x80 <= b[0] < 0xC0 else chars)
+            chars += sum(1 for x in b if not 0x80 <= x < 0xC0)
+        return self.decode(ids), starts
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def released_rules(pre) -> tuple[str, str]:
+    """(rules, split regex) of a tokenizer.json pre-tokenizer: 'smollm' (digits, then GPT-2's ByteLevel regex),
+    'arcade' (StableLM 2's Split regex, then ByteLevel), 'gpt2' (ByteLevel's own regex), or 'custom' (another
+    split: tokenizers still encodes it; only a GGUF file cannot say it to llama.cpp)."""
+    steps = (pre.get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre]) if pre else []
+    kinds = [(s or {}).get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2", GPT2_PATTERN
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm", SMOLLM_PATTERN
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        pattern = (steps[0].get("pattern") or {}).get("Regex", "")
+        return ("arcade" if pattern == ARCADE_PATTERN else "custom"), pattern
+    return "custom", ""
 
 
 def with_special_tokens(tok: Tokenizer, directory: Path, needed: list[str],
@@ -388,6 +498,8 @@ def with_special_tokens(tok: Tokenizer, directory: Path, needed: list[str],
 
     specials = dict(tok.spec.special_tokens)
     added = [t for t in dict.fromkeys(needed) if t not in specials]
+    if tok.backend == "hf":
+        return added, _released_with(tok, Path(directory), added, chat_template)
     n_vocab = tok.spec.n_vocab
     for t in added:
         specials[t] = n_vocab
@@ -399,6 +511,37 @@ def with_special_tokens(tok: Tokenizer, directory: Path, needed: list[str],
     digest = write_tokenizer(directory, tok.ranks, spec, model_max_length=config.get("model_max_length", 4096),
                              chat_template=chat_template)
     return added, digest
+
+
+def _released_with(tok: Tokenizer, directory: Path, added: list[str], chat_template: str | None) -> str:
+    """A released tokenizer written into DIRECTORY as it is, with ADDED special tokens at the next ids and
+    CHAT_TEMPLATE in tokenizer_config.json; returns its hash."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_file(str(tok.dir / "tokenizer.json"))
+    first = tok.n_vocab
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+    for k, t in enumerate(added):
+        if hf.token_to_id(t) != first + k:
+            raise SlmError(f"{tok.dir / 'tokenizer.json'}: the added token {t} got id {hf.token_to_id(t)}, expected "
+                           f"{first + k} (after the vocabulary)")
+    hf.save(str(directory / "tokenizer.json"))
+    src = tok.dir / "tokenizer_config.json"
+    config = read_json(src) if src.is_file() else {}
+    config = config if isinstance(config, dict) else {}
+    decoder = dict(config.get("added_tokens_decoder") or {})
+    for k, t in enumerate(added):
+        decoder[str(first + k)] = {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                   "single_word": False, "special": True}
+    config = {**config, "added_tokens_decoder": decoder}
+    config.pop("chat_template", None)
+    if chat_template:
+        config["chat_template"] = chat_template
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    write_json(directory / "tokenizer_config.json", config)
+    if (tok.dir / "special_tokens_map.json").is_file():
+        write_json(directory / "special_tokens_map.json", read_json(tok.dir / "special_tokens_map.json"))
+    return Tokenizer(directory).hash
 
 
 def token_dtype(n_vocab: int) -> np.dtype:

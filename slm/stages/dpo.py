@@ -92,7 +92,7 @@ def run(cfg: DpoConfig, d: Dist) -> Path:
     t = train_settings(resolved)
     tok = source.tokenizer()
     if tok is None:
-        raise SlmError(f"--model {source.dir}: no slm tokenizer (encoding.json) in the checkpoint")
+        raise SlmError(f"--model {source.dir}: no tokenizer in the checkpoint (neither tokenizer.json nor slm's encoding.json)")
     template = template_of(source, s.template)
     missing = [x for x in template.special_tokens if x not in tok.spec.special_tokens]
     if missing:

@@ -82,7 +82,7 @@ def _use_tokenizer(tok: Tokenizer) -> None:
     """Set the tokenizer units are encoded with (forked workers inherit it, BPE already built)."""
     global _TOK
     _TOK = tok
-    tok.encoding  # noqa: B018
+    tok.encoding if tok.backend == "tiktoken" else tok.hf  # noqa: B018
 
 
 def _init_worker(tokenizer_dir: str, q) -> None:
@@ -116,7 +116,7 @@ def _encode_unit(job: dict, report=None) -> dict:
 
     def flush() -> None:
         nonlocal pending_chars
-        arrays = [tok.encode_numpy(t) for t in texts]
+        arrays = tok.encode_many(texts)
         lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
         if job["eos"]:
             arrays = [x for a in arrays for x in (a, eos)]

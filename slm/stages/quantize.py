@@ -81,7 +81,7 @@ def eval_windows(ckpt: Checkpoint, specs: list[str], n_tokens: int, window: int)
     """Windows of WINDOW token ids (the last may be shorter), N_TOKENS in all, from SPECS or the embedded corpus."""
     tok = ckpt.tokenizer()
     if tok is None:
-        raise SlmError(f"{ckpt.dir}: no slm tokenizer (encoding.json) in the checkpoint")
+        raise SlmError(f"{ckpt.dir}: no tokenizer in the checkpoint (neither tokenizer.json nor slm's encoding.json)")
     ids: list[int] = []
     if specs:
         for spec in specs:
@@ -175,7 +175,7 @@ def run(cfg: QuantizeConfig) -> Path:
     model_cfg = ckpt.model_config  # a checkpoint slm cannot read fails here, before anything is written
     tok = ckpt.tokenizer()
     if tok is None:
-        raise SlmError(f"{ckpt.dir}: no slm tokenizer (encoding.json) in the checkpoint")
+        raise SlmError(f"{ckpt.dir}: no tokenizer in the checkpoint (neither tokenizer.json nor slm's encoding.json)")
     types = cfg.types
     external = {}
     for g in cfg.gguf:

@@ -37,7 +37,7 @@ def encode_chat(tok: Tokenizer, template: ChatTemplate, messages: list[dict],
     if only_last:
         spans = spans[-1:]
     ids = tok.encode(text, allowed_special="all")
-    _, offsets = tok.encoding.decode_with_offsets(ids)
+    _, offsets = tok.decode_with_offsets(ids)
     starts = np.asarray(offsets, dtype=np.int64)
     mask = np.zeros(len(ids), dtype=bool)
     for a, b in spans:

@@ -86,7 +86,7 @@ class Epochs:
     schedule: Schedule
 
     def describe(self, s, n: int, unit: str) -> str:
-        return (f"{plural(s.epochs, 'epoch')} of {n:,} {unit} = {plural(self.total, 'step')} of {self.per_step}, "
+        return (f"{plural(s.epochs, 'epoch', 'epochs')} of {n:,} {unit} = {plural(self.total, 'step')} of {self.per_step}, "
                 f"lr {s.lr:g} ({s.schedule}, warmup {self.warmup})")
 
 
@@ -154,7 +154,7 @@ def tokenizer_for(out: Path, source: Checkpoint | None, template: ChatTemplate, 
     if source is not None:
         base_tok = source.tokenizer()
         if base_tok is None:
-            raise SlmError(f"--model {source.dir}: no slm tokenizer (encoding.json) in the checkpoint")
+            raise SlmError(f"--model {source.dir}: no tokenizer in the checkpoint (neither tokenizer.json nor slm's encoding.json)")
         if d.main:
             with atomic_dir(tok_dir) as tmp:
                 added, digest = with_special_tokens(base_tok, tmp, template.special_tokens + extra, template.source)

@@ -180,7 +180,10 @@ def start_or_resume(resume: Checkpoint | None, eng: engine.Engine, d: Dist, out:
                          "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0)}
 
 
-def saved_config(run_dir: Path) -> dict | None:
+def saved_config(run_dir: Path | None) -> dict | None:
+    """RUN_DIR/config.yaml (None for no run: a released model stands alone)."""
+    if run_dir is None:
+        return None
     p = Path(run_dir) / "config.yaml"
     if not p.is_file():
         return None
