@@ -78,3 +78,46 @@ def build_smollm2(gguf_path: Path, out: Path) -> Path:
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": "<|im_start|>",
         "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>"}, indent=2))
     return out
+
+
+ZEPHYR_JINJA = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + "
+                "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+def build_stablelm(texts: list[str], out: Path, vocab_size: int = 600) -> Path:
+    """A small random StableLM 2-shaped release in OUT: a byte-level BPE trained here with Arcade100k's Split
+    regex and NFC normaliser (GPT2TokenizerFast, as stabilityai/stablelm-2-1_6b ships), Zephyr's template in
+    chat_template.jinja, fp16 weights in shards with model.safetensors.index.json, untied output matrix."""
+    import torch
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    from slm.formats.tokenizer import ARCADE_PATTERN
+
+    out.mkdir(parents=True, exist_ok=True)
+    tk = Tokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(ARCADE_PATTERN), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    specials = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tk.save(str(out / "tokenizer.json"))
+    n_vocab = tk.get_vocab_size()
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2TokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": 256}, indent=2))
+    (out / "chat_template.jinja").write_text(ZEPHYR_JINJA)
+    torch.manual_seed(0)
+    eos = tk.token_to_id("<|endoftext|>")
+    cfg = StableLmConfig(vocab_size=-(-n_vocab // 64) * 64, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=256, partial_rotary_factor=0.25, use_qkv_bias=True,
+                         tie_word_embeddings=False, bos_token_id=eos, eos_token_id=eos)
+    model = StableLmForCausalLM(cfg).to(torch.float16)
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size="200KB")
+    return out

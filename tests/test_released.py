@@ -111,3 +111,136 @@ def test_sft_then_dpo_then_quantize_then_llama_cpp(smollm2, tmp_path):
     answer = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
                                         max_tokens=24, temperature=0)["choices"][0]["message"]["content"]
     assert "Paris" in answer, answer
+
+
+# --- the other family: a StableLM 2-shaped release (random weights, a tokenizer trained here) ---------------------
+
+@pytest.fixture(scope="module")
+def stablelm(tmp_path_factory):
+    from released import build_stablelm
+
+    return build_stablelm(stdlib_samples(6), tmp_path_factory.mktemp("released") / "stablelm-2-mini")
+
+
+def test_a_stablelm_release_with_shards_fp16_and_a_template_file(stablelm, tmp_path):
+    """Sharded fp16 weights with an index, an untied output, Arcade100k's Split regex and NFC in tokenizer.json,
+    Zephyr's template in chat_template.jinja: slm computes transformers' logits, renders the template as
+    transformers does with an exact assistant mask, describes the directory, and its GGUF carries the 'stablelm2'
+    pre-tokenizer, with which llama.cpp tokenizes NFC text as tokenizer.json does (llama.cpp does not normalise:
+    NFD text must be normalised first)."""
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slm.formats.chat import ChatTemplate
+    from slm.inference.load import load_model
+    from slm.train.chat_batches import encode_chat
+
+    ckpt = Checkpoint.open(stablelm)
+    tok = ckpt.tokenizer()
+    assert tok.spec.rules == "arcade" and tok.spec.normalization == "NFC" and ckpt.model_config.family == "stablelm"
+    ids = tok.encode(PARITY_PROBE)
+    ref = AutoModelForCausalLM.from_pretrained(str(stablelm), dtype=torch.float32)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids[:64]])).logits[0]
+        got = load_model(ckpt, torch.device("cpu"))(torch.tensor([ids[:64]]))[0]
+    torch.testing.assert_close(got[:, :want.shape[1]], want, rtol=1e-4, atol=1e-4)
+
+    template = ChatTemplate.of_checkpoint(stablelm)
+    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "It is 4."},
+                {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "6."}]
+    enc = encode_chat(tok, template, messages)
+    hf_tok = AutoTokenizer.from_pretrained(str(stablelm))
+    assert enc.ids.tolist() == hf_tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+    # by hand: what follows each "<|assistant|>\n", up to and with the end of the turn (eos) and its newline
+    assistant, eos = tok.spec.special_tokens["<|assistant|>"], tok.eos_id
+    want_mask, state = [], "out"
+    for i in enc.ids.tolist():
+        if state == "out":
+            want_mask.append(False)
+            state = "header" if i == assistant else "out"
+        elif state == "header":  # the "\n" after <|assistant|> is the template's
+            want_mask.append(False)
+            state = "in"
+        elif state == "in":
+            want_mask.append(True)
+            state = "closing" if i == eos else "in"
+        else:  # the newline after the end of the turn ends the message
+            want_mask.append(True)
+            state = "out"
+    assert enc.mask.tolist() == want_mask and sum(want_mask) > 4
+
+    info = run_cli("info", stablelm, "--json")
+    facts = json.loads(info.stdout)
+    assert facts["kind"] == "model (released)" and facts["dtype"] == "F16" and facts["architecture"] == "stablelm"
+    assert facts["chat_template"] == "chat_template.jinja" and len(facts["weights_sha256"]) == 64
+
+    q = run_cli("quantize", stablelm, "--type", "f16", "--no-report", "--out", tmp_path / "q")
+    assert q.returncode == 0, q.stderr[-2000:]
+    llm = llama_cpp.Llama(model_path=str(next((tmp_path / "q").glob("*.gguf"))), vocab_only=True, verbose=False)
+    for text in HELD_OUT:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text[:40]
+    nfd = "e\u0301te\u0301 cafe\u0301"
+    assert tok.encode(nfd) == llm.tokenize("été café".encode(), add_bos=False, special=False)
+    assert tok.encode(nfd) != llm.tokenize(nfd.encode(), add_bos=False, special=False)
+
+
+@pytest.mark.parametrize("damage,says", [
+    ("pickle", "pytorch_model.bin only: slm reads safetensors, not pickles"),
+    ("no weights", "no weights (model.safetensors, or shards with model.safetensors.index.json)"),
+    ("model_type", "model_type 'gpt_neox' is not one slm trains (stablelm, llama)"),
+    ("vocab", "more than config.json's vocab_size"),
+    ("template", "chat template"),
+])
+def test_a_broken_release_is_one_line(stablelm, tmp_path, damage, says):
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(stablelm, d)
+    config = json.loads((d / "config.json").read_text())
+    if damage in ("pickle", "no weights"):
+        for p in list(d.glob("model*.safetensors*")):
+            p.unlink()
+        if damage == "pickle":
+            (d / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    elif damage == "model_type":
+        (d / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    elif damage == "vocab":
+        (d / "config.json").write_text(json.dumps({**config, "vocab_size": 64}))
+    else:
+        (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }")
+    args = ["--chat", "hi"] if damage == "template" else ["hello"]
+    proc = run_cli("generate", d, *args, "--max-new-tokens", "2")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
+
+
+def test_smollm2s_own_template_renders_as_transformers_with_an_exact_mask(smollm2):
+    """SmolLM2-Instruct's template (its default system prompt included) through slm: the ids transformers'
+    apply_chat_template gives, and the loss mask on each assistant answer, its <|im_end|> and the newline after."""
+    from transformers import AutoTokenizer
+
+    from slm.formats.chat import ChatTemplate
+    from slm.train.chat_batches import encode_chat
+
+    tok = Tokenizer(smollm2)
+    messages = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, how can I help?"},
+                {"role": "user", "content": "12 + 30?"}, {"role": "assistant", "content": "42."}]
+    enc = encode_chat(tok, ChatTemplate.of_checkpoint(smollm2), messages)
+    hf_tok = AutoTokenizer.from_pretrained(str(smollm2))
+    assert enc.ids.tolist() == hf_tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+    ids = enc.ids.tolist()
+    start, end = tok.spec.special_tokens["<|im_start|>"], tok.spec.special_tokens["<|im_end|>"]
+    header = [start] + tok.encode("assistant\n")
+    want = [False] * len(ids)
+    k = 0
+    while k < len(ids):
+        if ids[k:k + len(header)] == header:
+            k += len(header)
+            while ids[k] != end:
+                want[k] = True
+                k += 1
+            want[k] = want[k + 1] = True  # <|im_end|> and its newline
+        k += 1
+    assert enc.mask.tolist() == want and sum(want) > 8
+    assert "You are a helpful AI assistant named SmolLM" in tok.decode(ids)  # its default system prompt

@@ -44,13 +44,13 @@ import torch
 
 from slm.errors import SlmError
 from slm.formats.manifest import (MANIFEST, check_writable, fsync_tree, new_manifest, read_json, sha256_file,
-                                  write_json)
+                                  tree_sha256, write_json)
 from slm.model.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from slm.model.transformer import ModelConfig
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "encoding.json",
-                   "tokenizer.tiktoken")
+                   "tokenizer.tiktoken", "chat_template.jinja")  # the last: a released model's template file
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state besides its step count
 
 
@@ -395,8 +395,18 @@ class Checkpoint:
         return made.get("model.safetensors")
 
     def weights_sha256(self) -> str:
-        """The weights' identity: the recorded sha256, else computed from model.safetensors."""
-        return self.recorded_weights_sha256 or sha256_file(self.dir / "model.safetensors")
+        """The weights' identity: the recorded sha256, else computed from model.safetensors (or, for sharded
+        weights, from the index and every shard)."""
+        if self.recorded_weights_sha256:
+            return self.recorded_weights_sha256
+        if (self.dir / "model.safetensors").is_file():
+            return sha256_file(self.dir / "model.safetensors")
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted({self.dir / s for s in (read_json(index).get("weight_map") or {}).values()})
+            return tree_sha256(self.dir, [index, *shards])
+        self.hf_state_dict()  # the one-line error: no weights, or only a pickle
+        return ""
 
     @cached_property
     def manifest(self) -> dict | None:
@@ -428,10 +438,11 @@ class Checkpoint:
             for shard in sorted(set(read_json(index)["weight_map"].values())):
                 out.update(load_file(str(self.dir / shard)))
             return out
-        bin_path = self.dir / "pytorch_model.bin"
-        if bin_path.is_file():
-            return torch.load(bin_path, map_location="cpu", weights_only=True)
-        raise SlmError(f"{self.dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+        if (self.dir / "pytorch_model.bin").is_file() or (self.dir / "pytorch_model.bin.index.json").is_file():
+            raise SlmError(f"{self.dir}: pytorch_model.bin only: slm reads safetensors, not pickles (a pickle runs code "
+                           "when loaded); convert it once where you trust it: AutoModelForCausalLM.from_pretrained(DIR)"
+                           ".save_pretrained(OUT, safe_serialization=True)")
+        raise SlmError(f"{self.dir}: no weights (model.safetensors, or shards with model.safetensors.index.json)")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under slm's names (fused q/k/v and gate/up)."""
@@ -496,6 +507,11 @@ class Checkpoint:
         None when it has neither."""
         from slm.formats.tokenizer import Tokenizer
 
-        if (self.dir / "encoding.json").is_file() or (self.dir / "tokenizer.json").is_file():
-            return Tokenizer(self.dir)
-        return None
+        if not (self.dir / "encoding.json").is_file() and not (self.dir / "tokenizer.json").is_file():
+            return None
+        tok = Tokenizer(self.dir)
+        if tok.backend == "hf" and (self.dir / "config.json").is_file() and tok.n_vocab > self.model_config.vocab_size:
+            # a released directory whose files disagree (slm checks its own when it writes them)
+            raise SlmError(f"{self.dir}: its tokenizer has {tok.n_vocab:,} ids, more than config.json's vocab_size "
+                           f"{self.model_config.vocab_size:,}: not this model's tokenizer")
+        return tok

@@ -115,6 +115,10 @@ def content_sha256(path: Path) -> str | None:
     for name in (MANIFEST, "model.safetensors"):
         if (path / name).is_file():
             return sha256_file(path / name)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # sharded weights: the index and its shards, whatever their size
+        shards = sorted({path / s for s in (read_json(index).get("weight_map") or {}).values()})
+        return tree_sha256(path, [index, *shards])
     files, size = [], 0
     for p in path.rglob("*"):
         if p.is_file():

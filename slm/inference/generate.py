@@ -41,42 +41,22 @@ class GenerateConfig:
 
 
 class TextDecoder:
-    """A checkpoint's tokenizer both ways: prompt -> ids, and ids -> text as it becomes complete (UTF-8 sequences
-    split across tokens are held back). slm's tokenizer when the checkpoint has one, else its tokenizer.json."""
+    """A checkpoint's tokenizer (slm's, or a released tokenizer.json) both ways: prompt -> ids, and ids -> text as
+    it becomes complete (UTF-8 sequences split across tokens are held back)."""
 
     def __init__(self, ckpt: Checkpoint):
         self.tok = ckpt.tokenizer()
-        if self.tok is not None:
-            self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            self.eos = self.tok.eos_id
-            return
-        path = ckpt.dir / "tokenizer.json"
-        if not path.is_file():
-            raise SlmError(f"{ckpt.dir}: no tokenizer (encoding.json or tokenizer.json)")
-        from tokenizers import Tokenizer as HFTokenizer
-
-        self.hf = HFTokenizer.from_file(str(path))
-        self.ids: list[int] = []
-        self.shown = ""
-        self.eos = ckpt.hf_config.get("eos_token_id")
-        if isinstance(self.eos, list):
-            self.eos = self.eos[0]
+        if self.tok is None:
+            raise SlmError(f"{ckpt.dir}: no tokenizer (tokenizer.json, or slm's encoding.json)")
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.eos = self.tok.eos_id
 
     def encode(self, prompt: str, special: bool = False) -> list[int]:
         """Ids of PROMPT; SPECIAL: special tokens written in it (by a chat template) become their ids."""
-        if self.tok is not None:
-            return self.tok.encode(prompt, allowed_special="all" if special else ())
-        return self.hf.encode(prompt, add_special_tokens=False).ids
+        return self.tok.encode(prompt, allowed_special="all" if special else ())
 
     def piece(self, token: int) -> str:
-        if self.tok is not None:
-            return self.decoder.decode(self.tok.decode_bytes([token]))
-        self.ids.append(token)
-        text = self.hf.decode(self.ids, skip_special_tokens=False)
-        new = text[len(self.shown):] if text.startswith(self.shown) and not text.endswith("\ufffd") else ""
-        if new:
-            self.shown = text
-        return new
+        return self.decoder.decode(self.tok.decode_bytes([token]))
 
 
 def prompt_ids(ckpt: Checkpoint, text: TextDecoder, prompt: str, chat: list[dict] | None) -> tuple[list[int], set[int]]:
@@ -87,9 +67,9 @@ def prompt_ids(ckpt: Checkpoint, text: TextDecoder, prompt: str, chat: list[dict
         ids = text.encode(prompt)
     else:
         template = ChatTemplate.of_checkpoint(ckpt.dir, "continue a PROMPT instead of --chat")
-        spec = getattr(text.tok, "spec", None)
-        bos, eos = (spec.bos_token, spec.eos_token) if spec is not None else ("", "")
-        ids = text.encode(template.render(parse_messages(chat, "--chat"), True, bos, eos), special=True)
+        spec = text.tok.spec
+        ids = text.encode(template.render(parse_messages(chat, "--chat"), True, spec.bos_token, spec.eos_token),
+                          special=True)
         gen = ckpt.dir / "generation_config.json"
         if gen.is_file():
             e = read_json(gen).get("eos_token_id")
@@ -110,8 +90,10 @@ class Generator:
         c = self.cfg
         ids, stops = prompt_ids(self.ckpt, text or TextDecoder(self.ckpt), prompt, chat)
         self.model = self.model or load_model(self.ckpt, device_for(c.device))
+        tok = (text or TextDecoder(self.ckpt)).tok
         yield from stream(self.model, ids, c.max_new_tokens, c.temperature, c.top_k, c.top_p,
-                          stops if c.stop_at_eos else set(), c.seed)
+                          stops if c.stop_at_eos else set(), c.seed, n_vocab=tok.n_vocab,
+                          banned=set(tok.spec.placeholders.values()))
 
     def text(self, prompt: str, chat: list[dict] | None) -> Iterator[str]:
         """The text of each new token as it is generated."""

@@ -27,7 +27,7 @@ from slm.inference.load import load_model
 from slm.model.decode import PastAsInputs
 
 TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "encoding.json", "tokenizer.tiktoken")
+                   "special_tokens_map.json", "encoding.json", "tokenizer.tiktoken", "chat_template.jinja")
 # Reproducible numbers on every CPU: fp32 arithmetic, no dynamic activation quantization (the CPU plugin's defaults
 # differ between CPUs: bf16 where the CPU has it, 8-bit activations for compressed matmuls).
 EXACT_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}

@@ -33,8 +33,9 @@ def sample_batch(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
 
 @torch.no_grad()
 def stream(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-           stops: set[int], seed: int) -> Iterator[int]:
-    """New token ids after the prompt IDS, one at a time, until a STOPS token (not yielded) or MAX_NEW_TOKENS."""
+           stops: set[int], seed: int, n_vocab: int | None = None, banned: set[int] | None = None) -> Iterator[int]:
+    """New token ids after the prompt IDS, one at a time, until a STOPS token (not yielded) or MAX_NEW_TOKENS.
+    Ids from N_VOCAB on (the embedding's padding rows) and BANNED ones (placeholders) are never sampled."""
     device = next(model.parameters()).device
     limit = model.cfg.max_seq_len
     if len(ids) >= limit:
@@ -43,8 +44,14 @@ def stream(model: Transformer, ids: list[int], max_new_tokens: int, temperature:
     cache = KVCache(model.cfg, 1, len(ids) + new, device, torch.float32)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     logits = model(torch.tensor([ids], device=device), cache=cache)[0, -1]
+    never = sorted(banned or ())
     for _ in range(new):
-        token = int(sample_batch(logits.cpu()[None], temperature, top_k, top_p, generator)[0])
+        logits = logits.cpu()
+        if n_vocab is not None and n_vocab < logits.shape[-1]:
+            logits[n_vocab:] = float("-inf")
+        if never:
+            logits[never] = float("-inf")
+        token = int(sample_batch(logits[None], temperature, top_k, top_p, generator)[0])
         if token in stops:
             return
         yield token

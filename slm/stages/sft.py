@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slm.console import table
+from slm.console import info, table
 from slm.errors import SlmError, UsageError
-from slm.formats.chat import ChatTemplate, iter_objects, parse_chat
+from slm.formats.chat import ChatTemplate, iter_objects, parse_chat, template_source
+from slm.formats.checkpoint import Checkpoint
 from slm.formats.manifest import absolute, input_entry
 from slm.formats.records import BadRecord
 from slm.formats.tokenizer import Tokenizer
@@ -70,6 +71,19 @@ def prepare(convs: list[list[dict]], tok: Tokenizer, template: ChatTemplate, max
     return kept
 
 
+def _template(s, source: Checkpoint | None, out: Path) -> ChatTemplate:
+    """sft.template when set; else the model's own (a released instruct model's), else chatml; a resumed run
+    (SOURCE None) keeps the one its tokenizer was written with."""
+    if s.template:
+        return ChatTemplate.load(s.template, s.system_prompt)
+    if source is None:
+        return ChatTemplate.of_checkpoint(out / "tokenizer")
+    if template_source(source.dir):
+        return ChatTemplate.of_checkpoint(source.dir)
+    info(f"sft: {source.dir} has no chat template: ChatML (set sft.template, or --template, for another)")
+    return ChatTemplate.load("chatml", s.system_prompt)
+
+
 @per_process
 def run(cfg: SftConfig, d: Dist) -> Path:
     if not cfg.data:
@@ -77,7 +91,7 @@ def run(cfg: SftConfig, d: Dist) -> Path:
     out, resume, resolved, source, plan = open_run(cfg, "sft", d, "the checkpoint to fine-tune", reopen_source=False)
     s = sft_settings(resolved)
     t = train_settings(resolved)
-    template = ChatTemplate.load(s.template, s.system_prompt)
+    template = _template(s, source, out)
 
     # the records first: a bad one stops the run before anything is written
     counts: dict = {"read": 0}

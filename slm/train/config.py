@@ -88,8 +88,9 @@ class SftSettings:
     """Supervised fine-tuning on chat data (`slm sft`); optimizer details (betas, weight decay, clipping, dtype,
     engine, saving) come from the train: section."""
 
-    template: str = "chatml"
-    """chatml (SmolLM2-Instruct) | zephyr (StableLM 2 Zephyr) | a Jinja template file."""
+    template: str | None = None
+    """chatml (SmolLM2-Instruct) | zephyr (StableLM 2 Zephyr) | a Jinja template file; default: the model's own
+    chat template (a released instruct model's), else chatml."""
     system_prompt: str | None = None
     """chatml: the system prompt of conversations that have none (SmolLM2-Instruct has one)."""
     epochs: int = 2

@@ -33,7 +33,7 @@ def open_data(mix_dir: Path, tokenizer_dir: Path | None = None) -> tuple[MixRead
     candidates = [Path(tokenizer_dir)] if tokenizer_dir else [Path(s.manifest["tokenizer"]["path"])
                                                                 for s in reader.sources]
     for c in candidates:
-        if (c / "encoding.json").is_file():
+        if (c / "encoding.json").is_file() or (c / "tokenizer.json").is_file():
             tok = Tokenizer(c)
             if tok.hash != reader.tokenizer_sha256:
                 raise SlmError(f"{c}: this tokenizer ({tok.hash[:12]}) is not the one {mix_dir} was encoded with "

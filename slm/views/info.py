@@ -70,7 +70,45 @@ def resolve(path: Path) -> tuple[Path, dict | None, dict]:
     if m is not None:
         run = path.parent.parent if path.parent.name == "checkpoints" else None
         return path, m, (_run_facts(run) if run is not None else {})
-    raise SlmError(f"{path}: no manifest.json (not a directory slm wrote) and no checkpoints/ (not a run)")
+    if (path / "config.json").is_file():  # a model directory slm did not write: a released one
+        return path, None, model_facts(path)
+    raise SlmError(f"{path}: no manifest.json (not a directory slm wrote), no checkpoints/ (not a run) and no "
+                   "config.json (not a model directory)")
+
+
+def model_facts(path: Path) -> dict:
+    """What a model directory slm did not write is: architecture, parameters, dtype, context, tokenizer, chat
+    template, and the hashes that identify its weights and tokenizer."""
+    import struct
+
+    from slm.formats.chat import template_source
+    from slm.formats.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(path)
+    cfg = ckpt.model_config
+    dtypes, params = set(), 0
+    files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(
+        path.glob("model-*.safetensors"))
+    for f in files:  # the safetensors header: dtypes and shapes without reading the weights
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, t in header.items():
+            if name != "__metadata__":
+                dtypes.add(t["dtype"])
+                n = 1
+                for d in t["shape"]:
+                    n *= d
+                params += n
+    facts = {"kind": "model (released)", "architecture": ckpt.hf_config.get("model_type"), "parameters": params,
+             "dtype": ", ".join(sorted(dtypes)) or None, "context": cfg.max_seq_len, "vocab_size": cfg.vocab_size,
+             "weights_sha256": ckpt.weights_sha256()}
+    tok = ckpt.tokenizer()
+    if tok is not None:
+        facts.update(tokenizer=f"{tok.spec.rules} byte-level BPE, {tok.n_vocab:,} ids", tokenizer_sha256=tok.hash)
+    template = template_source(path)
+    facts["chat_template"] = ("chat_template.jinja" if (path / "chat_template.jinja").is_file()
+                              else "tokenizer_config.json") if template else None
+    return facts
 
 
 def _run_facts(run: Path) -> dict:
@@ -92,11 +130,15 @@ def gguf_facts(path: Path) -> dict:
     from slm.formats.gguf import open_fields  # gguf-py: only for a GGUF file
 
     field, tensors = open_fields(path)
-    facts = {"kind": "gguf", "bytes": path.stat().st_size, "tensors": len(tensors)}
-    for key in ("general.architecture", "general.name", "general.file_type", "slm.checkpoint",
-                "slm.checkpoint_sha256", "slm.tokenizer_sha256", "slm.quantization"):
+    facts = {"kind": "gguf", "bytes": path.stat().st_size, "tensors": len(tensors),
+             "parameters": int(sum(int(t.n_elements) for t in tensors))}
+    arch = field("general.architecture")
+    for key in ("general.architecture", "general.name", "general.file_type", f"{arch}.context_length",
+                f"{arch}.block_count", f"{arch}.embedding_length", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+                "slm.checkpoint", "slm.checkpoint_sha256", "slm.tokenizer_sha256", "slm.quantization"):
         if (v := field(key)) is not None:
             facts[key] = v
+    facts["chat_template"] = field("tokenizer.chat_template") is not None
     if isinstance(facts.get("general.file_type"), int):  # llama.cpp's number for the type: 15 is Q4_K_M
         import gguf
 
@@ -173,8 +215,22 @@ def render(node: dict):
             facts.append(str(n["created_utc"]).replace("T", " ")[:16])
         if n.get("energy_kwh"):
             facts.append(f"{n['energy_kwh']:.3g} kWh")
+        arch = n.get("architecture") or n.get("general.architecture")
+        if arch:
+            facts.append(str(arch))
+        if n.get("parameters"):
+            facts.append(f"{n['parameters'] / 1e6:,.1f}M parameters")
+        if n.get("dtype"):
+            facts.append(str(n["dtype"]))
         if n.get("general.file_type") is not None:
             facts.append(n.get("file_type") or f"file type {n['general.file_type']}")
+        context = n.get("context") or n.get(f"{arch}.context_length")
+        if context:
+            facts.append(f"context {context:,}")
+        if n.get("tokenizer") or n.get("tokenizer.ggml.pre"):
+            facts.append(f"tokenizer {n.get('tokenizer') or n['tokenizer.ggml.pre']}")
+        if "chat_template" in n and n["chat_template"]:
+            facts.append("chat template" + (f" in {n['chat_template']}" if isinstance(n["chat_template"], str) else ""))
         if "bytes" in n:
             facts.append(f"{n['bytes'] / 1e6:.1f} MB")
         if "checkpoints" in n:
