@@ -8,7 +8,7 @@ from conftest import ROOT
 
 SCRIPTS = ["examples/quickstart.sh", "examples/pipeline.sh", "examples/slurm/pretrain.sbatch",
            "examples/slurm/stage.sbatch", "examples/slurm/chain.sh", "examples/recipes/cost.sh",
-           "examples/recipes/stablelm-2-1_6b/run.sh", "examples/recipes/smollm2-1_7b/run.sh"]
+           "examples/recipes/stablelm-2-1_6b/run.sh", "examples/recipes/smollm2-1_7b/run.sh", "examples/released.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -102,6 +102,7 @@ def _readme_shell_blocks(path) -> str:
 
 
 @pytest.mark.parametrize("doc", ["README.md", "examples/recipes/README.md", "examples/recipes/stablelm-2-1_6b/run.sh",
+                                 "examples/released.sh",
                                  "examples/recipes/smollm2-1_7b/run.sh", "examples/recipes/cost.sh",
                                  "examples/pipeline.sh", "examples/quickstart.sh", "examples/slurm/chain.sh",
                                  "examples/slurm/stage.sbatch", "examples/slurm/pretrain.sbatch"])

@@ -92,6 +92,9 @@ def test_sft_then_dpo_then_quantize_then_llama_cpp(smollm2, tmp_path):
     ckpt = Checkpoint.open(tmp_path / "sft")
     assert ckpt.tokenizer().backend == "hf" and ckpt.tokenizer().hash == Tokenizer(smollm2).hash  # nothing added
     assert "<|im_start|>" in json.loads((ckpt.dir / "tokenizer_config.json").read_text())["chat_template"]
+    parent = next(i for i in ckpt.manifest["inputs"] if i["role"] == "parent")  # what it came from, identified
+    assert parent["path"] == str(smollm2.resolve()) and parent["tokenizer_sha256"] == Tokenizer(smollm2).hash
+    assert parent["sha256"] == Checkpoint.open(smollm2).weights_sha256()
     dpo = run_cli("dpo", "--model", tmp_path / "sft", "--data", pairs, "--out", tmp_path / "dpo", "--steps", "2",
                   "--set", "dpo.max_length=64", "--set", "dpo.max_prompt_length=32", "--set", "dpo.batch_size=8",
                   "--set", "dpo.micro_batch_size=4", *SMALL)
@@ -111,6 +114,11 @@ def test_sft_then_dpo_then_quantize_then_llama_cpp(smollm2, tmp_path):
     answer = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
                                         max_tokens=24, temperature=0)["choices"][0]["message"]["content"]
     assert "Paris" in answer, answer
+    ev = run_cli("eval", smollm2, gguf_path, "--tasks", "slm_heldout", "--limit", "4", "--out", tmp_path / "ev")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    scores = [m["scores"]["slm_heldout"]["value"] for m in json.loads((tmp_path / "ev" / "eval.json").read_text())
+              ["models"]]
+    assert abs(scores[1] / scores[0] - 1) < 0.01, scores  # the released checkpoint and its q8_0 file agree
 
 
 # --- the other family: a StableLM 2-shaped release (random weights, a tokenizer trained here) ---------------------
@@ -244,3 +252,47 @@ def test_smollm2s_own_template_renders_as_transformers_with_an_exact_mask(smollm
         k += 1
     assert enc.mask.tolist() == want and sum(want) > 8
     assert "You are a helpful AI assistant named SmolLM" in tok.decode(ids)  # its default system prompt
+
+
+@pytest.mark.slow
+def test_the_released_example_runs(smollm2, tmp_path):
+    """examples/released.sh as a user runs it on a released directory (a few steps): sft, dpo, quantize, bench,
+    eval and the report, with the model's own tokenizer and template."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    env = dict(os.environ, STEPS="2", N="30", EVAL_LIMIT="4",
+               SLM_VENV=os.environ.get("SLM_VENV", str(ROOT / ".venv")))
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "released.sh"), str(smollm2), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "out" / "report.md").read_text()
+    for part in ("## Training", "| sft | runs/sft | 2 |", "| dpo | runs/dpo | 2 |", "## DPO",
+                 "## Quantization (release)", "## Speed (bench)", "## Evaluation (eval, suite slm-local)"):
+        assert part in report, part
+    assert "llama, 134.5M parameters, BF16" in proc.stderr  # slm info of the released directory
+
+
+def test_continued_pretraining_of_a_released_model(smollm2, tmp_path, train_data):
+    """Text encoded with the released tokenizer (its identity in the tokens' manifest), a mix of it, and
+    pretrain --init the released model on it; a mix encoded with another tokenizer is refused in one line."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in HELD_OUT * 8))
+    enc = run_cli("tokenize", "encode", "--tokenizer", smollm2, docs, "--out", tmp_path / "tokens")
+    assert enc.returncode == 0, enc.stderr
+    manifest = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["tokenizer_sha256"] == Tokenizer(smollm2).hash
+    (tmp_path / "mix.yaml").write_text("seq_len: 32\nseed: 1\nsources:\n  web: tokens\n"
+                                       "phases:\n  - {name: p, tokens: 2k, weights: {web: 1}}\n")
+    assert run_cli("mix", tmp_path / "mix.yaml", "--out", tmp_path / "mix").returncode == 0
+    run = run_cli("pretrain", "--init", smollm2, "--data", tmp_path / "mix", "--out", tmp_path / "run", "--steps", "1",
+                  "--set", "train.tokens_per_step=64", "--set", "train.micro_batch_size=2", "--set",
+                  "train.lr_peak=1e-5", "--device", "cpu")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000001" / "tokenizer.json").is_file()
+    other = run_cli("pretrain", "--init", smollm2, "--data", train_data / "mix", "--out", tmp_path / "run2",
+                    "--steps", "1")
+    assert other.returncode == 1 and "the checkpoint's tokenizer" in other.stderr and "is not the data's" in \
+        other.stderr and other.stderr.count("\n") == 1

@@ -19,9 +19,9 @@ def eval_(
     models: Annotated[list[Path], typer.Argument(help="Checkpoints, run directories or .gguf files.",
                                                  show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)],
-    suite: Annotated[Optional[str], typer.Option("--suite", autocompletion=complete_suites, help="stablelm2-leaderboard, stablelm2-multilingual, "
+    suite: Annotated[Optional[str], typer.Option("--suite", help="stablelm2-leaderboard, stablelm2-multilingual, "
                                                  "smollm2-base, smollm2-instruct or slm-local (offline).",
-                                                 show_default=False)] = None,
+                                                 show_default=False, autocompletion=complete_suites)] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated lm-eval task names (also "
                                                  "slm_heldout, slm_cloze, slm_arith).", show_default=False)] = None,
     include_path: Annotated[Optional[list[Path]], typer.Option("--include-path", help="A directory of lm-eval YAML "
@@ -112,9 +112,10 @@ def carbon(
                       "USA:oregon, SWE:SE3, gcp:us-central1, world.", show_default=False)] = None,
     gpu_hours: Annotated[Optional[float], typer.Option("--gpu-hours", help="estimate: GPU-hours of the run.",
                                                        show_default=False)] = None,
-    gpu: Annotated[Optional[str], typer.Option("--gpu", autocompletion=complete_gpus, help="estimate: the GPU whose board power to take from its "
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="estimate: the GPU whose board power to take from its "
                                                "datasheet (slm.devices; as `--dry-run --gpu`): " + ", ".join(GPUS)
-                                               + "; a100 = a100-80gb.", show_default=False)] = None,
+                                               + "; a100 = a100-80gb.", show_default=False,
+                                               autocompletion=complete_gpus)] = None,
     power: Annotated[Optional[float], typer.Option("--power", help="estimate: average watts per GPU instead of "
                                                    "--gpu's board power.", show_default=False)] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,

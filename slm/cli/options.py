@@ -161,9 +161,10 @@ PLANNING = "Planning (--dry-run)"
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (parameters, tokens, FLOPs, memory per "
                                                          "process, time, GPU-hours) and train nothing.",
                                          rich_help_panel=PLANNING)]
-Gpu = Annotated[str, typer.Option("--gpu", autocompletion=complete_gpus, help="Plan for this GPU (slm.devices; the same names as `slm carbon "
+Gpu = Annotated[str, typer.Option("--gpu", help="Plan for this GPU (slm.devices; the same names as `slm carbon "
                                                 "estimate`): " + ", ".join(n for n, g in GPUS.items() if g.peak_flops)
-                                                + "; a100 = a100-80gb.", rich_help_panel=PLANNING)]
+                                                + "; a100 = a100-80gb.", rich_help_panel=PLANNING,
+                                                autocompletion=complete_gpus)]
 Gpus = Annotated[Optional[int], typer.Option("--gpus", help="Plan for this many GPUs (processes); default "
                                                             "WORLD_SIZE or 1.", rich_help_panel=PLANNING)]
 Mfu = Annotated[float, typer.Option("--mfu", help="Model FLOPs utilisation to assume.", rich_help_panel=PLANNING)]

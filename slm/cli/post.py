@@ -18,8 +18,9 @@ def sft(
                                                   show_default=False)] = None,
     data: Data = None,
     out: RunOut = None,
-    recipe: Annotated[Optional[str], typer.Option("--recipe", autocompletion=complete_recipes, help="Take sft: settings from this recipe (default: "
-                                                                  "the model's).")] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Take sft: settings from this recipe (default: "
+                                                                  "the model's).",
+                                                                  autocompletion=complete_recipes)] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A YAML with sft: / train: sections.")] = None,
     template: Annotated[Optional[str], typer.Option("--template", help=field_help("sft.template"))] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help=field_help("sft.epochs"))] = None,
@@ -90,8 +91,9 @@ def dpo(
     data: Data = None,
     out: RunOut = None,
     ref: Annotated[Optional[Path], typer.Option("--ref", help="The reference checkpoint (default: --model).")] = None,
-    recipe: Annotated[Optional[str], typer.Option("--recipe", autocompletion=complete_recipes, help="Take dpo: settings from this recipe (default: "
-                                                                  "the model's).")] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Take dpo: settings from this recipe (default: "
+                                                                  "the model's).",
+                                                                  autocompletion=complete_recipes)] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A YAML with dpo: / train: sections.")] = None,
     beta: Annotated[Optional[float], typer.Option("--beta", help=field_help("dpo.beta"))] = None,
     loss: Annotated[Optional[str], typer.Option("--loss", help=field_help("dpo.loss"))] = None,

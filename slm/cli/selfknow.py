@@ -111,8 +111,9 @@ def train(
                                                   show_default=False)] = None,
     negative_token: Annotated[Optional[str], typer.Option("--negative-token", help=field_help(
         "selfknow.negative_token"), show_default=False)] = None,
-    recipe: Annotated[Optional[str], typer.Option("--recipe", autocompletion=complete_recipes, help="Take selfknow: settings from this recipe "
-                                                                  "(default: the model's).")] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Take selfknow: settings from this recipe "
+                                                                  "(default: the model's).",
+                                                                  autocompletion=complete_recipes)] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A YAML with selfknow: / train: sections.")] = None,
     steps: StopAfter = None,
     skip_bad: SkipBad = False,

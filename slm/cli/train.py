@@ -44,8 +44,8 @@ def pretrain(
                                                  show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The run directory (resumes if it has "
                                                                     "checkpoints).", show_default=False)] = None,
-    recipe: Annotated[Optional[str], typer.Option(autocompletion=complete_recipes, help="tiny, smollm2-135m, smollm2-360m, smollm2-1_7b, "
-                                                       "stablelm-2-1_6b.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="tiny, smollm2-135m, smollm2-360m, smollm2-1_7b, "
+                                                       "stablelm-2-1_6b.", autocompletion=complete_recipes)] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A YAML file with model: and train: "
                                                                      "sections (wins over the recipe).")] = None,
     set_: Sets = None,
@@ -89,9 +89,9 @@ def cooldown(
     lr_start: Annotated[Optional[float], typer.Option(help="Start here instead of the checkpoint's learning rate.")] = None,
     phase: Annotated[Optional[str], typer.Option(help="Start at this phase of the mix (e.g. decay).")] = None,
     recipe: Annotated[Optional[str], typer.Option(
-        "--recipe", autocompletion=complete_recipe_steps, help="RECIPE:STEP: a recipe's cooldown step, its --set values and length (e.g. "
+        "--recipe", help="RECIPE:STEP: a recipe's cooldown step, its --set values and length (e.g. "
                          "smollm2-1_7b:long_context, the 2k -> 8k context extension); flags win.",
-        show_default=False)] = None,
+        show_default=False, autocompletion=complete_recipe_steps)] = None,
     set_: Sets = None,
     valid: Valid = None,
     tokenizer: TokenizerOpt = None,

@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 
 from slm.errors import SlmError
-from slm.formats.manifest import (MANIFEST, check_writable, fsync_tree, new_manifest, read_json, sha256_file,
-                                  tree_sha256, write_json)
+from slm.formats.manifest import (MANIFEST, check_writable, fsync_tree, input_entry, new_manifest, read_json,
+                                  sha256_file, tree_sha256, write_json)
 from slm.model.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from slm.model.transformer import ModelConfig
 
@@ -69,6 +69,13 @@ def step_name(step: int) -> str:
 
 def step_of(path: Path) -> int:
     return int(STEP_RE.match(Path(path).name).group(1))
+
+
+def model_input(path: Path, role: str) -> dict:
+    """A manifest input for a model directory (slm's or a released one): input_entry with the weights' sha256 and
+    the tokenizer's hash, so that a model slm did not make is identified as well as one it did."""
+    tok = Checkpoint(Path(path)).tokenizer()
+    return input_entry(path, role, **({"tokenizer_sha256": tok.hash} if tok is not None else {}))
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -439,9 +446,9 @@ class Checkpoint:
                 out.update(load_file(str(self.dir / shard)))
             return out
         if (self.dir / "pytorch_model.bin").is_file() or (self.dir / "pytorch_model.bin.index.json").is_file():
-            raise SlmError(f"{self.dir}: pytorch_model.bin only: slm reads safetensors, not pickles (a pickle runs code "
-                           "when loaded); convert it once where you trust it: AutoModelForCausalLM.from_pretrained(DIR)"
-                           ".save_pretrained(OUT, safe_serialization=True)")
+            raise SlmError(f"{self.dir}: pytorch_model.bin only: slm reads safetensors, not pickles (a pickle runs "
+                           "code when loaded); convert it once where you trust it: "
+                           "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)")
         raise SlmError(f"{self.dir}: no weights (model.safetensors, or shards with model.safetensors.index.json)")
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -140,8 +140,9 @@ def tree_sha256(root: Path, files: list[Path]) -> str:
 
 def input_entry(path, role: str, sha256: str | None = None, **extra: Any) -> dict:
     """One of a manifest's `inputs`, which `slm info` follows back to raw text: the absolute path, the ROLE it
-    played (data, parent, reference, facts, valid, ...) and its sha256 (content_sha256 unless given). Standard
-    input ("-") and URLs stay as they are."""
+    played (data, parent, reference, facts, valid, ...) and its sha256 (content_sha256 unless given); a model
+    directory's also carries its tokenizer's hash (slm.formats.checkpoint.model_input). Standard input ("-") and
+    URLs stay as they are."""
     p = str(path)
     if p == "-" or "://" in p:
         return {"path": p, "role": role, "sha256": sha256, **extra}

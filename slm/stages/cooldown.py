@@ -14,7 +14,7 @@ from pathlib import Path
 
 from slm.console import warn
 from slm.errors import POSITIVE, SlmError, UsageError, check_ranges
-from slm.formats.checkpoint import Checkpoint
+from slm.formats.checkpoint import Checkpoint, model_input
 from slm.formats.manifest import input_entry
 from slm.recipes import find_recipe, load_recipe, load_step, parse_budget
 from slm.train import engine, start as setup
@@ -171,7 +171,7 @@ def run(cfg: CooldownConfig, d: Dist) -> Path:
     lineage = {"stage": "cooldown", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
                "mix": {"path": str(Path(cfg.data).absolute()), "plan_sha256": setup.plan_sha256(cfg.data)},
                "parent": plan["from"],
-               "inputs": [input_entry(plan["from"], "parent"), input_entry(cfg.data, "mix")]
+               "inputs": [model_input(plan["from"], "parent"), input_entry(cfg.data, "mix")]
                + ([input_entry(cfg.valid, "valid")] if cfg.valid else [])}
     run = Run(stage="cooldown", run_dir=out, model=model, model_cfg=model_cfg, train=t, engine=eng,
               batches=batches, dist=d,

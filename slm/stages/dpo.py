@@ -21,7 +21,7 @@ import torch
 from slm.console import info, table
 from slm.errors import SlmError, UsageError
 from slm.formats.chat import ChatTemplate, Pair
-from slm.formats.checkpoint import Checkpoint
+from slm.formats.checkpoint import Checkpoint, model_input
 from slm.formats.manifest import absolute, input_entry, write_json
 from slm.formats.metrics import read_metrics
 from slm.formats.tokenizer import Tokenizer
@@ -92,7 +92,7 @@ def run(cfg: DpoConfig, d: Dist) -> Path:
     t = train_settings(resolved)
     tok = source.tokenizer()
     if tok is None:
-        raise SlmError(f"--model {source.dir}: no tokenizer in the checkpoint (neither tokenizer.json nor slm's encoding.json)")
+        raise SlmError(f"--model {source.dir}: no tokenizer (tokenizer.json, or slm's encoding.json)")
     template = template_of(source, s.template)
     missing = [x for x in template.special_tokens if x not in tok.spec.special_tokens]
     if missing:
@@ -143,7 +143,7 @@ def run(cfg: DpoConfig, d: Dist) -> Path:
     lineage = {"stage": "dpo", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
                "parent": plan["from"], "reference": plan["reference"], "reference_sha256": ref_hash,
                "data": absolute(cfg.data), "data_pairs_sha256": digest, "data_counts": plan["counts"],
-               "inputs": [input_entry(plan["from"], "parent"), input_entry(plan["reference"], "reference")]
+               "inputs": [model_input(plan["from"], "parent"), model_input(plan["reference"], "reference")]
                + [input_entry(p, "data") for p in cfg.data] + [input_entry(p, "valid") for p in cfg.valid]}
     mean_len = float(np.mean([len(p.chosen) + len(p.rejected) for p in encoded])) / 2
     last = train(make_run("dpo", out, d, model, model_cfg, t, s, ep, batches, resume, resolved, plan, first,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from slm.console import info, warn
 from slm.errors import POSITIVE, SlmError, UsageError, check_ranges
-from slm.formats.checkpoint import Checkpoint
+from slm.formats.checkpoint import Checkpoint, model_input
 from slm.formats.manifest import input_entry
 from slm.formats.tables import plural
 from slm.train import start as setup
@@ -152,7 +152,7 @@ def run(cfg: PretrainConfig, d: Dist) -> Path:
                "mix": {"path": str(Path(cfg.data).absolute()), "plan_sha256": setup.plan_sha256(cfg.data)},
                "parent": str(init.dir) if init is not None else None,
                "inputs": [input_entry(cfg.data, "mix")] + ([input_entry(cfg.valid, "valid")] if cfg.valid else [])
-               + ([input_entry(init.dir, "init")] if init is not None else [])}
+               + ([model_input(init.dir, "init")] if init is not None else [])}
     run = Run(stage="pretrain", run_dir=out, model=model, model_cfg=model_cfg, train=t, engine=eng,
               batches=batches, dist=d,
               lr_at=schedule, first_sample_of=lambda s: s * sps, start_step=start, end_step=steps,

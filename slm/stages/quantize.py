@@ -26,7 +26,7 @@ from slm.console import err, info, progress, warn
 from slm.errors import POSITIVE, SlmError, UsageError, check_ranges
 from slm.evaluation.heldout import heldout_text
 from slm.formats.chat import ChatTemplate, iter_objects, parse_chat
-from slm.formats.checkpoint import Checkpoint, run_name
+from slm.formats.checkpoint import Checkpoint, model_input, run_name
 from slm.formats.gguf import LLAMA_CPP_TYPES, PYTHON_TYPES, check_lineage, read_tensor_types, write_gguf
 from slm.formats.manifest import atomic_dir, check_replaceable, new_manifest, write_json
 from slm.formats.tables import QUANTIZE_COLUMNS, plural, quantize_rows
@@ -81,7 +81,7 @@ def eval_windows(ckpt: Checkpoint, specs: list[str], n_tokens: int, window: int)
     """Windows of WINDOW token ids (the last may be shorter), N_TOKENS in all, from SPECS or the embedded corpus."""
     tok = ckpt.tokenizer()
     if tok is None:
-        raise SlmError(f"{ckpt.dir}: no tokenizer in the checkpoint (neither tokenizer.json nor slm's encoding.json)")
+        raise SlmError(f"{ckpt.dir}: no tokenizer (tokenizer.json, or slm's encoding.json)")
     ids: list[int] = []
     if specs:
         for spec in specs:
@@ -175,7 +175,7 @@ def run(cfg: QuantizeConfig) -> Path:
     model_cfg = ckpt.model_config  # a checkpoint slm cannot read fails here, before anything is written
     tok = ckpt.tokenizer()
     if tok is None:
-        raise SlmError(f"{ckpt.dir}: no tokenizer in the checkpoint (neither tokenizer.json nor slm's encoding.json)")
+        raise SlmError(f"{ckpt.dir}: no tokenizer (tokenizer.json, or slm's encoding.json)")
     types = cfg.types
     external = {}
     for g in cfg.gguf:
@@ -217,7 +217,7 @@ def run(cfg: QuantizeConfig) -> Path:
             "quantize", {"types": types, "eval_tokens": cfg.eval_tokens, "window": cfg.window,
                          "int4_group_size": cfg.int4_group_size, "int4_symmetric": cfg.int4_symmetric,
                          "int4_all_layers": cfg.int4_all_layers},
-            inputs=[{"path": str(ckpt.dir), "role": "checkpoint"}]
+            inputs=[model_input(ckpt.dir, "checkpoint")]
             + [{"path": str(g), "role": "gguf"} for g in external.values()],
             counts={"files": len(files)}, started=started,
             lineage={"parent": str(ckpt.dir), "stage": "quantize"},

@@ -21,7 +21,7 @@ import torch
 from slm.console import info, table
 from slm.errors import SlmError, UsageError
 from slm.formats.chat import ChatTemplate
-from slm.formats.checkpoint import Checkpoint
+from slm.formats.checkpoint import Checkpoint, model_input
 from slm.formats.facts import Facts, load_facts
 from slm.formats.manifest import absolute, input_entry, write_json
 from slm.inference.chat import Sampling, answer_all, stop_ids
@@ -147,7 +147,7 @@ def run(cfg: TrainConfig, d: Dist) -> Path:
                "parent": plan["from"], "data": absolute(files), "data_rows_sha256": digest,
                "data_counts": plan["counts"], "facts_sha256": facts.sha256 if facts else None,
                "negative_token": s.negative_token, "class_weights": s.class_weights, "kl_coef": s.kl_coef,
-               "inputs": [input_entry(plan["from"], "parent")] + [input_entry(p, "data") for p in cfg.data]
+               "inputs": [model_input(plan["from"], "parent")] + [input_entry(p, "data") for p in cfg.data]
                + ([input_entry(facts_path, "facts")] if facts_path is not None else [])}
     batches = ChatBatches(rows, ep.per_step, s.micro_batch_size, d.rank, d.world, d.device, "selfknow")
     last = train(make_run("selfknow", out, d, model, model_cfg, t, s, ep, batches, resume, resolved, plan, first,

@@ -188,7 +188,7 @@ def run(cfg: GenerateConfig) -> Path:
     chat_ckpt = Checkpoint.open(cfg.chat)
     chat_tok = chat_ckpt.tokenizer()
     if chat_tok is None:
-        raise SlmError(f"--chat {chat_ckpt.dir}: no tokenizer in the checkpoint (neither tokenizer.json nor slm's encoding.json)")
+        raise SlmError(f"--chat {chat_ckpt.dir}: no tokenizer (tokenizer.json, or slm's encoding.json)")
     template = ChatTemplate.of_checkpoint(chat_ckpt.dir)
     base_ckpt = Checkpoint.open(cfg.base) if cfg.base is not None else None
     counts: dict = {}
@@ -197,7 +197,7 @@ def run(cfg: GenerateConfig) -> Path:
     if base_ckpt is not None:
         base_tok = base_ckpt.tokenizer()
         if base_tok is None:
-            raise SlmError(f"--base {base_ckpt.dir}: no tokenizer in the checkpoint (neither tokenizer.json nor slm's encoding.json)")
+            raise SlmError(f"--base {base_ckpt.dir}: no tokenizer (tokenizer.json, or slm's encoding.json)")
         base_model = load_model(base_ckpt, device)
     else:
         base_tok, base_model = None, None

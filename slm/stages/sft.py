@@ -15,7 +15,7 @@ from pathlib import Path
 from slm.console import info, table
 from slm.errors import SlmError, UsageError
 from slm.formats.chat import ChatTemplate, iter_objects, parse_chat, template_source
-from slm.formats.checkpoint import Checkpoint
+from slm.formats.checkpoint import Checkpoint, model_input
 from slm.formats.manifest import absolute, input_entry
 from slm.formats.records import BadRecord
 from slm.formats.tokenizer import Tokenizer
@@ -141,7 +141,7 @@ def run(cfg: SftConfig, d: Dist) -> Path:
     lineage = {"stage": "sft", "recipe": resolved.get("recipe"), "tokenizer_sha256": tok.hash,
                "parent": plan["from"], "template": template.name, "data_rows_sha256": digest,
                "data": absolute(cfg.data), "data_counts": plan["counts"],
-               "inputs": [input_entry(plan["from"], "parent")] + [input_entry(p, "data") for p in cfg.data]
+               "inputs": [model_input(plan["from"], "parent")] + [input_entry(p, "data") for p in cfg.data]
                + [input_entry(p, "valid") for p in cfg.valid]}
     batches = ChatBatches(rows, ep.per_step, s.micro_batch_size, d.rank, d.world, d.device)
     return train(make_run("sft", out, d, model, model_cfg, t, s, ep, batches, resume, resolved, plan, first,

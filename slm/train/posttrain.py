@@ -154,7 +154,7 @@ def tokenizer_for(out: Path, source: Checkpoint | None, template: ChatTemplate, 
     if source is not None:
         base_tok = source.tokenizer()
         if base_tok is None:
-            raise SlmError(f"--model {source.dir}: no tokenizer in the checkpoint (neither tokenizer.json nor slm's encoding.json)")
+            raise SlmError(f"--model {source.dir}: no tokenizer (tokenizer.json, or slm's encoding.json)")
         if d.main:
             with atomic_dir(tok_dir) as tmp:
                 added, digest = with_special_tokens(base_tok, tmp, template.special_tokens + extra, template.source)
