@@ -46,6 +46,8 @@ def test_the_released_tokenizer_gives_the_released_ids(smollm2):
         assert ids == llm.tokenize(text.encode(), add_bos=False, special=False), text[:40]
         assert tok.decode(ids) == text and list(tok.encode_numpy(text)) == ids
     assert tok.encode("<|im_end|>") != [2] and tok.encode("<|im_end|>", allowed_special="all") == [2]
+    # SmolLM2's merges are one per token, trained: tiktoken's rule would merge pairs they leave out
+    assert tok.encoder.startswith("Hugging Face tokenizers (its merges are not tiktoken's for its vocabulary")
 
 
 def test_generate_continues_and_answers_as_transformers_does(smollm2):
@@ -191,6 +193,49 @@ def test_a_stablelm_release_with_shards_fp16_and_a_template_file(stablelm, tmp_p
     nfd = "e\u0301te\u0301 cafe\u0301"
     assert tok.encode(nfd) == llm.tokenize("été café".encode(), add_bos=False, special=False)
     assert tok.encode(nfd) != llm.tokenize(nfd.encode(), add_bos=False, special=False)
+
+
+def test_cooldown_and_selfknow_from_a_stablelm_release(stablelm, tmp_path):
+    """cooldown --from a released directory (no optimizer state: it says so, and needs --lr-start), and selfknow
+    generate/train on it: the pairs come from its own template; the negative token is added to its tokenizer.json,
+    which transformers reads as one token with the id slm trained; both runs record the release as their parent."""
+    from transformers import AutoTokenizer
+
+    from conftest import ROOT
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in HELD_OUT * 6))
+    assert run_cli("tokenize", "encode", "--tokenizer", stablelm, docs, "--out", tmp_path / "tokens").returncode == 0
+    (tmp_path / "mix.yaml").write_text("seq_len: 32\nseed: 1\nsources:\n  web: tokens\n"
+                                       "phases:\n  - {name: p, tokens: 2k, weights: {web: 1}}\n")
+    assert run_cli("mix", tmp_path / "mix.yaml", "--out", tmp_path / "mix").returncode == 0
+    small = ["--set", "train.tokens_per_step=64", "--set", "train.micro_batch_size=2", "--device", "cpu"]
+    no_lr = run_cli("cooldown", "--from", stablelm, "--data", tmp_path / "mix", "--steps", "2", "--out",
+                    tmp_path / "cd0", *small)
+    assert no_lr.returncode == 1 and "does not record its learning rate; give it" in no_lr.stderr
+    cd = run_cli("cooldown", "--from", stablelm, "--data", tmp_path / "mix", "--steps", "2", "--lr-start", "1e-4",
+                 "--out", tmp_path / "cd", *small)
+    assert cd.returncode == 0, cd.stderr[-2000:]
+    assert "no optimizer state (not an slm checkpoint); AdamW starts from zero moments" in cd.stderr
+    weights = Checkpoint.open(stablelm).weights_sha256()
+    manifest = json.loads((tmp_path / "cd" / "manifest.json").read_text())
+    assert [i["sha256"] for i in manifest["inputs"] if i["role"] == "parent"] == [weights]
+
+    sk = run_cli("selfknow", "generate", "--base", stablelm, "--chat", stablelm, "--facts",
+                 ROOT / "examples" / "facts.yaml", "--n", "2", "--max-new-tokens", "8", "--message-max-tokens", "8",
+                 "--out", tmp_path / "pairs")
+    assert sk.returncode == 0, sk.stderr[-2000:]
+    train = run_cli("selfknow", "train", "--model", stablelm, "--data", tmp_path / "pairs", "--out", tmp_path / "skt",
+                    "--steps", "2", "--set", "selfknow.max_length=128", "--set", "selfknow.batch_size=4",
+                    "--set", "selfknow.micro_batch_size=2", "--set", "train.save_every=0", "--device", "cpu")
+    assert train.returncode == 0, train.stderr[-2000:]
+    out = Checkpoint.open(tmp_path / "skt")
+    negative = out.tokenizer().spec.special_tokens["<|negative|>"]
+    assert AutoTokenizer.from_pretrained(str(out.dir)).encode("a<|negative|>")[-1] == negative
+    assert negative < out.model_config.vocab_size
+    manifest = json.loads((tmp_path / "skt" / "manifest.json").read_text())
+    parent = next(i for i in manifest["inputs"] if i["role"] == "parent")
+    assert parent["sha256"] == weights and parent["tokenizer_sha256"] == Tokenizer(stablelm).hash
 
 
 @pytest.mark.parametrize("damage,says", [

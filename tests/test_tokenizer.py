@@ -184,3 +184,45 @@ def test_cl100k_from_tiktokens_cache(tmp_path, monkeypatch, cl100k_ranks_path):
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # no network: a one-line error with the way out
     with pytest.raises(SlmError, match="pass a local copy with --ranks PATH"):
         load_cl100k_ranks(None)
+
+
+def released_copy(src, dst, edit=None):
+    """A tokenizer as a model's hub directory ships it: tokenizer.json and tokenizer_config.json, no encoding.json."""
+    dst.mkdir(parents=True)
+    tj = json.loads((src / "tokenizer.json").read_text())
+    if edit:
+        edit(tj)
+    (dst / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    (dst / "tokenizer_config.json").write_bytes((src / "tokenizer_config.json").read_bytes())
+    return dst
+
+
+def test_a_released_tokenizer_json_made_from_tiktoken_ranks_runs_as_tiktoken(arcade_dir, tmp_path):
+    """StableLM 2 ships Arcade100k as a tokenizer.json converted from tiktoken ranks: slm proves its merges are
+    tiktoken's for its vocabulary and bulk-encodes with tiktoken, with tokenizers' ids on every text; a file whose
+    merges differ (SmolLM2's kind, here two swapped) keeps tokenizers, and `tokenize encode` says which and why."""
+    rel = Tokenizer(released_copy(arcade_dir, tmp_path / "stablelm-2"))
+    assert rel.backend == "hf" and rel.encoder == "tiktoken"
+    texts = VARIED_TEXT + stdlib_samples(3) + ["x" + " " * 9 + "\n\n\t  \r\n" * 3 + "=" * 17 + "ab" * 9 + "a1234567"]
+    hf = hf_plain(rel)
+    want = [hf.encode(t, add_special_tokens=False).ids for t in texts]
+    assert [a.tolist() for a in rel.encode_many(texts)] == want
+    assert want[0] == Tokenizer(arcade_dir).encode(texts[0])  # slm's own Arcade100k: the same ids
+
+    def swap(tj):
+        tj["model"]["merges"][5], tj["model"]["merges"][6] = tj["model"]["merges"][6], tj["model"]["merges"][5]
+
+    other = Tokenizer(released_copy(arcade_dir, tmp_path / "swapped", swap))
+    assert other.fast is None and "merge 6 is" in other.fast_reason
+    assert [a.tolist() for a in other.encode_many(texts[:2])] == [hf_plain(other).encode(t, add_special_tokens=False)
+                                                                   .ids for t in texts[:2]]
+
+    def no_ignore(tj):  # converted before tokenizers had ignore_merges: BPE must reach every token by itself
+        tj["model"]["ignore_merges"] = False
+
+    assert Tokenizer(released_copy(arcade_dir, tmp_path / "old", no_ignore)).encoder == "tiktoken"
+    docs = write_jsonl(tmp_path / "docs.jsonl", texts)
+    for name, says in (("stablelm-2", "encoded by tiktoken, its ids proven equal to tokenizers'"),
+                       ("swapped", "encoded by Hugging Face tokenizers (its merges are not tiktoken's")):
+        proc = run_cli("tokenize", "encode", "--tokenizer", tmp_path / name, docs, "--out", tmp_path / f"t-{name}")
+        assert proc.returncode == 0 and says in proc.stderr, proc.stderr

@@ -263,6 +263,80 @@ def byte_level(tk, pattern: str, nfc: bool):
     return tk
 
 
+# Bytes that never occur in UTF-8 text: a vocabulary may leave them out.
+UTF8_NEVER = frozenset([0xC0, 0xC1, *range(0xF5, 0x100)])
+
+
+def tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[str, str]]:
+    """The BPE merges (byte-level strings) equivalent to tiktoken's ranks: for every token, one merge per way of
+    splitting it into two tokens, ordered by the token's rank, then by the ranks of its two parts (the order
+    transformers' TikTokenConverter writes too)."""
+    return list(_tiktoken_merges(ranks))
+
+
+def _tiktoken_merges(ranks: dict[bytes, int], names: dict[int, str] | None = None):
+    """tiktoken_merges one by one; NAMES (id -> byte-level string), when known, spares converting each part."""
+    for tok, _rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) < 2:
+            continue
+        splits = sorted((ranks[tok[:k]], ranks[tok[k:]], k) for k in range(1, len(tok))
+                        if tok[:k] in ranks and tok[k:] in ranks)
+        if names is not None:
+            yield from ((names[left], names[right]) for left, right, _ in splits)
+        else:
+            yield from ((bytes_to_bpe_str(tok[:k]), bytes_to_bpe_str(tok[k:])) for _, _, k in splits)
+
+
+def tiktoken_equivalence(tj: dict, ranks: dict[bytes, int], rules: str) -> str | None:
+    """None when a released tokenizer.json gives, for every text, the ids tiktoken gives with its vocabulary as
+    ranks (its own regex, NFC or nothing, specials as text); else why not, in a few words.
+
+    The proof is structural, the argument hf_tokenizer_from_ranks rests on: the merges are exactly
+    tiktoken_merges(vocabulary) in that order (each pair ranked by the token it makes, as tiktoken ranks it), every
+    byte is a token, and a pre-token that is itself a token is taken whole (ignore_merges, or BPE reaches it). A
+    tokenizer converted from tiktoken ranks (Arcade100k, cl100k-derived ones) passes; one trained as BPE with a
+    merge list of its own does not: SmolLM2's lists one merge per token, and tiktoken would also merge the pairs it
+    leaves out."""
+    if rules not in ("gpt2", "smollm", "arcade"):
+        return "its pre-tokenizer is not one whose regex tiktoken runs as tokenizers does"
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    if any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps):
+        return "its ByteLevel pre-tokenizer adds a prefix space"
+    if any(s.get("type") == "Split" and (str(s.get("behavior")).lower() != "isolated" or s.get("invert"))
+           for s in steps):
+        return "its Split pre-tokenizer does not isolate the regex's matches"
+    norm = tj.get("normalizer")
+    if norm is not None and norm.get("type") != "NFC":
+        return f"its normalizer is {norm.get('type')}, not NFC or none"
+    model = tj["model"]
+    if model.get("dropout") or model.get("byte_fallback") or model.get("continuing_subword_prefix") or \
+            model.get("end_of_word_suffix"):
+        return "its BPE has dropout, byte fallback or subword affixes"
+    if any(not t.get("special") for t in tj.get("added_tokens") or []):
+        return "it has added tokens that are not special (tokenizers splits them out of text)"
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    n, names = 0, {i: s for s, i in model["vocab"].items()}
+    for n, pair in enumerate(_tiktoken_merges(ranks, names), 1):  # stops at the first difference
+        if n > len(merges) or merges[n - 1] != pair:
+            return (f"its merges are not tiktoken's for its vocabulary (merge {n:,} is {' '.join(pair)!r} by "
+                    f"tiktoken's rule, {' '.join(merges[n - 1]) if n <= len(merges) else 'missing'!r} in the file)")
+    if n != len(merges):
+        return f"its merges are not tiktoken's for its vocabulary ({len(merges):,} listed, tiktoken's rule makes {n:,})"
+    missing = [b for b in range(256) if bytes([b]) not in ranks and b not in UTF8_NEVER]
+    if missing:
+        return f"byte {missing[0]:#04x} is not a token (tiktoken needs every byte that UTF-8 text can hold)"
+    if not model.get("ignore_merges"):
+        from tokenizers import models
+
+        bpe = models.BPE(vocab=model["vocab"], merges=merges)
+        added = {t["content"] for t in tj.get("added_tokens") or []}
+        for s in model["vocab"]:
+            if s not in added and len(s) > 1 and len(bpe.tokenize(s)) != 1:
+                return f"token {s!r} is not reached by its merges, and ignore_merges is off"
+    return None
+
+
 def hf_tokenizer_from_ranks(ranks: dict[bytes, int], spec: EncodingSpec):
     """A tokenizers.Tokenizer that gives the ids tiktoken gives for these ranks and this spec.
 
@@ -275,13 +349,7 @@ def hf_tokenizer_from_ranks(ranks: dict[bytes, int], spec: EncodingSpec):
     vocab = {bytes_to_bpe_str(tok): rank for tok, rank in ranks.items()}
     for text, idx in {**spec.special_tokens, **spec.placeholders}.items():
         vocab[text] = idx
-    merges: list[tuple[str, str]] = []
-    for tok, _rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(tok) < 2:
-            continue
-        splits = [(tok[:k], tok[k:]) for k in range(1, len(tok)) if tok[:k] in ranks and tok[k:] in ranks]
-        splits.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
-        merges.extend((bytes_to_bpe_str(left), bytes_to_bpe_str(right)) for left, right in splits)
+    merges = tiktoken_merges(ranks)
     tk = byte_level(HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, byte_fallback=False)),
                     spec.pattern, spec.normalization == "NFC")
     added = sorted({**spec.special_tokens, **spec.placeholders}.items(), key=lambda kv: kv[1])
@@ -416,6 +484,23 @@ class Tokenizer:
                                  special_tokens=self.spec.special_tokens)
 
     @cached_property
+    def fast(self):
+        """The tiktoken Encoding that encodes text (specials as text) where it gives this tokenizer's ids: always for
+        slm's; for a released tokenizer.json, when tiktoken_equivalence proves it (StableLM 2's Arcade100k does,
+        SmolLM2's does not: self.fast_reason says why); else None, and Hugging Face tokenizers encodes."""
+        if self.backend == "tiktoken":
+            self.fast_reason = None
+            return self.encoding
+        self.fast_reason = tiktoken_equivalence(read_json(self.dir / "tokenizer.json"), self.ranks, self.spec.rules)
+        return self.encoding if self.fast_reason is None else None
+
+    @property
+    def encoder(self) -> str:
+        """What encodes text: "tiktoken" (slm's, or a released tokenizer.json proven equal to its ranks) or
+        "tokenizers" (a released tokenizer.json as it is), with why for the latter."""
+        return "tiktoken" if self.fast is not None else f"Hugging Face tokenizers ({self.fast_reason})"
+
+    @cached_property
     def hf(self):
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -432,20 +517,21 @@ class Tokenizer:
 
     def encode(self, text: str, allowed_special: Iterable[str] | str = ()) -> list[int]:
         """Token ids of TEXT; special tokens written in the text are plain text unless allowed ("all")."""
-        if self.backend == "hf":
+        if self.backend == "hf":  # one text at a time: as it is (tiktoken's proof costs a second for 100k tokens)
             return self._hf_ids([text], allowed_special == "all")[0]
         allowed = set(allowed_special) if not isinstance(allowed_special, str) else allowed_special
         return self.encoding.encode(self.normalize(text), allowed_special=allowed, disallowed_special=())
 
     def encode_numpy(self, text: str) -> np.ndarray:
         """Like encode, as a uint32 array straight from tiktoken's buffer (no Python list on the way)."""
-        if self.backend == "hf":
+        if self.fast is None:
             return np.asarray(self._hf_ids([text], False)[0], dtype=np.uint32)
         return self.encoding.encode_to_numpy(self.normalize(text), allowed_special=set(), disallowed_special=())
 
     def encode_many(self, texts: list[str]) -> list[np.ndarray]:
-        """encode_numpy of each text; a released tokenizer encodes them as one batch (tokenizers' threads)."""
-        if self.backend == "hf":
+        """encode_numpy of each text; a released tokenizer that tiktoken cannot run encodes them as one batch
+        (tokenizers' threads)."""
+        if self.fast is None:
             return [np.asarray(ids, dtype=np.uint32) for ids in self._hf_ids(texts, False)]
         return [self.encode_numpy(t) for t in texts]
 
@@ -486,7 +572,8 @@ def released_rules(pre) -> tuple[str, str]:
         return "smollm", SMOLLM_PATTERN
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         pattern = (steps[0].get("pattern") or {}).get("Regex", "")
-        return ("arcade" if pattern == ARCADE_PATTERN else "custom"), pattern
+        named = {ARCADE_PATTERN: "arcade", SMOLLM_PATTERN: "smollm", GPT2_PATTERN: "gpt2"}  # as slm writes them
+        return named.get(pattern, "custom"), pattern
     return "custom", ""
 
 

@@ -82,7 +82,7 @@ def _use_tokenizer(tok: Tokenizer) -> None:
     """Set the tokenizer units are encoded with (forked workers inherit it, BPE already built)."""
     global _TOK
     _TOK = tok
-    tok.encoding if tok.backend == "tiktoken" else tok.hf  # noqa: B018
+    tok.fast if tok.fast is not None else tok.hf  # noqa: B018
 
 
 def _init_worker(tokenizer_dir: str, q) -> None:
@@ -271,6 +271,9 @@ def _run_locked(cfg, tok, inputs, skipped_inputs, out, partial, settings, previo
     if reused:
         info(f"reusing {reused} of {plural(len(units), 'shard')} whose input and settings did not change")
     if jobs:
+        if tok.backend == "hf":  # a released tokenizer.json: say which encoder gives its ids, and why
+            info(f"{tok.dir / 'tokenizer.json'}: encoded by {tok.encoder}"
+                 + (", its ids proven equal to tokenizers'" if tok.fast is not None else ""))
         _encode(cfg, tok, jobs, partial, records)
     unit_records = [records[_unit_key(settings, hashes[u.input_index], u)] for u in units]
     manifest = _manifest(cfg, tok, inputs, skipped_inputs, hashes, units, unit_records, out, started)
