@@ -50,7 +50,7 @@ def test_the_released_tokenizer_gives_the_released_ids(smollm2):
     assert tok.encoder.startswith("Hugging Face tokenizers (its merges are not tiktoken's for its vocabulary")
 
 
-def test_generate_continues_and_answers_as_transformers_does(smollm2):
+def test_generate_continues_and_answers_as_transformers_does(smollm2, tmp_path):
     """Greedy continuation equals transformers' greedy text; the chat answer uses the model's own template."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -65,6 +65,13 @@ def test_generate_continues_and_answers_as_transformers_does(smollm2):
     chat = run_cli("generate", smollm2, "--chat", "What is the capital of France?", "--temperature", "0",
                    "--max-new-tokens", "24")
     assert chat.returncode == 0 and "Paris" in chat.stdout, chat.stdout + chat.stderr
+    (tmp_path / "plain.jinja").write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    other = run_cli("generate", smollm2, "--chat", "What is the capital of France?", "--template",
+                    tmp_path / "plain.jinja", "--temperature", "0", "--max-new-tokens", "24")
+    assert other.returncode == 0 and "Paris" in other.stdout and other.stderr == "", other.stdout + other.stderr
+    wrong = run_cli("generate", smollm2, "--chat", "Hi", "--template", "zephyr", "--max-new-tokens", "2")
+    assert wrong.returncode == 0 and "<|user|>, <|assistant|> not special tokens" in wrong.stderr, wrong.stderr
 
 
 SMALL = ["--set", "train.save_every=0", "--device", "cpu"]

@@ -126,6 +126,9 @@ def generate(
                                                 "standard input, one JSON per line ({\"messages\": [...]}), and "
                                                 "prints each continued conversation as a JSON line.",
                                                 show_default=False)] = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="With --chat: this chat template instead of "
+                                                    "the checkpoint's own (chatml, zephyr, or a Jinja file).",
+                                                    show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
@@ -148,8 +151,11 @@ def generate(
 
     if chat is None and prompt is None:
         raise UsageError("give a PROMPT to continue, or --chat MESSAGE")
+    if template is not None and chat is None:
+        raise UsageError("--template: only with --chat (a PROMPT is continued as it is)")
     gen = Generator(GenerateConfig(checkpoint=checkpoint, prompt=prompt or "", max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, device=device))
+                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, device=device,
+                                   template=template))
     if chat == "-" or (prompt == "-" and chat is None):
         for line in gen.lines(sys.stdin, chat=chat == "-"):
             print(line, flush=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from slm.console import warn
 from slm.errors import AT_LEAST_0, MASS, POSITIVE, SlmError, check_ranges
 from slm.formats.chat import ChatTemplate, parse_messages
 from slm.formats.checkpoint import Checkpoint
@@ -34,6 +35,8 @@ class GenerateConfig:
     chat: list[dict] | None = None
     """A conversation (messages) to answer: rendered with the checkpoint's chat template, generation stops at
     its end of turn. PROMPT is then unused."""
+    template: str | None = None
+    """The chat template instead of the checkpoint's own: chatml, zephyr or a Jinja file."""
 
     def __post_init__(self):
         check_ranges(self, max_new_tokens=POSITIVE, temperature=AT_LEAST_0, top_p=MASS, top_k=AT_LEAST_0,
@@ -59,14 +62,25 @@ class TextDecoder:
         return self.decoder.decode(self.tok.decode_bytes([token]))
 
 
-def prompt_ids(ckpt: Checkpoint, text: TextDecoder, prompt: str, chat: list[dict] | None) -> tuple[list[int], set[int]]:
+def prompt_ids(ckpt: Checkpoint, text: TextDecoder, prompt: str, chat: list[dict] | None,
+               template_spec: str | None = None) -> tuple[list[int], set[int]]:
     """The ids to continue and the ids that end the answer: PROMPT as it is, or the conversation CHAT rendered with
-    the checkpoint's chat template (whose end of turn, from generation_config.json, also stops)."""
+    the checkpoint's chat template or TEMPLATE_SPEC (whose end of turn, and generation_config.json's, stop)."""
     stops = {text.eos}
     if chat is None:
         ids = text.encode(prompt)
     else:
-        template = ChatTemplate.of_checkpoint(ckpt.dir, "continue a PROMPT instead of --chat")
+        if template_spec:
+            template = ChatTemplate.load(template_spec)
+            spec = text.tok.spec
+            unknown = [t for t in template.special_tokens if t not in spec.special_tokens]
+            if unknown:
+                warn(f"--template {template_spec}: {', '.join(unknown)} not special tokens of {ckpt.dir}'s tokenizer; "
+                     "they are encoded as text")
+            if template.end_of_turn in spec.special_tokens:
+                stops.add(spec.special_tokens[template.end_of_turn])
+        else:
+            template = ChatTemplate.of_checkpoint(ckpt.dir, "continue a PROMPT instead of --chat, or give --template")
         spec = text.tok.spec
         ids = text.encode(template.render(parse_messages(chat, "--chat"), True, spec.bos_token, spec.eos_token),
                           special=True)
@@ -88,7 +102,7 @@ class Generator:
     def ids(self, prompt: str, chat: list[dict] | None, text: TextDecoder | None = None) -> Iterator[int]:
         """The new token ids (an end-of-text or end-of-turn token ends them and is not yielded)."""
         c = self.cfg
-        ids, stops = prompt_ids(self.ckpt, text or TextDecoder(self.ckpt), prompt, chat)
+        ids, stops = prompt_ids(self.ckpt, text or TextDecoder(self.ckpt), prompt, chat, c.template)
         self.model = self.model or load_model(self.ckpt, device_for(c.device))
         tok = (text or TextDecoder(self.ckpt)).tok
         yield from stream(self.model, ids, c.max_new_tokens, c.temperature, c.top_k, c.top_p,
