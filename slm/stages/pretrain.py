@@ -21,7 +21,8 @@ from slm.train.schedules import Schedule
 # What a resumed run may change: how long, how often to save and evaluate, how the step is computed. Everything
 # else (model, optimizer, schedule, batch) is fixed by the run's config.yaml.
 CHANGEABLE = {"steps", "keep", "save_every", "eval_every", "eval_samples", "micro_batch_size", "compile",
-              "activation_checkpointing", "attention", "engine", "zero_stage", "deepspeed_config", "max_bad_steps"}
+              "activation_checkpointing", "attention", "engine", "zero_stage", "deepspeed_config", "max_bad_steps",
+              "deterministic"}
 
 
 @dataclass

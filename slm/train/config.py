@@ -58,6 +58,10 @@ class TrainSettings:
     bf16. Weights, gradients and optimizer state stay fp32 either way."""
     compile: bool = False
     """torch.compile the model."""
+    deterministic: bool = False
+    """Bit-exact reruns and resumes on a GPU: torch's deterministic algorithms (an op without one warns),
+    CUBLAS_WORKSPACE_CONFIG=:4096:8, no cuDNN autotuning. Costs some speed (benchmarks/gpu.sh measures it); CPUs
+    are deterministic already."""
     attention: str = "auto"
     """Attention for packed documents: auto (FlexAttention on a GPU, masked SDPA elsewhere) | sdpa | flex."""
     activation_checkpointing: bool = False

@@ -45,6 +45,15 @@ from slm.train.metrics import memory_gib, peak_flops, plot
 __all__ = ["Run", "Stopped", "train", "autocast_for", "compute_dtype", "cpu_has_bf16", "rng_state", "set_rng_state"]
 
 
+def set_deterministic(on: bool) -> None:
+    """train.deterministic: the same bits from the same state on a GPU (CPU kernels are deterministic already)."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by torch at each cuBLAS call
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def autocast_for(t: TrainSettings, device: torch.device):
     if compute_dtype(t, device) == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -278,6 +287,7 @@ def write_run_manifest(run: Run) -> None:
 def train(run: Run) -> Path:
     """Run steps [start_step, end_step); returns the last checkpoint."""
     d, t, eng = run.dist, run.train, run.engine
+    set_deterministic(t.deterministic)
     model = torch.compile(eng.forward_model) if t.compile else eng.forward_model
     run.model.attention_backend = t.attention
     run.model.activation_checkpointing = t.activation_checkpointing

@@ -1,0 +1,328 @@
+"""GPU measurements for benchmarks/gpu.sh: MFU of slm's training step at the recipes' real shapes, memory against
+the dry-run planner, what deterministic mode costs, and decode speed of the torch backend.
+
+    python benchmarks/gpu.py --out DIR [--junit DIR/gpu-tests.xml] [--shapes smollm2-360m stablelm-2-1_6b]
+    python benchmarks/gpu.py --out DIR --check        # the same code on the CPU at a tiny shape (tests use it)
+
+For each shape (the recipe's model and sequence length, bf16 autocast, slm's fused AdamW and output-layer loss,
+packed rows with document masking as `slm pretrain` trains them): the largest micro-batch that fits, with
+activation checkpointing off and on, its tokens/s, MFU (6N + 12 L H T FLOPs per token against the device's
+datasheet peak, slm/devices.py) and peak memory, next to the planner's prediction (slm/train/cost.py, what
+`slm pretrain --dry-run` prints); then the fastest setting again under torch.compile. Deterministic mode
+(train.deterministic) against the default at the first shape. Decode: tokens/s of the static-cache decoder
+(compiled) for the smollm2-135m shape in bf16, batch 1.
+
+Writes DIR/gpu.json after every measurement (a run cut short keeps what it measured) and DIR/gpu.md at the end.
+Targets (issue 19): MFU >= 45% at stablelm-2-1_6b on an H100/H200-class GPU; the planner within 10% of the peak.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # this folder holds tokenize.py, which must not shadow the standard library's tokenize
+
+import argparse
+import contextlib
+import datetime
+import json
+import statistics
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+from slm.model.transformer import ModelConfig, build
+from slm.recipes import load_recipe
+from slm.train import cost, engine
+from slm.train.config import TrainSettings
+from slm.train.dist import Dist
+from slm.train.loop import set_deterministic
+from slm.train.metrics import peak_flops
+
+CHECK_SHAPE = (ModelConfig(family="llama", vocab_size=512, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                           intermediate_size=128, tie_embeddings=True, max_seq_len=128), 128)
+
+
+def recipe_shape(name: str) -> tuple[ModelConfig, int]:
+    r = load_recipe(name)
+    return ModelConfig.from_dict(r["model"]), int(r["mix"]["seq_len"])
+
+
+def packed_batch(cfg: ModelConfig, micro: int, seq: int, device, seed: int = 0):
+    """Random tokens in rows of several documents (about 4 per row), as `slm mix` packs them."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (micro, seq + 1), generator=g)
+    seg = torch.zeros(micro, seq, dtype=torch.long)
+    for b in range(micro):
+        for cut in torch.randint(1, seq, (3,), generator=g).tolist():
+            seg[b, cut:] += 1
+    return tokens[:, :-1].to(device), tokens[:, 1:].to(device), seg.to(device)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class Step:
+    """slm's training step as the loop runs it (engine "single", its optimizer, bf16 autocast on a GPU)."""
+
+    def __init__(self, cfg: ModelConfig, micro: int, seq: int, device, ac: bool, compiled: bool):
+        self.device = device
+        self.model = build(cfg, "cpu", seed=0).to(device)
+        self.model.activation_checkpointing = ac
+        t = TrainSettings(tokens_per_step=micro * seq, micro_batch_size=micro, activation_checkpointing=ac)
+        self.eng = engine.build("single", Dist(device=device), self.model, t, 1, micro)
+        self.eng.set_lr(1e-4)
+        self.forward = torch.compile(self.eng.forward_model) if compiled else self.eng.forward_model
+        self.batch = packed_batch(cfg, micro, seq, device)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
+            else contextlib.nullcontext
+
+    def __call__(self) -> None:
+        ids, targets, seg = self.batch
+        with self.autocast():
+            s, n = self.forward(ids, segment_ids=seg, targets=targets)
+        self.eng.backward(s / n, True)
+        self.eng.finish_step(True)
+
+
+def fits(cfg, micro, seq, device, ac) -> bool:
+    free(device)
+    try:
+        step = Step(cfg, micro, seq, device, ac, False)
+        step()
+        sync(device)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        step = None  # noqa: F841
+        free(device)
+
+
+def largest_micro(cfg, seq, device, ac, cap: int) -> int:
+    """Doubling until a step runs out of memory, then the largest that ran (0: not even one sequence)."""
+    micro, best = 1, 0
+    while micro <= cap and fits(cfg, micro, seq, device, ac):
+        best, micro = micro, micro * 2
+    return best
+
+
+def measure(cfg, seq, micro, device, ac, compiled, steps: int, rounds: int) -> dict:
+    free(device)
+    step = Step(cfg, micro, seq, device, ac, compiled)
+    for _ in range(3 if compiled else 2):  # warm up (and compile)
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        times.append((time.perf_counter() - t0) / steps)
+    tps = micro * seq / statistics.median(times)
+    peak = peak_flops(device)
+    out = {"micro_batch_size": micro, "activation_checkpointing": ac, "compiled": compiled,
+           "tokens_per_s": round(tps, 1), "step_s": round(statistics.median(times), 4),
+           "mfu": round(step.model.flops_per_token(seq) * tps / peak, 4) if peak else None}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    t = TrainSettings(tokens_per_step=micro * seq, micro_batch_size=micro, activation_checkpointing=ac)
+    gpu = planner_gpu(device)
+    plan = cost.plan(cfg, t, seq, 1, 1, "single", gpu, 0.4, "bf16" if device.type == "cuda" else "fp32")
+    out["planner_memory_gib"] = plan["memory_gib_per_process"]["total"]
+    if "peak_memory_gib" in out:
+        out["planner_vs_measured"] = round(out["planner_memory_gib"] / out["peak_memory_gib"], 3)
+    del step
+    free(device)
+    return out
+
+
+def planner_gpu(device) -> str:
+    from slm.devices import gpu_of_device
+
+    if device.type == "cuda":
+        g = gpu_of_device(torch.cuda.get_device_name(device))
+        if g is not None and g.peak_flops:
+            return g.name
+    return "h100"  # the planner's memory does not depend on the GPU chosen
+
+
+def decode(cfg: ModelConfig, device, prompt: int, gen: int, compiled: bool) -> dict:
+    from slm.model.decode import StaticDecoder
+
+    free(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(cfg, "cpu", seed=0).to(device=device, dtype=dtype).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    dec = StaticDecoder(model, batch=1, max_len=prompt + gen, compile=compiled)
+
+    def run() -> float:
+        dec.reset()
+        with torch.no_grad():
+            logits = dec.prefill(ids)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(gen - 1):
+                logits = dec.step(logits.argmax(-1, keepdim=True))
+            sync(device)
+        return (gen - 1) / (time.perf_counter() - t0)
+
+    run()  # warm up (and compile)
+    rates = [run() for _ in range(3)]
+    return {"dtype": str(dtype).replace("torch.", ""), "compiled": compiled, "prompt": prompt, "gen": gen,
+            "tokens_per_s": round(statistics.median(rates), 1)}
+
+
+def junit_summary(path: Path) -> dict:
+    root = ET.parse(path).getroot()
+    cases = []
+    for case in root.iter("testcase"):
+        status, why = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                status, why = tag, (el.get("message") or "").splitlines()[0][:200] if el.get("message") else ""
+        cases.append({"test": case.get("name"), "status": status, "seconds": float(case.get("time") or 0),
+                      **({"why": why} if why else {})})
+    counts = {s: sum(c["status"] == s for c in cases) for s in ("passed", "failure", "error", "skipped")}
+    return {"counts": counts, "cases": cases}
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# GPU check: {r['device']}", "", f"{r['date']}, torch {r['torch']}, `bash benchmarks/gpu.sh`", ""]
+    if "tests" in r:
+        c = r["tests"]["counts"]
+        lines += [f"## Tests (`pytest -m gpu`): {c['passed']} passed, {c['failure'] + c['error']} failed, "
+                  f"{c['skipped']} skipped", "", "| test | result | s |", "|---|---|---:|"]
+        lines += [f"| {x['test']} | {x['status']}{': ' + x['why'] if x.get('why') else ''} | {x['seconds']:.1f} |"
+                  for x in r["tests"]["cases"]]
+        lines.append("")
+    if r.get("train"):
+        lines += ["## Training step (bf16 autocast, packed rows, fused AdamW)", "",
+                  "| shape | seq | micro-batch | act. ckpt | compiled | tokens/s | MFU | peak GiB | planner GiB | "
+                  "planner / peak |", "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+        for x in r["train"]:
+            mfu = f"{x['mfu']:.1%}" if x.get("mfu") is not None else "-"
+            lines.append(f"| {x['shape']} | {x['seq']} | {x['micro_batch_size']} | "
+                         f"{'on' if x['activation_checkpointing'] else 'off'} | {'yes' if x['compiled'] else 'no'} | "
+                         f"{x['tokens_per_s']:,.0f} | {mfu} | {x.get('peak_memory_gib', '-')} | "
+                         f"{x['planner_memory_gib']} | {x.get('planner_vs_measured', '-')} |")
+        lines.append("")
+    if r.get("deterministic"):
+        x = r["deterministic"]
+        lines += ["## Deterministic mode (train.deterministic)", "",
+                  f"{x['shape']}, micro-batch {x['micro_batch_size']}: {x['default_tokens_per_s']:,.0f} tokens/s by "
+                  f"default, {x['deterministic_tokens_per_s']:,.0f} deterministic ({abs(x['cost']):.1%} "
+                  f"{'slower' if x['cost'] >= 0 else 'faster: noise'})", ""]
+    if r.get("decode"):
+        x = r["decode"]
+        lines += ["## Decode (torch backend, static cache)", "",
+                  f"{x['shape']}, {x['dtype']}, batch 1, prompt {x['prompt']}, {x['gen']} new tokens, "
+                  f"{'compiled' if x['compiled'] else 'eager'}: **{x['tokens_per_s']:,.1f} tokens/s**", ""]
+    if r.get("errors"):
+        lines += ["## Errors", ""] + [f"- {e}" for e in r["errors"]] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--junit", type=Path)
+    ap.add_argument("--shapes", nargs="*", default=["smollm2-360m", "stablelm-2-1_6b"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cap", type=int, default=64, help="largest micro-batch tried")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--check", action="store_true", help="the CPU, a tiny shape: checks this script, measures nothing")
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.check else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("benchmarks/gpu.py: no CUDA device (--check runs it on the CPU at a tiny shape)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (--check: tiny shape)"
+    r = {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(), "train": [],
+         "errors": []}
+    if args.junit and args.junit.is_file():
+        r["tests"] = junit_summary(args.junit)
+
+    def save() -> None:
+        (args.out / "gpu.json").write_text(json.dumps(r, indent=1) + "\n")
+
+    def attempt(what: str, fn):
+        try:
+            return fn()
+        except Exception as e:  # one failed measurement must not lose the others
+            r["errors"].append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            print(f"gpu: {r['errors'][-1]}", file=sys.stderr)
+            free(device)
+            return None
+        finally:
+            save()
+
+    shapes = {"check": CHECK_SHAPE} if args.check else {s: recipe_shape(s) for s in args.shapes}
+    cap = 2 if args.check else args.cap
+    steps, rounds = (1, 1) if args.check else (args.steps, args.rounds)
+    for shape, (cfg, seq) in shapes.items():
+        best = None
+        for ac in (False, True):
+            micro = attempt(f"{shape} micro-batch search", lambda: largest_micro(cfg, seq, device, ac, cap))
+            if not micro:
+                continue
+            x = attempt(f"{shape} step", lambda: measure(cfg, seq, micro, device, ac, False, steps, rounds))
+            if x:
+                r["train"].append({"shape": shape, "seq": seq, **x})
+                print(f"gpu: {shape} {r['train'][-1]}", file=sys.stderr)
+                best = x if best is None or x["tokens_per_s"] > best["tokens_per_s"] else best
+        if best and not args.no_compile:
+            x = attempt(f"{shape} compiled step", lambda: measure(cfg, seq, best["micro_batch_size"], device,
+                                                                  best["activation_checkpointing"], True, steps,
+                                                                  rounds))
+            if x:
+                r["train"].append({"shape": shape, "seq": seq, **x})
+                print(f"gpu: {shape} {r['train'][-1]}", file=sys.stderr)
+    first = next((x for x in r["train"] if not x["compiled"] and not x["activation_checkpointing"]), None)
+    if first:
+        cfg, seq = shapes[first["shape"]]
+
+        def deterministic() -> dict:
+            set_deterministic(True)
+            try:
+                x = measure(cfg, seq, first["micro_batch_size"], device, False, False, steps, rounds)
+            finally:
+                torch.use_deterministic_algorithms(False)
+            return {"shape": first["shape"], "micro_batch_size": first["micro_batch_size"],
+                    "default_tokens_per_s": first["tokens_per_s"], "deterministic_tokens_per_s": x["tokens_per_s"],
+                    "cost": round(1 - x["tokens_per_s"] / first["tokens_per_s"], 4)}
+
+        r["deterministic"] = attempt("deterministic step", deterministic)
+    cfg135 = CHECK_SHAPE[0] if args.check else recipe_shape("smollm2-135m")[0]
+    x = attempt("decode", lambda: decode(cfg135, device, 16 if args.check else 128, 8 if args.check else 256,
+                                         not args.check))
+    if x:
+        r["decode"] = {"shape": "check" if args.check else "smollm2-135m", **x}
+    save()
+    (args.out / "gpu.md").write_text(markdown(r) + "\n")
+    print(markdown(r))
+
+
+if __name__ == "__main__":
+    main()
