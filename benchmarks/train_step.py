@@ -17,7 +17,9 @@ the processes share the cores (1 thread each against 2 for the single process) a
 the engines' overhead, not a speed-up, which needs more devices.
 
 Shapes: tiny (the tiny recipe: StableLM 2 architecture, 7.6M parameters, vocab 8192) and ~50M (StableLM 2 and
-SmolLM2/Llama architectures). On a GPU (--device cuda) it also reports MFU for the smollm2-360m and stablelm-2-1_6b
+SmolLM2/Llama architectures); smollm2-135m (the recipe's shape at sequence 2048, 2 sequences: minutes per round, so
+run it alone: --shapes smollm2-135m --rounds 2 --steps 1). Each row shows slm fp32, slm with train.dtype auto (bf16
+autocast on a CPU with bf16 units, else fp32 itself) and transformers fp32, alternating in one run. On a GPU (--device cuda) it also reports MFU for the smollm2-360m and stablelm-2-1_6b
 shapes (bf16 autocast, FLOPs per token 6N + 12 L H T against the device's peak).
 """
 
@@ -49,6 +51,13 @@ SHAPES = {
                                  max_seq_len=1024), 4, 512),
     "llama-50m": (ModelConfig(family="llama", vocab_size=16384, hidden_size=512, num_layers=12, num_heads=8,
                               num_kv_heads=4, intermediate_size=1536, tie_embeddings=True, max_seq_len=1024), 4, 512),
+}
+# SmolLM2-135M's recipe shape at its pre-training sequence length: 2 sequences of 2048 tokens fit in 8 GB for slm
+# (the planner: 7.0 GiB); run it alone with --shapes smollm2-135m --rounds 2 --steps 1 (a step is ~3.3 TFLOP).
+CPU_REAL_SHAPES = {
+    "smollm2-135m": (ModelConfig(family="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+                                 num_kv_heads=3, intermediate_size=1536, tie_embeddings=True, max_seq_len=2048,
+                                 init_std=0.0417), 2, 2048),
 }
 GPU_SHAPES = {
     "smollm2-360m": (ModelConfig(family="llama", vocab_size=49152, hidden_size=960, num_layers=32, num_heads=15,
@@ -89,7 +98,7 @@ def make_steps(cfg, batch, seq, device, autocast, compile_slm=False):
         opt_hf.step()
         opt_hf.zero_grad(set_to_none=True)
 
-    return slm_model, step_slm, step_hf
+    return slm_model, step_slm, step_hf, opt_slm, tokens
 
 
 def _mfu_step(model, tokens, opt, autocast):
@@ -263,22 +272,41 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
           f"{', slm compiled' if args.compile else ''}", file=sys.stderr)
     results = {}
+    from slm.train.config import TrainSettings
+    from slm.train.engine import compute_dtype
+
+    # train.dtype auto on this device: bf16 autocast where the CPU has bf16 units, else fp32 (the same step)
+    auto_bf16 = device.type == "cpu" and compute_dtype(TrainSettings(), device) == "bf16"
     if not args.only:
-        print("| shape | params | batch x seq | slm tok/s | transformers tok/s | ratio |\n|---|---:|---:|---:|---:|---:|")
+        print(f"train.dtype auto here: {'bf16 autocast' if auto_bf16 else 'fp32'}", file=sys.stderr)
+        print("| shape | params | batch x seq | slm fp32 tok/s | slm auto tok/s | transformers fp32 tok/s | slm fp32 / "
+              "transformers | slm auto / transformers |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in ([] if args.only else args.shapes):
-        cfg, batch, seq = SHAPES[name] if name in SHAPES else GPU_SHAPES[name]
-        model, step_slm, step_hf = make_steps(cfg, batch, seq, device, autocast, args.compile)
-        for fn in (step_slm, step_hf, step_slm, step_hf):  # warm up both
+        cfg, batch, seq = {**SHAPES, **CPU_REAL_SHAPES, **GPU_SHAPES}[name]
+        model, step_slm, step_hf, opt_slm, tokens_in = make_steps(cfg, batch, seq, device, autocast, args.compile)
+        steps = {"slm": step_slm, "hf": step_hf}
+        if auto_bf16:
+            steps["auto"] = _mfu_step(model, tokens_in, opt_slm, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        for fn in list(steps.values()) * (1 if seq >= 2048 else 2):  # warm up each
             fn()
-        slm_t, hf_t = [], []
+        times = {k: [] for k in steps}
         for _ in range(args.rounds):
-            slm_t.append(timed(step_slm, args.steps, device))
-            hf_t.append(timed(step_hf, args.steps, device))
+            for k, fn in steps.items():
+                times[k].append(timed(fn, args.steps, device))
         tokens = batch * seq
-        s, h = tokens / statistics.median(slm_t), tokens / statistics.median(hf_t)
-        results[name] = {"slm_tokens_per_s": round(s, 1), "transformers_tokens_per_s": round(h, 1), "ratio": round(s / h, 3)}
-        print(f"| {name} | {model.num_parameters() / 1e6:.1f}M | {batch} x {seq} | {s:,.0f} | {h:,.0f} | {s / h:.2f}x |")
-        del model
+        rate = {k: tokens / statistics.median(v) for k, v in times.items()}
+        s, h = rate["slm"], rate["hf"]
+        a = rate.get("auto", s)
+        results[name] = {"slm_tokens_per_s": round(s, 1), "slm_auto_tokens_per_s": round(a, 1),
+                         "auto_dtype": "bf16" if auto_bf16 else "fp32", "transformers_tokens_per_s": round(h, 1),
+                         "ratio": round(s / h, 3), "auto_ratio": round(a / h, 3)}
+        auto_cell = f"{a:,.0f}" if auto_bf16 else "= fp32"
+        print(f"| {name} | {model.num_parameters() / 1e6:.1f}M | {batch} x {seq} | {s:,.0f} | {auto_cell} | {h:,.0f} | "
+              f"{s / h:.2f}x | {a / h:.2f}x |")
+        if auto_bf16 and a < s:
+            print(f"  ({name}: bf16 autocast loses to fp32 at this shape on this CPU: train.dtype fp32 is the faster "
+                  "choice here)", file=sys.stderr)
+        del model, steps, opt_slm
     if args.bf16 and device.type == "cpu":
         bf16_rows(args, results)
     if args.engines and device.type == "cpu":

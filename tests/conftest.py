@@ -108,6 +108,18 @@ def run_cli(*args, cwd=None, env=None, check=False) -> subprocess.CompletedProce
 HOOKS = ROOT / "tests" / "hooks"
 
 
+def loss_hook_env(losses: str, rank: int | None = None, base: dict | None = None) -> dict:
+    """The environment in which tests/hooks/sitecustomize.py poisons the loss of chosen steps (LOSSES: "K:nan" or
+    "K:xN", comma-separated), in every process or only RANK's: for subprocesses (torchrun) that monkeypatch cannot
+    reach."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join([str(HOOKS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["SLM_TEST_LOSS"] = losses
+    if rank is not None:
+        env["SLM_TEST_LOSS_RANK"] = str(rank)
+    return env
+
+
 class Gate:
     """Holds a training subprocess at a step until the test lets it go (tests/hooks/sitecustomize.py), so that a
     test which signals or kills a run never races the machine's speed. Give `env()` to the subprocess."""

@@ -233,3 +233,26 @@ def test_a_micro_batch_larger_than_a_process_share_shrinks(tmp_path, train_data,
            "micro-batches of 4"
     assert proc.stderr.count(said) == 1, proc.stderr[-3000:]
     np.testing.assert_allclose(losses(out), losses(reference), rtol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine_args", [pytest.param(["--engine", "fsdp"], id="fsdp"),
+                                         pytest.param(["--engine", "deepspeed", "--zero-stage", "1"], id="zero1",
+                                                      marks=needs_deepspeed)])
+def test_a_loss_spike_on_one_rank_is_skipped_on_every_rank(tmp_path, train_data, engine_args):
+    """A poisoned batch on rank 0 only (its loss x40 at step 8) lifts the all-reduced loss far above the window
+    (train.spike_window 8): both processes skip that update alike, and the run ends with the weights, bit for bit,
+    of the same run whose step 8 had a NaN loss on both ranks (the independent, non-finite skip)."""
+    from conftest import loss_hook_env
+
+    sets = ["--set", "train.spike_window=8", "--set", "train.save_every=1", "--set", "train.keep=20"]
+    two_processes(train_data, tmp_path / "spike", 10, *engine_args, *sets, env=loss_hook_env("8:x40", rank=0))
+    two_processes(train_data, tmp_path / "nan", 10, *engine_args, *sets, env=loss_hook_env("8:nan"))
+    skipped = [r for r in read_metrics(tmp_path / "spike") if r.get("skipped")]
+    assert [(r["step"], r["spikes_total"]) for r in skipped] == [(8, 1)], skipped
+    ck = tmp_path / "spike" / "checkpoints"
+    a, b = weights(ck / "step-00000008"), weights(ck / "step-00000009")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the skipped update changed nothing
+    end, other = weights(ck / "step-00000010"), weights(tmp_path / "nan" / "checkpoints" / "step-00000010")
+    assert all(torch.equal(end[k], other[k]) for k in end)
+    assert losses(tmp_path / "spike") == losses(tmp_path / "nan")

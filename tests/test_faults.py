@@ -186,7 +186,7 @@ def test_disk_fills_mid_write(tmp_path, train_data, monkeypatch):
 class Poison:
     """Makes the loss of chosen steps NaN (as a bad batch or an overflow would)."""
 
-    def __init__(self, monkeypatch, steps, samples_per_step=8):
+    def __init__(self, monkeypatch, steps, samples_per_step=8, factor=float("nan")):
         from slm.model.transformer import Transformer
         from slm.train.batches import Batches
 
@@ -200,7 +200,7 @@ class Poison:
         def poisoned_forward(model, *a, **kw):
             out = forward(model, *a, **kw)
             if kw.get("targets") is not None and model.training and self.current in self.steps:
-                return out[0] * float("nan"), out[1]
+                return out[0] * factor, out[1]
             return out
 
         monkeypatch.setattr(Batches, "step", batches_step)
@@ -228,13 +228,46 @@ def test_a_nonfinite_step_is_skipped_and_counted(tmp_path, train_data, monkeypat
     assert state["bad_steps_total"] == 2 and state["bad_steps_in_a_row"] == 0
 
 
+def test_a_loss_spike_is_skipped_exactly_as_a_nan_step(tmp_path, train_data, monkeypatch):
+    """A poisoned batch at step 9 (its loss x30) is far above the window of recent losses (train.spike_window 8,
+    6 sigma): the update is skipped and counted, the weights stay as they were, and the run goes on exactly as one
+    whose step 9 had a NaN loss (an independent skip): the same weights, bit for bit, at the end. (Under FSDP and
+    DeepSpeed on two processes: tests/test_engine.py.)"""
+    sets = ("train.save_every=1", "train.keep=20", "train.spike_window=8")
+    Poison(monkeypatch, {9}, factor=30.0)
+    _pretrain(train_data, tmp_path / "spike", 12, *sets)
+    monkeypatch.undo()
+    Poison(monkeypatch, {9})
+    _pretrain(train_data, tmp_path / "nan", 12, *sets)
+    rows = [r for r in read_metrics(tmp_path / "spike") if "valid_loss" not in r]
+    skipped = [r for r in rows if r.get("skipped")]
+    assert [(r["step"], r["bad_steps_total"], r["spikes_total"]) for r in skipped] == [(9, 1, 1)], skipped
+    assert skipped[0]["reason"].startswith("loss spike ") and "sigma above the mean" in skipped[0]["reason"]
+    before = [r["loss"] for r in rows if r["step"] < 9]
+    assert skipped[0]["spike_loss"] > 10 * max(before)
+    ck = tmp_path / "spike" / "checkpoints"
+    assert same_weights(ck / "step-00000009", ck / "step-00000010")  # the update changed nothing
+    assert same_weights(ck / "step-00000012", tmp_path / "nan" / "checkpoints" / "step-00000012")
+    assert losses(tmp_path / "spike") == losses(tmp_path / "nan")
+    state = json.loads((ck / "step-00000012" / "train_state" / "state.json").read_text())
+    assert len(state["loss_window"]) == 8 and state["spikes_total"] == 1
+
+
+def test_spike_settings_are_checked(tmp_path, train_data):
+    with pytest.raises(SlmError, match="train.spike_window: expected 0 .off. or a window of 2 steps or more, got 1"):
+        _pretrain(train_data, tmp_path / "a", 1, "train.spike_window=1")
+    with pytest.raises(SlmError, match="train.spike_sigma: expected a positive number"):
+        _pretrain(train_data, tmp_path / "b", 1, "train.spike_sigma=0")
+
+
 def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, train_data, monkeypatch):
     Poison(monkeypatch, set(range(3, 100)))
     run = tmp_path / "run"
     with pytest.raises(SlmError) as e:
         _pretrain(train_data, run, 20, "train.save_every=2", "train.max_bad_steps=4")
     good = (run / "checkpoints" / "step-00000006").resolve()
-    assert str(e.value) == (f"4 steps in a row (up to step 6) had a non-finite loss or gradient; the last good "
+    assert str(e.value) == (f"4 steps in a row (up to step 6) had a non-finite loss or gradient, or a loss spike; "
+                            f"the last good "
                             f"checkpoint is {good}: lower train.lr_peak or check the data, then resume from it")
     assert e.value.exit_code == 1
 
@@ -296,3 +329,21 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_same_weights(tmp_path, tr
 
 def test_stopped_exit_code_is_75():
     assert Stopped("x").exit_code == 75 and SlmError("x").exit_code == 1
+
+
+def test_async_save_writes_what_a_synchronous_save_writes(tmp_path, train_data):
+    """train.async_save: the periodic checkpoints are written in the background from a host copy taken at the step
+    boundary; each is whole (its manifest verifies), holds the weights of its step (the steps after it did not
+    leak in), and `keep` prunes as before."""
+    _pretrain(train_data, tmp_path / "sync", 9, "train.save_every=2", "train.keep=3")
+    _pretrain(train_data, tmp_path / "async", 9, "train.save_every=2", "train.keep=3", "train.async_save=true")
+    for run in ("sync", "async"):
+        names = sorted(p.name for p in (tmp_path / run / "checkpoints").iterdir())
+        assert names == ["latest", "step-00000006", "step-00000008", "step-00000009"], names
+    for step in ("step-00000006", "step-00000008", "step-00000009"):
+        a, b = tmp_path / "sync" / "checkpoints" / step, tmp_path / "async" / "checkpoints" / step
+        assert verify_checkpoint(b) is None and same_weights(a, b), step
+        sa = json.loads((a / "train_state" / "state.json").read_text())
+        sb = json.loads((b / "train_state" / "state.json").read_text())
+        assert sa == sb
+    assert losses(tmp_path / "sync") == losses(tmp_path / "async")

@@ -5,7 +5,8 @@ report, info and the stages that summarise a run.
 
     a step          {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "step_seconds", "memory_gib",
                      ["mfu"], [the loss's own terms]}
-    a skipped step  {"step", "skipped": true, "reason", "lr", "tokens_seen", "bad_steps_in_a_row", "bad_steps_total"}
+    a skipped step  {"step", "skipped": true, "reason", "lr", "tokens_seen", "bad_steps_in_a_row", "bad_steps_total",
+                     ["spike_loss", "spikes_total"] (a loss spike: train.spike_window, train.spike_sigma)}
     a validation    {"step", "valid_loss", "tokens_seen", ["unigram_loss"], ["valid_<term>"]}
 
 `step` counts from 0. A run that resumes drops the lines from its resumed step on before it writes again, so the

@@ -22,7 +22,7 @@ from slm.train.schedules import Schedule
 # else (model, optimizer, schedule, batch) is fixed by the run's config.yaml.
 CHANGEABLE = {"steps", "keep", "save_every", "eval_every", "eval_samples", "micro_batch_size", "compile",
               "activation_checkpointing", "attention", "engine", "zero_stage", "deepspeed_config", "max_bad_steps",
-              "deterministic"}
+              "deterministic", "async_save", "spike_window", "spike_sigma"}
 
 
 @dataclass

@@ -76,9 +76,19 @@ class TrainSettings:
     """deepspeed: a DeepSpeed JSON file merged over what train.* gives (buckets, offload, communication); it may
     not set the optimizer, schedule, batch or precision, which slm owns."""
     max_bad_steps: int = 10
-    """Steps in a row with a non-finite loss or gradient (each skipped) before the run stops."""
+    """Steps in a row with a non-finite loss or gradient, or a loss spike (each skipped), before the run stops."""
+    spike_window: int = 128
+    """Loss spikes: a step whose loss is more than spike_sigma standard deviations above the mean of the last
+    spike_window steps' losses is skipped like a non-finite one; checked once half the window has filled; 0: off.
+    Defaults: OLMo-core's SkipStepOptimizer (rolling_interval_length 128, sigma_factor 6)."""
+    spike_sigma: float = 6.0
+    """How far above the window's mean, in its standard deviations, a loss is a spike."""
     save_every: int = 1000
     """Save a checkpoint every this many steps (and at the end)."""
+    async_save: bool = False
+    """Write the periodic checkpoints in the background: the state is copied to host memory at the step boundary
+    and written (manifest, sha256s, atomic rename, keep) while training goes on; at most one write in flight (the
+    next save waits for it). The last save, and one on a stop signal, wait for it and then write in the foreground."""
     keep: int = 3
     """Keep the newest this many checkpoints."""
     eval_every: int = 500
@@ -319,6 +329,10 @@ def train_settings(resolved: dict) -> TrainSettings:
     for name in ("save_every", "eval_every"):  # 0: only at the end
         if getattr(t, name) < 0:
             raise SlmError(f"train.{name}: expected an integer >= 0 (0: only at the end), got {getattr(t, name)}")
+    if t.spike_window < 0 or t.spike_window == 1:
+        raise SlmError(f"train.spike_window: expected 0 (off) or a window of 2 steps or more, got {t.spike_window}")
+    if not t.spike_sigma > 0:
+        raise SlmError(f"train.spike_sigma: expected a positive number of standard deviations, got {t.spike_sigma}")
     for name in ("tokens_per_step", "micro_batch_size", "max_bad_steps", "keep", "eval_samples"):
         if getattr(t, name) < 1:
             raise SlmError(f"train.{name}: expected a positive integer, got {getattr(t, name)}")

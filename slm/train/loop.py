@@ -20,7 +20,11 @@ import contextlib
 import math
 import os
 import signal
+import copy
+import dataclasses
+import statistics
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,6 +103,7 @@ class Run:
     unigram_loss: float | None = None
     requeue: bool = False
     """After a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
+    writer: BackgroundWriter = field(default_factory=lambda: BackgroundWriter())
     loss_fn: Callable | None = None
     """(model, micro-batch) -> (the loss summed over the micro-batch's units, {name: sum} to log); default: the
     language-model loss summed over target tokens. The step's loss is the sum over all processes' micro-batches
@@ -131,26 +136,85 @@ def evaluate(run: Run) -> tuple[float, dict]:
     return float(total[0] / n), {k: float(total[2 + i] / n) for i, k in enumerate(names)}
 
 
-def save(run: Run, step_done: int, lr: float) -> Path:
-    """Checkpoint after STEP_DONE steps: every rank helps gather the full state, rank 0 writes it. A failure on
-    rank 0 (a full disk) becomes the same one-line error on every rank."""
+class BackgroundWriter:
+    """train.async_save on rank 0: one checkpoint write at a time in a thread; a failure is kept until the next
+    save (or the end), where every rank hears of it."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.error: str | None = None
+        self.written: Path | None = None  # the last write that completed, not yet reported
+
+    def wait(self) -> str | None:
+        """Wait for the write in flight; its error (once), if it failed."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        return error
+
+    def submit(self, write: Callable[[], Path]) -> None:
+        def work():
+            try:
+                self.written = write()
+            except SlmError as e:
+                self.error = str(e)
+            except Exception as e:  # an unexpected failure still reaches the training thread as one line
+                self.error = f"background checkpoint write failed: {type(e).__name__}: {e}"
+
+        self.thread = threading.Thread(target=work, name="slm-checkpoint-writer", daemon=False)
+        self.thread.start()
+
+    def take_written(self) -> Path | None:
+        """The checkpoint the last background write completed, once (to report it)."""
+        if self.thread is not None and self.thread.is_alive():
+            return None
+        path, self.written = self.written, None
+        return path
+
+
+def _host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy in host memory that the next steps cannot change (full_weights may return the live CPU tensors)."""
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in tensors.items()}
+
+
+def save(run: Run, step_done: int, lr: float, background: bool = False) -> Path:
+    """Checkpoint after STEP_DONE steps: every rank helps gather the full state, rank 0 writes it (BACKGROUND:
+    from a host copy, in a thread, after the previous background write). A failure on rank 0 (a full disk)
+    becomes the same one-line error on every rank: at this save, or at the next one for a background write."""
     d = run.dist
     weights = run.engine.full_weights()
     optimizer = run.engine.full_optimizer_state()
     path, error = None, None
+    writer = run.writer
     if d.main:
+        error = writer.wait()  # at most one write in flight; the previous one's failure is reported now
         state = dict(run.state, step=step_done, stage=run.stage, lr=lr, samples_seen=run.first_sample_of(step_done),
                      engine=run.engine.describe(), world_size=d.world)
-        try:
-            path = write_checkpoint(
+        state.pop("spike", None)
+        if background:
+            weights = _host_copy(weights)
+            if optimizer is not None:
+                optimizer = dataclasses.replace(optimizer, moments={n: _host_copy(m) for n, m in
+                                                                    optimizer.moments.items()})
+            state = copy.deepcopy(state)
+
+        def write() -> Path:
+            return write_checkpoint(
                 run.run_dir, step_done, model_cfg=run.model_cfg, state_dict=weights,
                 tokenizer_dir=run.tokenizer_dir, lineage=dict(run.lineage, step=step_done,
                                                              tokens_seen=state.get("tokens_seen")),
                 train_state=state, optimizer=optimizer, rng_state=rng_state(d.device), keep=run.train.keep,
                 bos_id=run.bos_id, eos_id=run.eos_id,
                 on_replace=lambda old, new: warn(f"{old} did not verify when this run resumed; kept as {new}"))
-        except SlmError as e:
-            error = str(e)
+
+        if error is None and background:
+            writer.submit(write)
+        elif error is None:
+            try:
+                path = write()
+            except SlmError as e:
+                error = str(e)
     error = broadcast_object(error, d)
     if error is not None:
         raise SlmError(error if d.main else f"rank 0 could not save the checkpoint: {error}")
@@ -206,9 +270,31 @@ def stop_signals(announce: bool):
             signal.signal(sig, handler)
 
 
+def loss_spike(run: Run, loss: float) -> str | None:
+    """Why LOSS is a spike against the window of recent losses (run.state["loss_window"]), or None. Every rank
+    decides alike: the loss is all-reduced and the window is the same everywhere. As OLMo-core's SkipStepOptimizer:
+    the window holds every finite loss (spikes too, so that a lasting shift of the loss stops counting as one after
+    a while) and the check starts once it is half full."""
+    t, window = run.train, run.state.get("loss_window") or []
+    if not t.spike_window or len(window) < max(2, t.spike_window // 2) or not math.isfinite(loss):
+        return None
+    mean, std = statistics.fmean(window), statistics.stdev(window)
+    if loss - mean <= t.spike_sigma * std:
+        return None
+    sigmas = f"{(loss - mean) / std:.1f} sigma" if std > 0 else "far"
+    return f"loss spike {loss:.4f}: {sigmas} above the mean {mean:.4f} of the last {len(window)} steps"
+
+
+def remember_loss(run: Run, loss: float) -> None:
+    if run.train.spike_window and math.isfinite(loss):
+        window = run.state.setdefault("loss_window", [])
+        window.append(round(loss, 6))
+        del window[:-run.train.spike_window]
+
+
 def take_step(run: Run, model, mbs: list, autocast, compute) -> tuple[float, dict, float, bool]:
-    """Forward and backward over the step's micro-batches, then clip and update: (the step's loss, its other
-    logged terms, the gradient norm, whether the update was applied)."""
+    """Forward and backward over the step's micro-batches, then clip and update unless the loss is not finite or
+    is a spike: (the step's loss, its other logged terms, the gradient norm, whether the update was applied)."""
     d, eng = run.dist, run.engine
     poison = getattr(eng, "poison", None)
     n_global = all_reduce_sum(torch.tensor(float(sum(mb.n_tokens for mb in mbs)), device=d.device), d)
@@ -228,11 +314,13 @@ def take_step(run: Run, model, mbs: list, autocast, compute) -> tuple[float, dic
                 sums = all_reduce_sum(torch.stack([loss_sum] + [stat_sums[k] for k in names]), d)
                 loss = float(sums[0] / n_global)
                 step_stats = {k: round(float(sums[1 + j] / n_global), 6) for j, k in enumerate(names)}
-                if not math.isfinite(loss) and poison is not None:
+                run.state["spike"] = loss_spike(run, loss)
+                if (not math.isfinite(loss) or run.state["spike"]) and poison is not None:
                     s = poison(s)  # DeepSpeed then sees a non-finite gradient and skips the update
             # DDP averages gradients over ranks: scale so the step's gradient is of sum / global tokens.
             eng.backward(s * (d.world / n_global), last)
-    grad_norm, applied = eng.finish_step(math.isfinite(loss))
+    grad_norm, applied = eng.finish_step(math.isfinite(loss) and not run.state["spike"])
+    remember_loss(run, loss)
     if d.device.type == "cuda":
         torch.cuda.synchronize(d.device)
     return loss, step_stats, grad_norm, applied
@@ -243,6 +331,7 @@ def step_record(run: Run, step: int, lr: float, loss: float, stats: dict, grad_n
     """The step's metrics.jsonl record and progress line; a skipped step is counted (and said, on rank 0)."""
     head = f"{run.stage} step {step + 1}/{run.end_step}"
     if applied:
+        run.state.pop("spike", None)
         run.state["bad_steps_in_a_row"] = 0
         record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
                   "tokens_seen": run.state["tokens_seen"], "tokens_per_s": round(tps, 1),
@@ -253,11 +342,15 @@ def step_record(run: Run, step: int, lr: float, loss: float, stats: dict, grad_n
                         + (f" MFU {record['mfu']:.1%}" if mfu_per_token_s else ""))
     run.state["bad_steps_in_a_row"] += 1
     run.state["bad_steps_total"] += 1
-    why = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    spike = run.state.pop("spike", None)
+    if spike:
+        run.state["spikes_total"] = run.state.get("spikes_total", 0) + 1
+    why = spike or (f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}")
     if run.dist.main:
         warn(f"step {step}: {why}; the update is skipped ({run.state['bad_steps_in_a_row']} in a "
              f"row, train.max_bad_steps {run.train.max_bad_steps})")
     return {"step": step, "skipped": True, "reason": why, "lr": lr, "tokens_seen": run.state["tokens_seen"],
+            **({"spike_loss": round(loss, 6), "spikes_total": run.state["spikes_total"]} if spike else {}),
             "bad_steps_in_a_row": run.state["bad_steps_in_a_row"],
             "bad_steps_total": run.state["bad_steps_total"]}, f"{head} skipped ({why})"
 
@@ -326,7 +419,7 @@ def train(run: Run) -> Path:
                 if not applied and run.state["bad_steps_in_a_row"] >= t.max_bad_steps:
                     good = last_ckpt or latest_checkpoint(run.run_dir)
                     raise SlmError(f"{run.state['bad_steps_in_a_row']} steps in a row (up to step {step}) had a "
-                                   f"non-finite loss or gradient; the last good checkpoint is "
+                                   f"non-finite loss or gradient, or a loss spike; the last good checkpoint is "
                                    f"{good or 'none (no checkpoint was saved)'}: lower train.lr_peak or check the "
                                    "data, then resume from it")
                 if bar:
@@ -341,9 +434,13 @@ def train(run: Run) -> Path:
                 if run.valid is not None and (last or (t.eval_every and done % t.eval_every == 0)):
                     validate(run, step, log)
                 stopping = any_rank(stop["signal"] is not None, d)
+                if d.main and (written := run.writer.take_written()) is not None:  # a background write finished
+                    prog.step(last_checkpoint=str(written), force=True)
                 if last or stopping or (t.save_every and done % t.save_every == 0):
-                    last_ckpt = save(run, done, lr)
-                    prog.step(last_checkpoint=str(last_ckpt), force=True)
+                    background = t.async_save and not last and not stopping  # the last one waits, then writes
+                    last_ckpt = save(run, done, lr, background)
+                    if not background:
+                        prog.step(last_checkpoint=str(last_ckpt), force=True)
                 if stopping and not last:
                     why = f"stopped by {stop['signal'] or 'a signal'} after step {done}"
                     prog.end("stopped", message=f"{why}; run the same command again to resume")
@@ -354,6 +451,9 @@ def train(run: Run) -> Path:
         if prog.data["state"] == "running":
             prog.end("stopped" if isinstance(e, Interrupted) else "failed", message=str(e))
         raise
+    finally:  # a failing or interrupted run still finishes the write in flight (a whole checkpoint, or none)
+        if (error := run.writer.wait()) is not None and d.main:
+            warn(error)
     if last_ckpt is None and (found := latest_checkpoint(run.run_dir)) is not None:  # already at end_step
         last_ckpt = checkpoints_dir(run.run_dir) / found.name  # named as a save names it: under the run as given
     prog.end("done", step=run.end_step, last_checkpoint=str(last_ckpt) if last_ckpt else None)

@@ -177,7 +177,8 @@ def start_or_resume(resume: Checkpoint | None, eng: engine.Engine, d: Dist, out:
              f"was written by {ts.get('engine', 'single')} on {plural(ts.get('world_size', 1), 'process')})")
     return resume.step, {**state, "tokens_seen": ts.get("tokens_seen", state.get("tokens_seen", 0)), "resumed": True,
                          "bad_steps_total": ts.get("bad_steps_total", 0),
-                         "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0)}
+                         "bad_steps_in_a_row": ts.get("bad_steps_in_a_row", 0),
+                         "spikes_total": ts.get("spikes_total", 0), "loss_window": ts.get("loss_window", [])}
 
 
 def saved_config(run_dir: Path | None) -> dict | None:

@@ -1,4 +1,4 @@
-"""A test hook: hold a training process at a step until the test lets it go.
+"""Test hooks: hold a training process at a step until the test lets it go; poison the loss of chosen steps.
 
 Tests that signal or kill a run while it trains must not race the machine's speed (a fast CPU finishes a 300-step
 run before a poll sees it running). A test puts this directory first on PYTHONPATH and sets:
@@ -8,19 +8,80 @@ run before a poll sees it running). A test puts this directory first on PYTHONPA
 
 When a process reaches the step it writes PATH.reached-PID, then waits while PATH exists. A SIGTERM, SIGUSR1 or
 SIGINT that reaches it after that point writes PATH.signal-PID before slm's own handler runs, so a test can let the
-run go on only once the signal has arrived. Without SLM_TEST_GATE this file does nothing. It never ships: it lives
-under tests/ and only a test's environment names it.
+run go on only once the signal has arrived.
+
+    SLM_TEST_LOSS=K:KIND,...   the loss of step K (0-based) is made NaN (KIND nan: an overflow) or multiplied by N
+                               (KIND xN: a poisoned batch, a loss spike), in every process of the run
+    SLM_TEST_SAMPLES_PER_STEP  the run's sequences per step (to tell the step from the batch asked for; default 8)
+    SLM_TEST_LOSS_RANK=R       only in the process of rank R (the others compute their losses as they are)
+
+Without these variables this file does nothing. It never ships: it lives under tests/ and only a test's environment
+names it.
 """
 
 import os
 
 _GATE = os.environ.get("SLM_TEST_GATE")
 
-if _GATE:
+_LOSS = os.environ.get("SLM_TEST_LOSS")
+_AFTER_IMPORT = {}  # module name -> what to patch in it once imported
+
+if _GATE or _LOSS:
     import importlib.abc
     import importlib.machinery
-    import signal
     import sys
+
+    class _Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name not in _AFTER_IMPORT:
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            if spec is None or spec.loader is None:
+                return spec
+            execute = spec.loader.exec_module
+
+            def exec_module(module):
+                execute(module)
+                _AFTER_IMPORT[name](module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _Finder())
+
+if _LOSS:
+    _KINDS = {int(k): v for k, v in (part.split(":") for part in _LOSS.split(","))}
+    _PER_STEP = int(os.environ.get("SLM_TEST_SAMPLES_PER_STEP", "8"))
+    if os.environ.get("SLM_TEST_LOSS_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        _KINDS = {}
+    _now = [None]
+
+    def _patch_batches(module):
+        step = module.Batches.step
+
+        def batches_step(self, first_sample):
+            _now[0] = first_sample // _PER_STEP
+            return step(self, first_sample)
+
+        module.Batches.step = batches_step
+
+    def _patch_model(module):
+        forward = module.Transformer.forward
+
+        def poisoned_forward(self, *a, **kw):
+            out = forward(self, *a, **kw)
+            kind = _KINDS.get(_now[0]) if kw.get("targets") is not None and self.training else None
+            if kind is None:
+                return out
+            return out[0] * (float("nan") if kind == "nan" else float(kind[1:])), out[1]
+
+        module.Transformer.forward = poisoned_forward
+
+    _AFTER_IMPORT["slm.train.batches"] = _patch_batches
+    _AFTER_IMPORT["slm.model.transformer"] = _patch_model
+
+if _GATE:
+    import signal
     import time
 
     _STEP = int(os.environ.get("SLM_TEST_GATE_STEP", "0"))
@@ -59,20 +120,4 @@ if _GATE:
 
         module.MetricsLog.write = gated_write
 
-    class _Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name != _TARGET:
-                return None
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            if spec is None or spec.loader is None:
-                return spec
-            execute = spec.loader.exec_module
-
-            def exec_module(module):
-                execute(module)
-                _patch(module)
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, _Finder())
+    _AFTER_IMPORT[_TARGET] = _patch
