@@ -279,3 +279,28 @@ def test_mt_bench_input_errors(tmp_path, chat_pair):
 
     assert parse_rating("ok [[8]]") == 8 and parse_rating("Rating: 3") == 3
     assert parse_rating("[[11]]") is None and parse_rating("great answer") is None
+
+
+def test_task_scores_during_training_equal_slm_eval_of_the_checkpoint(tmp_path, train_data):
+    """train.eval_tasks: the run scores itself every eval_every steps through slm eval's code; its scores at the last
+    step equal `slm eval` of the checkpoint it saved, on the same tasks and limits; loss.png draws them."""
+    run = tmp_path / "run"
+    proc = run_cli("pretrain", "--config", train_data / "model.yaml", "--data", train_data / "mix", "--out", run,
+                   "--steps", "4", "--device", "cpu", "--set", "train.eval_every=2",
+                   "--set", "train.eval_tasks=[slm_heldout:6, slm_cloze:10]", env=OFFLINE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "task scores every 2 steps and at the end: slm_heldout (6), slm_cloze (10)" in proc.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"task_scores"' in line]
+    assert [r["step"] for r in rows] == [1, 3] and all(r["task_eval_seconds"] > 0 for r in rows)
+    assert not (run / ".task-eval").exists()
+    want = {}
+    for task, limit in (("slm_heldout", 6), ("slm_cloze", 10)):
+        ev = run_cli("eval", run, "--tasks", task, "--limit", limit, "--out", tmp_path / f"ev-{task}", env=OFFLINE)
+        assert ev.returncode == 0, ev.stderr[-2000:]
+        want[task] = json.loads((tmp_path / f"ev-{task}" / "eval.json").read_text())["models"][0]["scores"][task]
+    assert rows[-1]["task_scores"]["slm_heldout"] == pytest.approx(want["slm_heldout"]["value"], rel=1e-6)
+    assert rows[-1]["task_scores"]["slm_cloze"] == want["slm_cloze"]["value"]
+    bad = run_cli("pretrain", "--config", train_data / "model.yaml", "--data", train_data / "mix", "--out",
+                  tmp_path / "bad", "--steps", "1", "--device", "cpu", "--set", "train.eval_tasks=[slm_cloze:0]",
+                  env=OFFLINE)
+    assert bad.returncode == 1 and "train.eval_tasks: 'slm_cloze:0': expected NAME or NAME:LIMIT" in bad.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Gate, run_cli
+from conftest import HOOKS, Gate, run_cli
 
 from slm.errors import SlmError, Stopped
 from slm.formats.checkpoint import Checkpoint, verify_checkpoint
@@ -347,3 +347,87 @@ def test_async_save_writes_what_a_synchronous_save_writes(tmp_path, train_data):
         sb = json.loads((b / "train_state" / "state.json").read_text())
         assert sa == sb
     assert losses(tmp_path / "sync") == losses(tmp_path / "async")
+
+
+class WriteGate:
+    """Holds slm's background checkpoint writer in the middle of step K's checkpoint (tests/hooks/sitecustomize.py):
+    model.safetensors written, the rest not yet."""
+
+    def __init__(self, path, step):
+        self.path, self.step = path, step
+        path.touch()
+
+    def env(self):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(HOOKS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env.update(SLM_TEST_WRITE_GATE=str(self.path), SLM_TEST_WRITE_GATE_STEP=str(self.step))
+        return env
+
+    def wait_held(self, proc, timeout=300):
+        deadline = time.monotonic() + timeout
+        while not list(self.path.parent.glob(f"{self.path.name}.writing-*")):
+            assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before its write was held"
+            assert time.monotonic() < deadline, "the background write was never held"
+            time.sleep(0.02)
+
+
+def wait_for_step(run, step, proc, timeout=300):
+    """Until metrics.jsonl has STEP (0-based): training went on."""
+    deadline = time.monotonic() + timeout
+    while not any(r.get("step") == step for r in (read_metrics(run) if (run / "metrics.jsonl").is_file() else [])):
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before step {step}"
+        assert time.monotonic() < deadline, f"no step {step} within {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_background_write_keeps_the_previous_checkpoint(tmp_path, train_data):
+    """The write of step 4's checkpoint is held half-done while training goes on (step 6 runs); kill -9 then: the
+    newest whole checkpoint is step 2's, step 4's is only a temporary directory, and the same command resumes to
+    the uninterrupted run's weights, bit for bit."""
+    sets = ["--set", "train.save_every=2", "--set", "train.async_save=true"]
+    whole = _pretrain(train_data, tmp_path / "whole", 8, "train.save_every=2")
+    run = tmp_path / "run"
+    gate = WriteGate(tmp_path / "gate", 4)
+    proc = subprocess.Popen(cli_args(train_data, run, 8, *sets), env=gate.env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        gate.wait_held(proc)
+        wait_for_step(run, 5, proc)  # the step went on while the checkpoint was being written
+    finally:
+        proc.kill()
+        proc.wait()
+    ck = run / "checkpoints"
+    assert (ck / "latest").resolve().name == "step-00000002" and verify_checkpoint(ck / "step-00000002") is None
+    assert not (ck / "step-00000004").exists() and list(ck.glob("step-00000004.tmp-*"))
+    gate.path.unlink()
+    done = subprocess.run(cli_args(train_data, run, 8, *sets), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stderr and "at step 2" in done.stderr
+    assert same_weights(Checkpoint.open(run).dir, whole) and not list(ck.glob("*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_sigterm_waits_for_the_write_in_flight_then_saves_and_exits_75(tmp_path, train_data):
+    """SIGTERM while step 4's checkpoint is being written in the background: the run stops at the end of its step,
+    waits for that write, then saves where it stopped and exits 75; both checkpoints are whole."""
+    run = tmp_path / "run"
+    gate = WriteGate(tmp_path / "gate", 4)
+    proc = subprocess.Popen(cli_args(train_data, run, 40, "--set", "train.save_every=2", "--set",
+                                     "train.async_save=true"), env=gate.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        gate.wait_held(proc)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert proc.poll() is None  # held: it waits for the write in flight
+        gate.path.unlink()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err[-2000:]
+    ck = run / "checkpoints"
+    stopped = (ck / "latest").resolve()
+    assert verify_checkpoint(ck / "step-00000004") is None and verify_checkpoint(stopped) is None
+    assert 4 < Checkpoint(stopped).step <= 7  # the step it stopped after (the write held it at most to step 6's save)

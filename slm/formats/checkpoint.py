@@ -128,7 +128,7 @@ def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
 
 # What a run directory holds besides its checkpoints (and the .tmp-* / .old-* of a directory being replaced)
 RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "progress.json", "loss.png", "checkpoints", "energy", "tokenizer",
-               "reference_logprobs", "manifest.json", "dpo.json", "selfknow.json"}
+               "reference_logprobs", "manifest.json", "dpo.json", "selfknow.json", ".task-eval"}
 _REPLACING = re.compile(r"^(.+)\.(tmp|old)-[0-9a-f]{8}$")
 
 
@@ -255,6 +255,23 @@ def _free_bytes(path: Path) -> int:
         return shutil.disk_usage(path).free
     except OSError:
         return -1
+
+
+def write_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, tokenizer_dir: Path,
+                    bos_id: int | None, eos_id: int | None) -> Path:
+    """A bare transformers directory (weights, config, tokenizer; no manifest or training state) of STATE_DICT, for
+    a tool to read at once (train.eval_tasks' lm-eval); not a checkpoint."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True)
+    hf = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in to_hf_state_dict(state_dict, model_cfg).items()}
+    save_file(hf, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    write_json(directory / "config.json", to_hf_config(model_cfg, bos_id, eos_id, "float32"))
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
+    return directory
 
 
 def write_checkpoint(run_dir: Path, step: int, *, model_cfg: ModelConfig, state_dict: dict[str, torch.Tensor],

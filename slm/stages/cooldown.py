@@ -14,6 +14,7 @@ from pathlib import Path
 
 from slm.console import warn
 from slm.errors import POSITIVE, SlmError, UsageError, check_ranges
+from slm.evaluation.training import task_scorer
 from slm.formats.checkpoint import Checkpoint, model_input
 from slm.formats.manifest import input_entry
 from slm.recipes import find_recipe, load_recipe, load_step, parse_budget
@@ -174,7 +175,7 @@ def run(cfg: CooldownConfig, d: Dist) -> Path:
                "inputs": [model_input(plan["from"], "parent"), input_entry(cfg.data, "mix")]
                + ([input_entry(cfg.valid, "valid")] if cfg.valid else [])}
     run = Run(stage="cooldown", run_dir=out, model=model, model_cfg=model_cfg, train=t, engine=eng,
-              batches=batches, dist=d,
+              batches=batches, dist=d, task_scorer=task_scorer,
               lr_at=lambda s: linear_to_zero(s, plan["lr_start"], plan["start_step"], plan["steps"]),
               first_sample_of=lambda s: plan["data_start"] + (s - plan["start_step"]) * sps,
               start_step=start, end_step=end, seq_len=seq_len, tokenizer_dir=tok.dir, bos_id=tok.bos_id,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from slm.console import info, warn
 from slm.errors import POSITIVE, SlmError, UsageError, check_ranges
+from slm.evaluation.training import task_scorer
 from slm.formats.checkpoint import Checkpoint, model_input
 from slm.formats.manifest import input_entry
 from slm.formats.tables import plural
@@ -22,7 +23,8 @@ from slm.train.schedules import Schedule
 # else (model, optimizer, schedule, batch) is fixed by the run's config.yaml.
 CHANGEABLE = {"steps", "keep", "save_every", "eval_every", "eval_samples", "micro_batch_size", "compile",
               "activation_checkpointing", "attention", "engine", "zero_stage", "deepspeed_config", "max_bad_steps",
-              "deterministic", "async_save", "spike_window", "spike_sigma"}
+              "deterministic", "async_save", "spike_window", "spike_sigma", "eval_tasks", "eval_limit",
+              "eval_include_path"}
 
 
 @dataclass
@@ -155,7 +157,7 @@ def run(cfg: PretrainConfig, d: Dist) -> Path:
                "inputs": [input_entry(cfg.data, "mix")] + ([input_entry(cfg.valid, "valid")] if cfg.valid else [])
                + ([model_input(init.dir, "init")] if init is not None else [])}
     run = Run(stage="pretrain", run_dir=out, model=model, model_cfg=model_cfg, train=t, engine=eng,
-              batches=batches, dist=d,
+              batches=batches, dist=d, task_scorer=task_scorer,
               lr_at=schedule, first_sample_of=lambda s: s * sps, start_step=start, end_step=steps,
               seq_len=seq_len, tokenizer_dir=tok.dir, bos_id=tok.bos_id, eos_id=tok.eos_id, lineage=lineage,
               state=state, valid=valid, unigram_loss=unigram, requeue=cfg.requeue)

@@ -95,6 +95,15 @@ class TrainSettings:
     """Validation loss every this many steps when a validation set is given (and at the end)."""
     eval_samples: int = 64
     """Windows of the validation tokens the validation loss averages over."""
+    eval_tasks: list = field(default_factory=list)
+    """Task scores every eval_every steps and at the end, by `slm eval`'s scoring (lm-eval), on rank 0 while the
+    others wait: entries NAME or NAME:LIMIT, NAME an lm-eval task, a suite (slm/evaluation/suites.yaml; slm-local is
+    offline) or a task in eval_include_path, LIMIT its examples (default eval_limit). Logged to metrics.jsonl
+    (task_scores) and drawn in loss.png."""
+    eval_limit: int = 100
+    """Examples per task of eval_tasks when an entry does not say."""
+    eval_include_path: list = field(default_factory=list)
+    """Directories of lm-eval task YAML for eval_tasks (as `slm eval --include-path`)."""
 
 
 @dataclass
@@ -333,7 +342,7 @@ def train_settings(resolved: dict) -> TrainSettings:
         raise SlmError(f"train.spike_window: expected 0 (off) or a window of 2 steps or more, got {t.spike_window}")
     if not t.spike_sigma > 0:
         raise SlmError(f"train.spike_sigma: expected a positive number of standard deviations, got {t.spike_sigma}")
-    for name in ("tokens_per_step", "micro_batch_size", "max_bad_steps", "keep", "eval_samples"):
+    for name in ("tokens_per_step", "micro_batch_size", "max_bad_steps", "keep", "eval_samples", "eval_limit"):
         if getattr(t, name) < 1:
             raise SlmError(f"train.{name}: expected a positive integer, got {getattr(t, name)}")
     return t

@@ -101,6 +101,11 @@ def plan(model_cfg: ModelConfig, t, seq_len: int, steps: int, world: int, engine
         "gpu": device.name, "gpu_peak_tflops": peak / 1e12, "gpu_memory_gib": memory_gib, "fits": gib(total) <= memory_gib,
         "mfu": mfu, "hours": seconds / 3600, "gpu_hours": seconds * world / 3600,
     }
+    # A background save (train.async_save) keeps a host copy of the full fp32 weights and AdamW moments on rank 0.
+    out["checkpoints"] = {"save_every": t.save_every, "async_save": t.async_save,
+                          "host_copy_gib": round(gib(12 * P), 3) if t.async_save else 0.0}
+    out["spikes"] = {"window": t.spike_window, "sigma": t.spike_sigma}
+    out["task_scores"] = {"tasks": [str(x) for x in t.eval_tasks], "every": t.eval_every, "limit": t.eval_limit}
     if gpu_hours:
         out["given_gpu_hours"] = gpu_hours
         out["implied_mfu"] = total_flops / (gpu_hours * 3600 * peak)
@@ -126,6 +131,20 @@ def print_plan(p: dict) -> None:
         ("time", f"{p['hours']:,.1f} hours ({p['hours'] / 24:,.1f} days)"), ("GPU-hours", f"{p['gpu_hours']:,.0f}")]
     if "implied_mfu" in p:
         rows.append((f"MFU that {p['given_gpu_hours']:,.0f} GPU-hours imply", f"{p['implied_mfu']:.1%}"))
+    c, s = p["checkpoints"], p["spikes"]
+    rows.append(("checkpoints", (f"every {c['save_every']:,} steps" if c["save_every"] else "at the end only")
+                 + (f", written in the background (train.async_save; a {c['host_copy_gib']:,.2f} GiB host copy "
+                    "on rank 0, no stall)" if c["async_save"] else ", the step waits for each (train.async_save: "
+                                                                    "write in the background)")))
+    rows.append(("loss spikes", f"skipped above {s['sigma']:g} sigma over the last {s['window']:,} steps"
+                 if s["window"] else "not checked (train.spike_window 0)"))
+    ts = p["task_scores"]
+    if ts["tasks"]:
+        rows.append(("task scores", f"{', '.join(ts['tasks'])} (default limit {ts['limit']}) every "
+                                    f"{ts['every']:,} steps and at the end, on rank 0 (the others wait): each "
+                                    "costs what `slm eval` of a checkpoint on them costs, said after each"))
+    else:
+        rows.append(("task scores", "none (train.eval_tasks: lm-eval tasks or suites scored as the run goes)"))
     table("the plan (--dry-run: nothing was trained or written)", rows)
     if not p["fits"]:
         warn(f"about {m['total']:,.1f} GiB per process does not fit in one {p['gpu']} ({p['gpu_memory_gib']} GiB): "

@@ -34,7 +34,7 @@ import torch
 
 from slm.console import Heartbeat, err, info, progress, warn
 from slm.errors import Interrupted, SlmError, Stopped
-from slm.formats.checkpoint import checkpoints_dir, latest_checkpoint, write_checkpoint
+from slm.formats.checkpoint import checkpoints_dir, latest_checkpoint, write_checkpoint, write_model_dir
 from slm.formats.manifest import new_manifest, write_json
 from slm.formats.metrics import MetricsLog, ProgressFile
 from slm.formats.tables import plural
@@ -104,6 +104,9 @@ class Run:
     requeue: bool = False
     """After a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
     writer: BackgroundWriter = field(default_factory=lambda: BackgroundWriter())
+    task_scorer: Callable | None = None
+    """(run) -> the scorer of train.eval_tasks (describe(), score(write_model) -> (scores, seconds), close()); the
+    stages that offer task scores set it (slm.evaluation.training.task_scorer: evaluation sits above training)."""
     loss_fn: Callable | None = None
     """(model, micro-batch) -> (the loss summed over the micro-batch's units, {name: sum} to log); default: the
     language-model loss summed over target tokens. The step's loss is the sum over all processes' micro-batches
@@ -155,6 +158,10 @@ class BackgroundWriter:
 
     def submit(self, write: Callable[[], Path]) -> None:
         def work():
+            try:  # yield the cores to the training step first (Linux: a thread's own nice value)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            except (OSError, AttributeError):
+                pass
             try:
                 self.written = write()
             except SlmError as e:
@@ -355,6 +362,49 @@ def step_record(run: Run, step: int, lr: float, loss: float, stats: dict, grad_n
             "bad_steps_total": run.state["bad_steps_total"]}, f"{head} skipped ({why})"
 
 
+def start_task_scores(run: Run):
+    """train.eval_tasks: rank 0's TaskScorer, its tasks and datasets checked before the first step (a missing one
+    is one line on every rank); None without eval_tasks."""
+    t, d = run.train, run.dist
+    if not t.eval_tasks:
+        return None
+    if run.task_scorer is None:
+        raise SlmError(f"train.eval_tasks: {run.stage} does not score tasks as it goes (pretrain and cooldown do); "
+                       "score its checkpoints with slm eval")
+    scorer, error = None, None
+    if d.main:
+        try:
+            scorer = run.task_scorer(run)
+            info(f"task scores every {plural(t.eval_every, 'step') if t.eval_every else 'run'} and at the end: "
+                 f"{scorer.describe()}")
+        except SlmError as e:
+            error = str(e)
+    error = broadcast_object(error, d)
+    if error is not None:
+        raise SlmError(error)
+    return scorer
+
+
+def task_scores(run: Run, step: int, log: MetricsLog, scorer) -> None:
+    """The model after STEP scored on train.eval_tasks by `slm eval`'s code (rank 0; the others wait for it)."""
+    d = run.dist
+    weights = run.engine.full_weights()  # collective: every rank helps gather
+    error = None
+    if d.main:
+        try:
+            scores, seconds = scorer.score(lambda directory: write_model_dir(
+                directory, weights, run.model_cfg, run.tokenizer_dir, run.bos_id, run.eos_id))
+            log.write({"step": step, "task_scores": {k: round(float(v), 6) for k, v in scores.items()},
+                       "tokens_seen": run.state["tokens_seen"], "task_eval_seconds": round(seconds, 2)})
+            info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                 + f" ({seconds:.1f} s of task scoring)")
+        except SlmError as e:
+            error = str(e)
+    error = broadcast_object(error, d)
+    if error is not None:
+        raise SlmError(error)
+
+
 def validate(run: Run, step: int, log: MetricsLog) -> None:
     """The held-out loss after STEP, logged (and said, against the unigram baseline)."""
     vl, vstats = evaluate(run)
@@ -400,6 +450,7 @@ def train(run: Run) -> Path:
     heartbeat = Heartbeat()
     started = time.perf_counter()
     lr = run.lr_at(max(run.start_step - 1, 0))
+    scorer = start_task_scores(run)
     try:
         with stop_signals(d.main) as stop, (progress() if d.main else contextlib.nullcontext()) as bar:
             task = bar.add_task(run.stage, total=run.end_step - run.start_step) if bar else None
@@ -433,6 +484,8 @@ def train(run: Run) -> Path:
                 last = done == run.end_step
                 if run.valid is not None and (last or (t.eval_every and done % t.eval_every == 0)):
                     validate(run, step, log)
+                if scorer is not None and (last or (t.eval_every and done % t.eval_every == 0)):
+                    task_scores(run, step, log, scorer)
                 stopping = any_rank(stop["signal"] is not None, d)
                 if d.main and (written := run.writer.take_written()) is not None:  # a background write finished
                     prog.step(last_checkpoint=str(written), force=True)
@@ -454,6 +507,8 @@ def train(run: Run) -> Path:
     finally:  # a failing or interrupted run still finishes the write in flight (a whole checkpoint, or none)
         if (error := run.writer.wait()) is not None and d.main:
             warn(error)
+        if scorer is not None:
+            scorer.close()
     if last_ckpt is None and (found := latest_checkpoint(run.run_dir)) is not None:  # already at end_step
         last_ckpt = checkpoints_dir(run.run_dir) / found.name  # named as a save names it: under the run as given
     prog.end("done", step=run.end_step, last_checkpoint=str(last_ckpt) if last_ckpt else None)

@@ -33,10 +33,12 @@ def memory_gib(device: torch.device) -> float:
 
 
 def plot(run_dir: Path, out: Path | None = None) -> Path | None:
-    """loss.png: training loss (and validation loss) against tokens seen, learning rate beside it."""
+    """loss.png: training loss (and validation loss) against tokens seen, the task scores (train.eval_tasks) and the
+    learning rate under it."""
     rows = read_metrics(run_dir)
     train = [r for r in rows if "loss" in r]
     valid = [r for r in rows if "valid_loss" in r]
+    scored = [r for r in rows if "task_scores" in r]
     if not train:
         return None
     try:
@@ -46,7 +48,17 @@ def plot(run_dir: Path, out: Path | None = None) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    if scored:
+        fig, (ax, ax_tasks, ax_lr) = plt.subplots(3, 1, figsize=(8, 8), sharex=True,
+                                                  gridspec_kw={"height_ratios": [3, 2, 1]})
+        for task in dict.fromkeys(k for r in scored for k in r["task_scores"]):
+            pts = [(r["tokens_seen"], r["task_scores"][task]) for r in scored if task in r["task_scores"]]
+            ax_tasks.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=task)
+        ax_tasks.set_ylabel("task score")
+        ax_tasks.legend(fontsize="small")
+        ax_tasks.grid(alpha=0.3)
+    else:
+        fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     x = [r["tokens_seen"] for r in train]
     ax.plot(x, [r["loss"] for r in train], lw=0.8, label="train")
     if valid:

@@ -15,6 +15,10 @@ run go on only once the signal has arrived.
     SLM_TEST_SAMPLES_PER_STEP  the run's sequences per step (to tell the step from the batch asked for; default 8)
     SLM_TEST_LOSS_RANK=R       only in the process of rank R (the others compute their losses as they are)
 
+    SLM_TEST_WRITE_GATE=PATH   hold the background checkpoint writer (train.async_save) in the middle of writing
+    SLM_TEST_WRITE_GATE_STEP=K step K's checkpoint (after model.safetensors, before config.json) while PATH exists;
+                               it writes PATH.writing-PID when it is held there
+
 Without these variables this file does nothing. It never ships: it lives under tests/ and only a test's environment
 names it.
 """
@@ -24,9 +28,10 @@ import os
 _GATE = os.environ.get("SLM_TEST_GATE")
 
 _LOSS = os.environ.get("SLM_TEST_LOSS")
+_WRITE_GATE = os.environ.get("SLM_TEST_WRITE_GATE")
 _AFTER_IMPORT = {}  # module name -> what to patch in it once imported
 
-if _GATE or _LOSS:
+if _GATE or _LOSS or _WRITE_GATE:
     import importlib.abc
     import importlib.machinery
     import sys
@@ -79,6 +84,30 @@ if _LOSS:
 
     _AFTER_IMPORT["slm.train.batches"] = _patch_batches
     _AFTER_IMPORT["slm.model.transformer"] = _patch_model
+
+if _WRITE_GATE:
+    import threading
+    import time as _time
+
+    _WRITE_STEP = int(os.environ.get("SLM_TEST_WRITE_GATE_STEP", "0"))
+
+    def _patch_checkpoint(module):
+        write_json = module.write_json
+
+        def gated_write_json(path, *a, **kw):
+            p = str(path)
+            if (threading.current_thread().name == "slm-checkpoint-writer" and p.endswith("/config.json")
+                    and f"/step-{_WRITE_STEP:08d}.tmp-" in p):
+                with open(f"{_WRITE_GATE}.writing-{os.getpid()}", "w"):
+                    pass
+                deadline = _time.monotonic() + 900
+                while os.path.exists(_WRITE_GATE) and _time.monotonic() < deadline:
+                    _time.sleep(0.02)
+            return write_json(path, *a, **kw)
+
+        module.write_json = gated_write_json
+
+    _AFTER_IMPORT["slm.formats.checkpoint"] = _patch_checkpoint
 
 if _GATE:
     import signal
