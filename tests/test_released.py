@@ -315,7 +315,7 @@ def test_the_released_example_runs(smollm2, tmp_path):
 
     from conftest import ROOT
 
-    env = dict(os.environ, STEPS="2", N="30", EVAL_LIMIT="4",
+    env = dict(os.environ, STEPS="2", N="30", EVAL_LIMIT="4", MAX_LENGTH="128", TYPES="q8_0",
                SLM_VENV=os.environ.get("SLM_VENV", str(ROOT / ".venv")))
     proc = subprocess.run(["bash", str(ROOT / "examples" / "released.sh"), str(smollm2), str(tmp_path / "out")],
                           env=env, capture_output=True, text=True, timeout=1800)
