@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 from slm.errors import SlmError
 from slm.evaluation.local import METRICS, SHOTS, TASKS, write_tasks
-from slm.evaluation.scoring import TaskSpec, _quiet, check_datasets, evaluate_model, load_suites, task_manager
+from slm.evaluation.scoring import (TaskSpec, _quiet, check_datasets, evaluate_model, load_suites, suite_specs,
+                                    task_manager)
 
 WORK = ".task-eval"
 
@@ -43,11 +44,7 @@ def parse_entries(entries: list, default_limit: int) -> list[Scheduled]:
         if not name or n < 1:
             raise SlmError(f"train.eval_tasks: {entry!r}: expected NAME or NAME:LIMIT with LIMIT a positive integer")
         if name in suites:
-            s = suites[name]
-            items = list(s.get("tasks") or [])
-            for lang in s.get("languages") or []:
-                items += [dict(t, task=t["task"].format(lang=lang)) for t in s["per_language"]]
-            out += [Scheduled(TaskSpec(t["task"], t.get("shots"), t.get("metric")), n) for t in items]
+            out += [Scheduled(spec, n) for spec in suite_specs(name)[0]]
         else:
             metric = ",".join(METRICS[name]) if name in METRICS else None
             out.append(Scheduled(TaskSpec(name, SHOTS.get(name), metric), n))

@@ -261,17 +261,29 @@ def write_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], model_
                     bos_id: int | None, eos_id: int | None) -> Path:
     """A bare transformers directory (weights, config, tokenizer; no manifest or training state) of STATE_DICT, for
     a tool to read at once (train.eval_tasks' lm-eval); not a checkpoint."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True)
-    hf = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in to_hf_state_dict(state_dict, model_cfg).items()}
+    _write_model_files(directory, _hf_tensors(state_dict, model_cfg), model_cfg, tokenizer_dir, bos_id, eos_id)
+    return directory
+
+
+def _hf_tensors(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    hf = to_hf_state_dict(state_dict, model_cfg)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in hf.items()}
+
+
+def _write_model_files(directory: Path, hf: dict[str, torch.Tensor], model_cfg: ModelConfig, tokenizer_dir: Path,
+                       bos_id: int | None, eos_id: int | None) -> None:
+    """What transformers reads in a model directory: weights, config.json, generation_config.json, the tokenizer."""
+    from safetensors.torch import save_file
+
     save_file(hf, str(directory / "model.safetensors"), metadata={"format": "pt"})
     write_json(directory / "config.json", to_hf_config(model_cfg, bos_id, eos_id, "float32"))
+    write_json(directory / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id,
+                                                      "do_sample": False})
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).is_file():
             shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
-    return directory
 
 
 def write_checkpoint(run_dir: Path, step: int, *, model_cfg: ModelConfig, state_dict: dict[str, torch.Tensor],
@@ -287,7 +299,7 @@ def write_checkpoint(run_dir: Path, step: int, *, model_cfg: ModelConfig, state_
     d = checkpoints_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / step_name(step)
-    hf = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in to_hf_state_dict(state_dict, model_cfg).items()}
+    hf = _hf_tensors(state_dict, model_cfg)
     tensors = {}
     if optimizer is not None:
         for name, m in optimizer.moments.items():
@@ -305,14 +317,7 @@ def write_checkpoint(run_dir: Path, step: int, *, model_cfg: ModelConfig, state_
     tmp.mkdir()
     try:
         mode = 0o666 & ~_umask()
-        save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "config.json", to_hf_config(model_cfg, bos_id, eos_id, "float32"))
-        write_json(tmp / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id,
-                                                    "do_sample": False})
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.is_file():
-                shutil.copyfile(src, tmp / name)
+        _write_model_files(tmp, hf, model_cfg, tokenizer_dir, bos_id, eos_id)
         ts = tmp / "train_state"
         ts.mkdir()
         if optimizer is not None:

@@ -104,6 +104,7 @@ class Run:
     requeue: bool = False
     """After a signal's save, `scontrol requeue $SLURM_JOB_ID` (under SLURM)."""
     writer: BackgroundWriter = field(default_factory=lambda: BackgroundWriter())
+    spike: str | None = None  # why the step being taken is a loss spike (take_step), for its record
     task_scorer: Callable | None = None
     """(run) -> the scorer of train.eval_tasks (describe(), score(write_model) -> (scores, seconds), close()); the
     stages that offer task scores set it (slm.evaluation.training.task_scorer: evaluation sits above training)."""
@@ -198,7 +199,6 @@ def save(run: Run, step_done: int, lr: float, background: bool = False) -> Path:
         error = writer.wait()  # at most one write in flight; the previous one's failure is reported now
         state = dict(run.state, step=step_done, stage=run.stage, lr=lr, samples_seen=run.first_sample_of(step_done),
                      engine=run.engine.describe(), world_size=d.world)
-        state.pop("spike", None)
         if background:
             weights = _host_copy(weights)
             if optimizer is not None:
@@ -308,6 +308,7 @@ def take_step(run: Run, model, mbs: list, autocast, compute) -> tuple[float, dic
     loss_sum = torch.zeros((), device=d.device, dtype=torch.float32)
     stat_sums: dict[str, torch.Tensor] = {}
     loss, step_stats = float("nan"), {}
+    run.spike = None
     for i, mb in enumerate(mbs):
         last = i == len(mbs) - 1
         with eng.accumulating(last):
@@ -321,12 +322,12 @@ def take_step(run: Run, model, mbs: list, autocast, compute) -> tuple[float, dic
                 sums = all_reduce_sum(torch.stack([loss_sum] + [stat_sums[k] for k in names]), d)
                 loss = float(sums[0] / n_global)
                 step_stats = {k: round(float(sums[1 + j] / n_global), 6) for j, k in enumerate(names)}
-                run.state["spike"] = loss_spike(run, loss)
-                if (not math.isfinite(loss) or run.state["spike"]) and poison is not None:
+                run.spike = loss_spike(run, loss)
+                if (not math.isfinite(loss) or run.spike) and poison is not None:
                     s = poison(s)  # DeepSpeed then sees a non-finite gradient and skips the update
             # DDP averages gradients over ranks: scale so the step's gradient is of sum / global tokens.
             eng.backward(s * (d.world / n_global), last)
-    grad_norm, applied = eng.finish_step(math.isfinite(loss) and not run.state["spike"])
+    grad_norm, applied = eng.finish_step(math.isfinite(loss) and not run.spike)
     remember_loss(run, loss)
     if d.device.type == "cuda":
         torch.cuda.synchronize(d.device)
@@ -338,7 +339,6 @@ def step_record(run: Run, step: int, lr: float, loss: float, stats: dict, grad_n
     """The step's metrics.jsonl record and progress line; a skipped step is counted (and said, on rank 0)."""
     head = f"{run.stage} step {step + 1}/{run.end_step}"
     if applied:
-        run.state.pop("spike", None)
         run.state["bad_steps_in_a_row"] = 0
         record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
                   "tokens_seen": run.state["tokens_seen"], "tokens_per_s": round(tps, 1),
@@ -349,7 +349,7 @@ def step_record(run: Run, step: int, lr: float, loss: float, stats: dict, grad_n
                         + (f" MFU {record['mfu']:.1%}" if mfu_per_token_s else ""))
     run.state["bad_steps_in_a_row"] += 1
     run.state["bad_steps_total"] += 1
-    spike = run.state.pop("spike", None)
+    spike = run.spike
     if spike:
         run.state["spikes_total"] = run.state.get("spikes_total", 0) + 1
     why = spike or (f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}")
