@@ -304,3 +304,12 @@ def test_task_scores_during_training_equal_slm_eval_of_the_checkpoint(tmp_path, 
                   tmp_path / "bad", "--steps", "1", "--device", "cpu", "--set", "train.eval_tasks=[slm_cloze:0]",
                   env=OFFLINE)
     assert bad.returncode == 1 and "train.eval_tasks: 'slm_cloze:0': expected NAME or NAME:LIMIT" in bad.stderr
+    (tmp_path / "empty").mkdir()
+    unknown = run_cli("pretrain", "--config", train_data / "model.yaml", "--data", train_data / "mix", "--out",
+                      tmp_path / "bad2", "--steps", "1", "--device", "cpu", "--set", "train.eval_tasks=[no_such_task]",
+                      "--set", f"train.eval_include_path=[{tmp_path / 'empty'}]", env=OFFLINE)
+    last = unknown.stderr.strip().splitlines()[-1]
+    assert unknown.returncode == 1 and unknown.stderr.count("error:") == 1, unknown.stderr
+    assert last.startswith("error: train.eval_tasks: 'no_such_task' is not an lm-eval task (nor one in "
+                           "train.eval_include_path)"), last
+    assert not (tmp_path / "bad2").exists()  # nothing left behind

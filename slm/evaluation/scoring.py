@@ -72,9 +72,10 @@ def _no_bars():
         err._file = saved
 
 
-def task_manager(specs: list[TaskSpec], include: list[Path]):
+def task_manager(specs: list[TaskSpec], include: list[Path], where: tuple[str, str] = ("--tasks", "--include-path")):
     """lm-eval's TaskManager over INCLUDE (and its built-in tasks only when a name needs them: indexing them takes
-    tens of seconds); every name is checked to exist before anything runs."""
+    tens of seconds); every name is checked to exist before anything runs. WHERE: the settings that named the
+    tasks and the include path, for the message."""
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=[str(p) for p in include] or None, include_defaults=False) if include else None
@@ -82,7 +83,7 @@ def task_manager(specs: list[TaskSpec], include: list[Path]):
         tm = TaskManager(include_path=[str(p) for p in include] or None)
     unknown = [s.task for s in specs if s.task not in tm.all_tasks]
     if unknown:
-        raise SlmError(f"--tasks: {unknown[0]!r} is not an lm-eval task (nor one in --include-path); "
+        raise SlmError(f"{where[0]}: {unknown[0]!r} is not an lm-eval task (nor one in {where[1]}); "
                        "`lm-eval ls tasks` lists them")
     return tm
 

@@ -68,7 +68,7 @@ class TaskScorer:
         if any(s.spec.task in TASKS for s in self.scheduled):
             paths.insert(0, write_tasks(self.work / "tasks", seed=0))
         specs = [s.spec for s in self.scheduled]
-        self.tm = task_manager(specs, paths)
+        self.tm = task_manager(specs, paths, ("train.eval_tasks", "train.eval_include_path"))
         check_datasets(self.tm, specs)
 
     def describe(self) -> str:
