@@ -1,7 +1,8 @@
 """Benchmark: generation speed of slm's backends, in one run on one machine.
 
-    python benchmarks/decode.py [--hidden 512 --layers 8 --vocab 32768] [--prompt 128 --gen 128 --rounds 3]
+    python benchmarks/decode.py [--hidden 512 --layers 8] [--prompt 128 --gen 128 --rounds 3]
                                 [--threads N] [--bandwidth GB/s]
+    python benchmarks/decode.py --checkpoint DIR [--gguf FILE ...]    # a released model and its GGUF files
 
 1. slm's torch backend (`slm bench`: pretransposed weights, a static KV cache, greedy; eager and with --compile)
    against transformers' `generate` (its own dynamic cache, greedy, same checkpoint, same prompt, same number of new
@@ -11,7 +12,12 @@
    a large tensor, or given). Target >= 60%.
 
 The model is a StableLM-2-architecture checkpoint with random weights of the given size (default about 50M
-parameters), written to a temporary directory; tokens are random ids. Median of --rounds.
+parameters), written to a temporary directory, or --checkpoint: any checkpoint slm reads (a released transformers
+directory such as SmolLM2-135M-Instruct included), with --gguf the files to measure instead of f16 and q4_0 written
+here (`slm quantize DIR --type q8_0,q4_0,q4_k_m`). Tokens are random ids. Median of --rounds.
+
+The bound counts the bytes a generated token reads: every weight, except the rows of an input embedding that is not
+also the output matrix (one row is read per token).
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--bandwidth", type=float, default=None)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="measure this checkpoint instead of a random one")
+    ap.add_argument("--gguf", type=Path, nargs="*", default=None, help="GGUF files to measure (with --checkpoint)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,9 +81,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        ckpt = make_checkpoint(d, args.hidden, args.layers, 200)
+        ckpt = args.checkpoint or make_checkpoint(d, args.hidden, args.layers, 200)
+        from slm.formats.checkpoint import Checkpoint
+
         rng = np.random.default_rng(0)
-        ids = [int(i) for i in rng.integers(0, 8000, args.prompt)]
+        vocab = Checkpoint.open(ckpt).model_config.vocab_size
+        ids = [int(i) for i in rng.integers(0, min(vocab, 8000), args.prompt)]
 
         # 1. slm's torch backend against transformers' generate
         ours = TorchRunner(ckpt, args.threads, "fp32", args.prompt + args.gen)
@@ -108,8 +119,9 @@ def main() -> None:
             c.append(slm_tg(compiled))
             b.append(hf_tg())
         a, b, c = statistics.median(a), statistics.median(b), statistics.median(c)
-        n_params = sum(p.numel() for p in ours.model.parameters())
-        result = {"params": n_params, "threads": torch.get_num_threads(), "prompt": args.prompt, "gen": args.gen,
+        n_params = sum(p.numel() for p in hf.parameters())  # a tied output matrix once
+        result = {"model": str(args.checkpoint or "random"), "params": n_params, "threads": torch.get_num_threads(),
+                  "prompt": args.prompt, "gen": args.gen,
                   "slm_torch_tg_tokens_per_s": round(a, 1), "slm_torch_compiled_tg_tokens_per_s": round(c, 1),
                   "transformers_generate_tg_tokens_per_s": round(b, 1), "torch_speedup": round(a / b, 2),
                   "torch_compiled_speedup": round(c / b, 2), "warm_up_s": round(warm, 1)}
@@ -120,15 +132,21 @@ def main() -> None:
         except ImportError:
             result["gguf"] = "llama-cpp-python is not installed"
         else:
-            from slm.formats.checkpoint import Checkpoint
             from slm.formats.gguf import write_gguf
+            from slm.inference.llamacpp import cpu_backend
 
             bandwidth = args.bandwidth or measure_bandwidth()
             result["bandwidth_gb_s"] = round(bandwidth, 2)
-            for kind in ("f16", "q4_0"):
-                path = d / f"m-{kind}.gguf"
-                write_gguf(Checkpoint.open(ckpt), path, kind)
+            files = {}
+            for path in args.gguf or []:
+                files[path.stem.rsplit("-", 1)[-1]] = path
+            if not args.gguf:
+                for kind in ("f16", "q4_0"):
+                    files[kind] = d / f"m-{kind}.gguf"
+                    write_gguf(Checkpoint.open(ckpt), files[kind], kind)
+            for kind, path in files.items():
                 r = LlamaCppRunner(path, args.threads, args.prompt + args.gen + 8)
+                result["llama_cpp_cpu"] = cpu_backend()
                 r.run(ids[:16], 4, 1)
                 tg = statistics.median(
                     (lambda t: len(t) / sum(t))(r.run(ids, args.gen, 1)[1]) for _ in range(args.rounds))

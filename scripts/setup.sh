@@ -33,10 +33,17 @@ fi
 case ",$extras," in
   *,test,*|*,deploy,*)
     if ! "$py" -c "import llama_cpp" >/dev/null 2>&1; then
-      # llama-cpp-python compiles llama.cpp (a few minutes). GGML_NATIVE=OFF: the -march=native build crashes on
-      # quantized models on some CPUs; --no-cache-dir: a cached wheel would ignore CMAKE_ARGS.
-      echo "setup: building llama-cpp-python (llama.cpp, a few minutes)" >&2
-      CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$py" -m pip install -q --disable-pip-version-check \
+      # llama-cpp-python compiles llama.cpp (about 11 minutes on 2 cores). GGML_NATIVE=OFF: the -march=native build
+      # crashes on quantized models on some CPUs. On x86-64 Linux, every CPU variant of the CPU backend (x64 ...
+      # haswell, skylakex, zen4, sapphirerapids) is built and llama.cpp runs the best one for the CPU it finds
+      # (slm loads them: slm/inference/llamacpp.py); elsewhere one backend. --no-cache-dir: a cached wheel would
+      # ignore CMAKE_ARGS. Set CMAKE_ARGS to build your own way.
+      llama_args="-DGGML_NATIVE=OFF"
+      if [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
+        llama_args="$llama_args -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON"
+      fi
+      echo "setup: building llama-cpp-python (llama.cpp, about 11 minutes on 2 cores)" >&2
+      CMAKE_ARGS="${CMAKE_ARGS:-$llama_args}" "$py" -m pip install -q --disable-pip-version-check \
         --no-cache-dir "llama-cpp-python>=0.3.16,<0.4"
     fi ;;
 esac

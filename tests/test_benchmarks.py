@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 
 def gpu_sh(out, **env):
@@ -36,3 +36,30 @@ def test_the_gpu_check_runs_on_the_cpu_in_check_mode(tmp_path):
     assert r["deterministic"]["micro_batch_size"] == 2 and r["decode"]["tokens_per_s"] > 0
     md = (tmp_path / "out" / "gpu.md").read_text()
     assert "## Tests (`pytest -m gpu`): 9 passed, 0 failed" in md and "| check | 128 | 2 | on | no |" in md
+
+
+@pytest.mark.slow
+def test_the_decode_benchmarks_run(tmp_path, base_ckpt):
+    """benchmarks/decode.py on a given checkpoint and GGUF file (the released-model form of the command), and
+    benchmarks/llama_cpu.py over the CPU variants of llama.cpp this machine can run: they finish and report what
+    the README's tables are made of."""
+    import sys
+
+    q = tmp_path / "q"
+    run_cli("quantize", base_ckpt, "--type", "q8_0", "--no-report", "--out", q, check=True)
+    gguf = next(q.glob("*.gguf"))
+    common = ["--prompt", "16", "--gen", "8", "--rounds", "1"]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--checkpoint", str(base_ckpt),
+                           "--gguf", str(gguf), *common], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["model"] == str(base_ckpt) and r["torch_speedup"] > 0 and r["torch_compiled_speedup"] > 0
+    assert 0 < r["gguf_q8_0_fraction_of_bound"] and r["llama_cpp_cpu"]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llama_cpu.py"), str(gguf), *common],
+                          capture_output=True, text=True, timeout=600)
+    if "no variants to compare" in proc.stderr:
+        pytest.skip("llama-cpp-python has one built-in CPU backend here (scripts/setup.sh builds every variant)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert {"x64", "picked"} <= {x["variant"] for x in rows} and all(x["tg_tokens_per_s"] > 0 for x in rows)
+    assert "| picked: " in proc.stdout and "| x64 |" in proc.stdout

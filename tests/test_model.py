@@ -128,20 +128,21 @@ def test_kv_cache_equals_full_forward(cfg):
 @pytest.mark.parametrize("compile_step", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("cfg", [STABLELM, LLAMA], ids=["stablelm", "llama"])
 def test_static_decoder_equals_full_forward(cfg, compile_step):
-    """slm bench's decoder (pretransposed weights, whole-cache masked steps, torch.compile'd or not) gives the
-    logits of one full forward at every generated position, for two rows at once (GQA and tied output included)."""
+    """slm bench's decoder (its weight layouts, one-row products split over threads, steps over the written cache
+    or the whole masked cache when compiled) gives the logits of one full forward at every generated position, for
+    two rows at once and for one row on 1, 2 and 3 threads (GQA and tied output included)."""
     import copy
 
-    from slm.model.decode import StaticDecoder, TransposedLinear, transpose_linears
+    from slm.model.decode import DecodeLinear, StaticDecoder, decode_linears
 
     torch.manual_seed(0)
     model = build(cfg, seed=0).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         full = model(ids)
-    fast = transpose_linears(copy.deepcopy(model))
+    fast = decode_linears(copy.deepcopy(model))
     assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
-    assert isinstance(fast.lm_head, TransposedLinear)
+    assert isinstance(fast.lm_head, DecodeLinear)
     dec = StaticDecoder(fast, batch=2, max_len=40, compile=compile_step)
     for _ in range(2):  # a second prompt reuses the cache (and the compiled graph) after a reset
         got = [dec.prefill(ids[:, :10])] + [dec.step(ids[:, t]) for t in range(10, 23)]
@@ -149,6 +150,16 @@ def test_static_decoder_equals_full_forward(cfg, compile_step):
     assert dec.length == 23
     with pytest.raises(ValueError, match="cache holds 40"):
         dec.prefill(torch.zeros((2, 40), dtype=torch.long))
+    assert fast.layers[0].mlp.down_proj.by_output and not fast.lm_head.by_output  # both layouts are in the model
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3) if not compile_step else (2,):  # one row: the products in n blocks (3 divides none here)
+            torch.set_num_threads(n)
+            one = StaticDecoder(fast, batch=1, max_len=40, compile=compile_step)
+            got = [one.prefill(ids[:1, :10])] + [one.step(ids[:1, t]) for t in range(10, 23)]
+            torch.testing.assert_close(torch.stack(got, 1), full[:1, 9:23], atol=2e-5, rtol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_fused_cross_entropy_equals_pytorch():

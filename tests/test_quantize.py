@@ -2,6 +2,7 @@
 the quality report, INT4 (OpenVINO + NNCF), and the errors a user sees."""
 
 import json
+import re
 import unicodedata
 
 import numpy as np
@@ -211,12 +212,29 @@ def test_bench_output_parses_in_every_format(tmp_path, base_ckpt):
         assert r["pp_tokens_per_s"]["mean"] > 0 and r["tg_tokens_per_s"]["mean"] > 0 and r["peak_rss_bytes"] > 0
         assert r["bandwidth_bound_tokens_per_s"] == pytest.approx(10e9 / r["weight_bytes"])
     assert report["device"]["bandwidth_gb_s"] == 10 and report["device"]["threads"] == 1
+    # the bytes a token reads: every weight but the (untied) input embedding, which is read one row at a time
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    with safe_open(str(Checkpoint.open(base_ckpt).dir / "model.safetensors"), "pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    numel = {k: int(np.prod(s)) for k, s in sizes.items()}
+    assert "lm_head.weight" in numel  # untied
+    want = 4 * (sum(numel.values()) - numel["model.embed_tokens.weight"])
+    assert report["results"][0]["weight_bytes"] == want
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(models[1])).tensors}
+    assert report["results"][1]["weight_bytes"] == sum(tensors.values()) - tensors["token_embd.weight"]
+    assert report["results"][1]["weight_bytes"] < models[1].stat().st_size - 1000  # metadata is not read per token
+    cpu = report["results"][1]["llama_cpp_cpu"]
+    assert re.fullmatch(r"(built in|x64|sse42|sandybridge|ivybridge|piledriver|haswell|skylakex|cannonlake|"
+                        r"cascadelake|icelake|cooperlake|zen4|alderlake|sapphirerapids) \([A-Z0-9_ ]*\)", cpu), cpu
     out = tmp_path / "b"
     proc = run_cli("bench", *models, *common, "--out", out, "--format", "csv")
     assert proc.returncode == 0 and proc.stdout.strip() == str(out)
     assert {p.name for p in out.iterdir()} >= {"bench.json", "bench.md", "bench.csv", "bench.png", "manifest.json"}
     rows = list(csv.reader(io.StringIO((out / "bench.csv").read_text())))
     assert rows[0][:3] == ["model", "backend", "size"] and [r[1] for r in rows[1:]] == ["torch", "llama.cpp", "openvino"]
+    assert f"llama.cpp CPU backend: {cpu}" in (out / "bench.md").read_text()
     table = [line for line in (out / "bench.md").read_text().splitlines() if line.startswith("|")]
     assert len(table) == 5 and all(line.count("|") == 10 for line in table)
     bad = run_cli("bench", tmp_path / "nope.bin")
@@ -274,3 +292,74 @@ def test_bench_peak_memory_is_the_models_own(tmp_path, base_ckpt):
     b = json.loads(probed.stdout)["results"][0]["peak_rss_bytes"]
     assert b < a + (256 << 20), (a, b)  # the probe alone holds 1,024 MiB
     assert json.loads(probed.stdout)["device"]["bandwidth_source"].startswith("measured")
+
+
+def test_bytes_a_generated_token_reads(small_tok):
+    """slm bench's bandwidth bound counts the weights one token reads: a tied output matrix once (it is the
+    embedding), an untied or transposed one in full, and the input embedding's rows not at all."""
+    import copy
+
+    from slm.model.decode import decode_linears
+    from slm.stages.bench import read_per_token
+
+    tok = Tokenizer(small_tok)
+    for tied in (True, False):
+        cfg = ModelConfig(family="llama", vocab_size=padded_vocab_size(tok.n_vocab), hidden_size=64, num_layers=2,
+                          num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=64, tie_embeddings=tied)
+        model = build(cfg, seed=0)
+        params = sum(p.numel() for p in model.parameters())  # a tied matrix is one parameter
+        embed = cfg.vocab_size * cfg.hidden_size
+        assert read_per_token(model) == 4 * (params if tied else params - embed)
+        fast = decode_linears(copy.deepcopy(model))  # the output matrix becomes a copy of its own
+        assert read_per_token(fast) == 4 * (params if tied else params - embed)
+        assert read_per_token(model.to(torch.bfloat16)) == 2 * (params if tied else params - embed)
+
+
+def _cpu_variants() -> list:
+    import llama_cpp
+
+    from slm.inference.llamacpp import backend_dirs
+
+    pkg = __import__("pathlib").Path(llama_cpp.__file__).resolve().parent
+    return [p for d in backend_dirs(pkg) for p in sorted(d.glob("libggml-cpu-*.so"))]
+
+
+@pytest.mark.skipif(not _cpu_variants(), reason="llama-cpp-python has one built-in CPU backend here (scripts/setup.sh "
+                    "builds every variant on x86-64 Linux; these checks need that build)")
+def test_llama_cpp_loads_the_best_cpu_variant(tmp_path, small_tok):
+    """A GGML_BACKEND_DL build (every CPU variant in site-packages/bin): slm loads them and llama.cpp keeps the one
+    with the highest score for this CPU (test_llama_cpp_runs_slm_gguf_with_the_same_logits checks its logits); when
+    none can be found, the error is one line naming where slm looked and what to do."""
+    import subprocess
+    import sys
+
+    import llama_cpp
+
+    base = __import__("pathlib").Path(llama_cpp.__file__).resolve().parent / "lib" / "libggml-base.so.0"
+    scores = {}
+    for p in _cpu_variants():
+        code = ("import ctypes, sys; ctypes.CDLL(sys.argv[2], mode=ctypes.RTLD_GLOBAL); "
+                "print(ctypes.CDLL(sys.argv[1]).ggml_backend_score())")
+        r = subprocess.run([sys.executable, "-c", code, str(p), str(base)], capture_output=True, text=True)
+        scores[p.name.split("libggml-cpu-")[1].split(".")[0]] = int(r.stdout or 0)
+    assert len(scores) >= 6 and scores["x64"] > 0, scores  # every x86 variant; the baseline runs anywhere
+    best = max(scores, key=scores.get)
+    path = tmp_path / "m.gguf"
+    write_gguf(Checkpoint.open(make_ckpt(tmp_path, small_tok, "llama", kv_heads=2)), path, "f16")
+    script = tmp_path / "open.py"
+    script.write_text("import pathlib, sys\n"
+                      "import slm.inference.llamacpp as L\n"
+                      "if len(sys.argv) > 2:\n"
+                      "    L.backend_dirs = lambda pkg: [pathlib.Path(sys.argv[2])]\n"
+                      "llm = L.open_gguf(sys.argv[1], 64, 1)\n"
+                      "llm.eval([1, 2, 3])\n"
+                      "print(L.cpu_backend())\n")
+    proc = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{best} ("), (proc.stdout, scores)
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "empty")], capture_output=True,
+                          text=True)
+    assert proc.returncode != 0
+    assert f"none of its CPU backends (libggml-cpu-*) loads from {tmp_path / 'empty'}: set GGML_BACKEND_DIR" \
+        in proc.stderr, proc.stderr

@@ -69,6 +69,9 @@ def render_bench(report: dict, fmt: str = "md") -> str:
     head = (f"{d['cpu']}, {d['threads']} threads{', ' + d['gpu'] if d['gpu'] else ''}; memory bandwidth "
             f"{d['bandwidth_gb_s']} GB/s ({d['bandwidth_source']}); prompt {s['prompt']}, gen {s['gen']}, "
             f"batch {s['batch']}, {s['repeat']} repeats")
+    cpus = sorted({r["llama_cpp_cpu"] for r in report["results"] if r.get("llama_cpp_cpu")})
+    if cpus:
+        head += f"; llama.cpp CPU backend: {', '.join(cpus)}"
     return "\n".join([head, ""] + markdown(BENCH_COLUMNS, rows))
 
 

@@ -1,16 +1,24 @@
-"""A decoder for generation speed: pretransposed weights, a static KV cache, an optionally compiled step.
+"""A decoder for generation speed: weights laid out for one-row products, a static KV cache, a compiled step.
 
-Generating one token multiplies a single row by every weight matrix. On CPUs with MKL, `x @ W.T` (nn.Linear, W
-stored [out, in]) goes through a matrix-vector path that reads memory at a fraction of the streaming speed; the same
-product with W stored transposed ([in, out]) reaches it much more closely (benchmarks/decode.py measures the gain).
-`transpose_linears` swaps every nn.Linear of a model for such a layer, in place (the model is then for inference
-only: its state_dict names change).
+Generating one token multiplies a single row by every weight matrix, and on a CPU that is bound by how fast the
+weights are read. Two things decide it with MKL (measured at SmolLM2-135M's shapes on 2 cores):
+- the layout: `x @ W.T` (nn.Linear, W stored [out, in]) reads a wide matrix at a fraction of the streaming speed;
+  stored transposed ([in, out]) it comes much closer; a tall one (in > out, the MLP's down projection) is read
+  faster in nn.Linear's own layout;
+- the threads: MKL runs a one-row product on one core, which cannot draw the machine's bandwidth. The product is
+  split into one block of the stored matrix's rows per thread (torch.bmm spreads the blocks over its threads; the
+  blocks are views, nothing is copied): of [in, out], the partial products are summed; of [out, in], each block
+  gives its share of the outputs. 1.3-1.7x faster than one MKL call per matrix.
+`decode_linears` swaps every nn.Linear of a model for such a layer, in place (the model is then for inference only:
+its state_dict names change).
 
-`StaticDecoder` keeps one preallocated cache per layer and runs each new token over the whole cache with a key mask,
-so every step has the same shapes: torch.compile then makes one graph of the step (no recompilation as the cache
-fills) and fuses its small element-wise operations, which otherwise cost as much as the matrix products on a small
-model. The prompt goes through the model's own forward (one batched pass); the logits equal the model's forward
-(a test holds them to it).
+`StaticDecoder` keeps one preallocated cache per layer. Compiled, each new token runs over the whole cache with a key
+mask, so every step has the same shapes: torch.compile makes one graph of the step (no recompilation as the cache
+fills) and fuses its small element-wise operations, which otherwise cost several microseconds each on a small model
+(the split products stay opaque calls in that graph: inductor would rewrite them as slower loops). Eager, each token
+attends to the written part of the cache only, and the queries and keys are rotated by one small product. The
+prompt goes through the model's own forward (one batched pass); the logits equal the model's forward (a test holds
+them to it, on 1, 2 and 3 threads).
 """
 
 from __future__ import annotations
@@ -22,26 +30,65 @@ from torch import nn
 from slm.model.transformer import KVCache, Transformer, apply_rotary, attend
 
 
-class TransposedLinear(nn.Module):
-    """y = x @ W_t (+ b), with W_t = W.T stored contiguous: the faster layout for one-row products on CPUs."""
+class DecodeLinear(nn.Module):
+    """An nn.Linear for generation on CPUs (the module docstring says why). by_output False: weight is W.T stored
+    [in, out] (y = x @ weight); True (in > out): weight is W, [out, in] (y = x @ weight.T). One row on several
+    threads: the product split by blocks of weight's rows, in parallel. Several rows (a prompt): one product."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        w = linear.weight.detach()
+        self.by_output = w.shape[1] > w.shape[0]
+        self.weight = nn.Parameter(w.clone() if self.by_output else w.t().contiguous(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.compiled_blocks = 1  # the blocks a compiled step uses (set by StaticDecoder; torch.compile cannot
+        # trace torch.get_num_threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight_t
+        w = self.weight
+        if x.numel() != x.shape[-1] or w.device.type != "cpu":
+            y = F.linear(x, w) if self.by_output else x @ w
+        elif torch.compiler.is_compiling():  # an opaque call: inductor would turn the batched product into loops
+            y = torch.ops.slm.one_row_product(x.reshape(-1), w, self.compiled_blocks, self.by_output)
+            y = y.view(*x.shape[:-1], -1)
+        else:
+            y = _one_row(x.reshape(-1), w, row_blocks(w.shape[0]), self.by_output).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
-def transpose_linears(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear of MODEL by a TransposedLinear (in place; a tied output matrix gets its own copy)."""
+def _one_row(x: torch.Tensor, w: torch.Tensor, n: int, by_output: bool) -> torch.Tensor:
+    """x [in] times the stored W (DecodeLinear's layouts) in N blocks of W's rows, the blocks in parallel: [out]."""
+    if n == 1:
+        return F.linear(x, w) if by_output else x @ w
+    if by_output:  # block b holds outputs b*out/n..: each block's product is its share of y
+        return torch.bmm(x.view(1, 1, -1).expand(n, 1, -1), w.view(n, -1, w.shape[1]).transpose(1, 2)).view(-1)
+    return torch.bmm(x.view(n, 1, -1), w.view(n, -1, w.shape[1])).sum(0).view(-1)  # blocks of inputs: summed
+
+
+@torch.library.custom_op("slm::one_row_product", mutates_args=())
+def _one_row_op(x: torch.Tensor, w: torch.Tensor, n: int, by_output: bool) -> torch.Tensor:
+    return _one_row(x, w, n, by_output)
+
+
+@_one_row_op.register_fake
+def _(x, w, n, by_output):
+    return x.new_empty(w.shape[0] if by_output else w.shape[1])
+
+
+def row_blocks(rows: int) -> int:
+    """How many blocks of rows a one-row product is split into: torch's thread count, or the largest divisor of
+    ROWS below it (1: not split)."""
+    threads = torch.get_num_threads()
+    return next(b for b in range(min(threads, rows), 0, -1) if rows % b == 0)
+
+
+def decode_linears(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear of MODEL by a DecodeLinear (in place; a tied output matrix gets its own copy)."""
     for name, child in model.named_children():
         if isinstance(child, nn.Linear):
-            setattr(model, name, TransposedLinear(child))
+            setattr(model, name, DecodeLinear(child))
         else:
-            transpose_linears(child)
+            decode_linears(child)
     return model
 
 
@@ -63,8 +110,24 @@ class StaticDecoder:
         self.batch, self.max_len = batch, max_len
         self.valid = torch.zeros((1, 1, 1, max_len), dtype=torch.bool, device=self.device)
         self.length = 0
+        for m in model.modules():
+            if isinstance(m, DecodeLinear):
+                m.compiled_blocks = row_blocks(m.weight.shape[0])
         # dynamic=False: every step has the same shapes, so one graph serves them all
         self._step = torch.compile(_step, dynamic=False, fullgraph=True) if compile else _step
+
+    def _rotation(self, pos: int) -> torch.Tensor:
+        """The rotary embedding at position POS as a [head_dim, head_dim] matrix (x @ R = apply_rotary(x)): one
+        small product per layer in the eager step instead of ten element-wise operations, each of which costs
+        several microseconds after a matrix product has swept the caches."""
+        cfg = self.model.cfg
+        cos, sin = self.model.rotary(torch.tensor([[pos]], device=self.device), self.dtype)
+        half = cos.shape[-1] // 2
+        c, s = cos.reshape(-1)[:half], sin.reshape(-1)[:half]
+        i = torch.arange(half, device=self.device)
+        r = torch.eye(cfg.head_dim, dtype=self.dtype, device=self.device)
+        r[i, i], r[i + half, i + half], r[i + half, i], r[i, i + half] = c, c, -s, s
+        return r
 
     def reset(self) -> None:
         self.valid.zero_()
@@ -93,23 +156,32 @@ class StaticDecoder:
         tokens = tokens.reshape(self.batch, 1).to(self.device)
         position = torch.full((self.batch, 1), pos, dtype=torch.long, device=self.device)
         slot = torch.tensor([pos], dtype=torch.long, device=self.device)
-        logits = self._step(self.model, tokens, position, slot, self.valid, self.cache.k, self.cache.v)
+        if self._step is _step:  # eager: attend to the written positions only (views), no mask to apply
+            n = pos + 1
+            logits = _step(self.model, tokens, position, slot, None, [k[:, :, :n] for k in self.cache.k],
+                           [v[:, :, :n] for v in self.cache.v], rotation=self._rotation(pos))
+        else:  # compiled: the same shapes at every step, the unwritten positions masked
+            logits = self._step(self.model, tokens, position, slot, self.valid, self.cache.k, self.cache.v)
         self.length = pos + 1
         self.cache.length = pos + 1
         return logits
 
 
-def _step(model: Transformer, tokens, position, slot, valid, keys: list, values: list) -> torch.Tensor:
-    """The model's forward for one token per row against the whole static cache (positions not yet written are
-    masked by VALID [1, 1, 1, max_len]); writes this token's keys and values at SLOT."""
+def _step(model: Transformer, tokens, position, slot, valid, keys: list, values: list,
+          rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's forward for one token per row against the cache (positions not yet written are masked by VALID
+    [1, 1, 1, max_len]; VALID None: KEYS and VALUES are views of the written part and this step's slot); writes
+    this token's keys and values at SLOT. The queries and keys are rotated together (they are adjacent heads of the
+    fused projection), by ROTATION (StaticDecoder._rotation) when given."""
     B = tokens.shape[0]
     x = model.embed_tokens(tokens)
     cos, sin = model.rotary(position, x.dtype)
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         h, kv = attn.n_heads, attn.n_kv
-        q, k, v = attn.qkv_proj(layer.input_layernorm(x)).view(B, 1, h + 2 * kv, attn.head_dim).split([h, kv, kv], 2)
-        q, k = apply_rotary(q, cos, sin).transpose(1, 2), apply_rotary(k, cos, sin).transpose(1, 2)
+        qk, v = attn.qkv_proj(layer.input_layernorm(x)).view(B, 1, h + 2 * kv, attn.head_dim).split([h + kv, kv], 2)
+        qk = apply_rotary(qk, cos, sin) if rotation is None else qk @ rotation
+        q, k = qk.transpose(1, 2).split([h, kv], 1)
         keys[i].index_copy_(2, slot, k)
         values[i].index_copy_(2, slot, v.transpose(1, 2))
         y = attend(q, keys[i], values[i], valid)

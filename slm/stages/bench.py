@@ -6,9 +6,10 @@ each: prompt processing tokens/s (prompt tokens / time to the first token's logi
 after the first / their time), time to first token, mean and standard deviation over the repeats; peak resident
 memory; file size; the device (CPU model, threads, GPU).
 
-Generation on a CPU is bound by memory bandwidth: every new token reads every weight once. The bound printed is
-weight bytes per token / bandwidth (measured here as the streaming-read speed of a large tensor, or --bandwidth GB/s),
-and the fraction of it each run reaches.
+Generation on a CPU is bound by memory bandwidth: every new token reads every weight once (of an input embedding
+that is not also the output matrix, one row). The bound printed is bandwidth (measured here as the streaming-read
+speed of a large tensor, or --bandwidth GB/s) / those bytes, and the fraction of it each run reaches. A llama.cpp
+row names the CPU backend it ran (`built in`, or the variant a build with all of them picked for this CPU).
 
 Backends: torch (slm checkpoints; a preallocated KV cache, fp32 or bf16), llama.cpp (GGUF, through
 llama-cpp-python), openvino (an `slm quantize --type int4` IR, whose keys and values are inputs and outputs).
@@ -35,10 +36,10 @@ from slm.errors import AT_LEAST_0, POSITIVE, SlmError, UsageError, check_ranges
 from slm.formats.checkpoint import Checkpoint
 from slm.formats.manifest import atomic_dir, check_replaceable, new_manifest, read_json, write_json
 from slm.formats.tables import bar_chart, render_bench
-from slm.inference.llamacpp import open_gguf
+from slm.inference.llamacpp import cpu_backend, open_gguf
 from slm.inference.load import load_model
 from slm.inference.openvino import OpenVinoScorer
-from slm.model.decode import StaticDecoder, transpose_linears
+from slm.model.decode import StaticDecoder, decode_linears
 
 BACKENDS = ("auto", "torch", "llama.cpp", "openvino")
 FORMATS = ("md", "json", "csv")
@@ -148,8 +149,9 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    """slm's own decoder: weights pretransposed for one-row products (on CPUs), a static KV cache, and with COMPILE
-    the decode step compiled by torch.compile (one graph for every step; slm.model.decode)."""
+    """slm's own decoder (slm.model.decode): on CPUs, fp32 weights in the layout one-row products read fastest and
+    those products split over the threads; a static KV cache; with COMPILE the decode step compiled by
+    torch.compile (one graph for every step)."""
 
     name, batched = "torch", True
 
@@ -160,9 +162,9 @@ class TorchRunner(Runner):
         self.model = load_model(self.ckpt, torch.device("cpu"))
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         self.model.to(self.dtype)
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        if self.dtype == torch.float32:  # bf16 matrix-vector products are faster in nn.Linear's layout
-            transpose_linears(self.model)
+        if self.dtype == torch.float32:  # bf16 products stay nn.Linear's (no bf16 layout was measured faster)
+            decode_linears(self.model)
+        self.weight_bytes = read_per_token(self.model)
         self.vocab = self.ckpt.model_config.vocab_size
         self.max_len = min(max_len, self.model.cfg.max_seq_len)
         self.compile = compile
@@ -182,13 +184,36 @@ class TorchRunner(Runner):
         return self.decoder.step(logits.argmax(-1))
 
 
+def read_per_token(model) -> int:
+    """Bytes of weights one generated token reads: every parameter but the input embedding's rows (when the output
+    matrix is another tensor: untied, or a transposed copy, only one row is read)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.embed_tokens.weight
+    out = model.lm_head
+    if all(q is not embed for q in out.parameters()):
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def gguf_read_per_token(path: Path) -> int:
+    """The same for a GGUF file: its tensors' bytes (not the tokenizer and other metadata), less token_embd when an
+    output.weight tensor is the output matrix."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    total = sum(tensors.values())
+    return total - tensors["token_embd.weight"] if "output.weight" in tensors and "token_embd.weight" in tensors \
+        else total
+
+
 class LlamaCppRunner(Runner):
     name = "llama.cpp"
 
     def __init__(self, path: Path, threads: int | None, n_ctx: int):
         self.llm = open_gguf(path, n_ctx, threads, n_batch=min(n_ctx, 512))
         self.vocab = self.llm.n_vocab()
-        self.weight_bytes = Path(path).stat().st_size
+        self.weight_bytes = gguf_read_per_token(Path(path))
+        self.cpu = cpu_backend()
 
     def prefill(self, ids, batch):
         self.llm.reset()
@@ -239,8 +264,11 @@ def bench_one(path: str, backend: str, cfg: dict) -> dict:
     def ms(xs):
         return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
 
-    return {"model": str(path), "backend": backend, "weight_bytes": r.weight_bytes, "pp_tokens_per_s": ms(pp),
-            "tg_tokens_per_s": ms(tg) if tg else None, "ttft_s": ms(ttft), "peak_rss_bytes": peak}
+    row = {"model": str(path), "backend": backend, "weight_bytes": r.weight_bytes, "pp_tokens_per_s": ms(pp),
+           "tg_tokens_per_s": ms(tg) if tg else None, "ttft_s": ms(ttft), "peak_rss_bytes": peak}
+    if backend == "llama.cpp":
+        row["llama_cpp_cpu"] = r.cpu
+    return row
 
 
 def _child(path: str, backend: str, cfg: dict, queue) -> None:
