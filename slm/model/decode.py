@@ -15,7 +15,7 @@ its state_dict names change).
 `StaticDecoder` keeps one preallocated cache per layer. Compiled, each new token runs over the whole cache with a key
 mask, so every step has the same shapes: torch.compile makes one graph of the step (no recompilation as the cache
 fills) and fuses its small element-wise operations, which otherwise cost several microseconds each on a small model
-(the split products stay opaque calls in that graph: inductor would rewrite them as slower loops). Eager, each token
+(its products are single calls: see DecodeLinear.forward). Eager, each token
 attends to the written part of the cache only, and the queries and keys are rotated by one small product. The
 prompt goes through the model's own forward (one batched pass); the logits equal the model's forward (a test holds
 them to it, on 1, 2 and 3 threads).
@@ -41,16 +41,13 @@ class DecodeLinear(nn.Module):
         self.by_output = w.shape[1] > w.shape[0]
         self.weight = nn.Parameter(w.clone() if self.by_output else w.t().contiguous(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.compiled_blocks = 1  # the blocks a compiled step uses (set by StaticDecoder; torch.compile cannot
-        # trace torch.get_num_threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.numel() != x.shape[-1] or w.device.type != "cpu":
+        if x.numel() != x.shape[-1] or w.device.type != "cpu" or torch.compiler.is_compiling():
+            # compiled: one product (inductor rewrites the batched one-row products as slower loops, and the same
+            # products as an opaque custom op ran slower than this when the step is called from a function)
             y = F.linear(x, w) if self.by_output else x @ w
-        elif torch.compiler.is_compiling():  # an opaque call: inductor would turn the batched product into loops
-            y = torch.ops.slm.one_row_product(x.reshape(-1), w, self.compiled_blocks, self.by_output)
-            y = y.view(*x.shape[:-1], -1)
         else:
             y = _one_row(x.reshape(-1), w, row_blocks(w.shape[0]), self.by_output).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
@@ -64,15 +61,6 @@ def _one_row(x: torch.Tensor, w: torch.Tensor, n: int, by_output: bool) -> torch
         return torch.bmm(x.view(1, 1, -1).expand(n, 1, -1), w.view(n, -1, w.shape[1]).transpose(1, 2)).view(-1)
     return torch.bmm(x.view(n, 1, -1), w.view(n, -1, w.shape[1])).sum(0).view(-1)  # blocks of inputs: summed
 
-
-@torch.library.custom_op("slm::one_row_product", mutates_args=())
-def _one_row_op(x: torch.Tensor, w: torch.Tensor, n: int, by_output: bool) -> torch.Tensor:
-    return _one_row(x, w, n, by_output)
-
-
-@_one_row_op.register_fake
-def _(x, w, n, by_output):
-    return x.new_empty(w.shape[0] if by_output else w.shape[1])
 
 
 def row_blocks(rows: int) -> int:
@@ -110,9 +98,6 @@ class StaticDecoder:
         self.batch, self.max_len = batch, max_len
         self.valid = torch.zeros((1, 1, 1, max_len), dtype=torch.bool, device=self.device)
         self.length = 0
-        for m in model.modules():
-            if isinstance(m, DecodeLinear):
-                m.compiled_blocks = row_blocks(m.weight.shape[0])
         # dynamic=False: every step has the same shapes, so one graph serves them all
         self._step = torch.compile(_step, dynamic=False, fullgraph=True) if compile else _step
 
