@@ -33,7 +33,8 @@ from slm.model.transformer import KVCache, Transformer, apply_rotary, attend
 class DecodeLinear(nn.Module):
     """An nn.Linear for generation on CPUs (the module docstring says why). by_output False: weight is W.T stored
     [in, out] (y = x @ weight); True (in > out): weight is W, [out, in] (y = x @ weight.T). One row on several
-    threads: the product split by blocks of weight's rows, in parallel. Several rows (a prompt): one product."""
+    threads, eager: the product split by blocks of weight's rows, in parallel. Several rows (a prompt), or
+    compiled: one product."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
