@@ -28,17 +28,13 @@ import subprocess
 from pathlib import Path
 
 
-def variants() -> tuple[Path, list[Path]]:
-    """The directory of the build's CPU variants and their files (SystemExit when the build has none)."""
-    import llama_cpp
+def variants() -> list[Path]:
+    """The build's CPU variant files (SystemExit when the build has none)."""
+    from slm.inference.llamacpp import cpu_variants
 
-    from slm.inference.llamacpp import backend_dirs
-
-    pkg = Path(llama_cpp.__file__).resolve().parent
-    for d in backend_dirs(pkg):
-        found = sorted(d.glob("libggml-cpu-*.so")) + sorted(d.glob("libggml-cpu-*.dylib"))
-        if found:
-            return d, found
+    found = cpu_variants()
+    if found:
+        return found
     raise SystemExit("this llama-cpp-python has one built-in CPU backend, no variants to compare: build it with "
                      'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON" '
                      "(scripts/setup.sh does)")
@@ -46,18 +42,6 @@ def variants() -> tuple[Path, list[Path]]:
 
 def name_of(path: Path) -> str:
     return path.name.split("libggml-cpu-", 1)[1].rsplit(".", 1)[0]
-
-
-def score(path: Path) -> int:
-    """ggml_backend_score() of one variant, in a child process (0: this CPU lacks one of its instruction sets). The
-    variant needs libggml-base, which is in the package's lib/ and not on its search path: loaded first."""
-    import llama_cpp
-
-    base = Path(llama_cpp.__file__).resolve().parent / "lib" / "libggml-base.so.0"
-    code = ("import ctypes, sys; ctypes.CDLL(sys.argv[2], mode=ctypes.RTLD_GLOBAL); lib = ctypes.CDLL(sys.argv[1]); "
-            "f = getattr(lib, 'ggml_backend_score', None); print(f() if f else 0)")
-    r = subprocess.run([sys.executable, "-c", code, str(path), str(base)], capture_output=True, text=True)
-    return int(r.stdout.strip() or 0) if r.returncode == 0 else 0
 
 
 def child(variant: str, files: list[str], prompt: int, gen: int, rounds: int, threads: int | None) -> None:
@@ -96,8 +80,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.files, args.prompt, args.gen, args.rounds, args.threads)
-    d, found = variants()
-    runnable = [(p, s) for p in found if (s := score(p)) > 0]
+    from slm.inference.llamacpp import variant_score
+
+    found = variants()
+    d = found[0].parent
+    runnable = [(p, s) for p in found if (s := variant_score(p)) > 0]
     print(f"{len(found)} variants in {d}; this CPU runs {len(runnable)}: "
           + ", ".join(f"{name_of(p)} (score {s})" for p, s in runnable), file=sys.stderr)
     rows = []

@@ -315,16 +315,13 @@ def test_bytes_a_generated_token_reads(small_tok):
         assert read_per_token(model.to(torch.bfloat16)) == 2 * (params if tied else params - embed)
 
 
-def _cpu_variants() -> list:
-    import llama_cpp
+def _llama_variants() -> list:
+    from slm.inference.llamacpp import cpu_variants
 
-    from slm.inference.llamacpp import backend_dirs
-
-    pkg = __import__("pathlib").Path(llama_cpp.__file__).resolve().parent
-    return [p for d in backend_dirs(pkg) for p in sorted(d.glob("libggml-cpu-*.so"))]
+    return cpu_variants()
 
 
-@pytest.mark.skipif(not _cpu_variants(), reason="llama-cpp-python has one built-in CPU backend here (scripts/setup.sh "
+@pytest.mark.skipif(not _llama_variants(), reason="llama-cpp-python has one built-in CPU backend here (scripts/setup.sh "
                     "builds every variant on x86-64 Linux; these checks need that build)")
 def test_llama_cpp_loads_the_best_cpu_variant(tmp_path, small_tok):
     """A GGML_BACKEND_DL build (every CPU variant in site-packages/bin): slm loads them and llama.cpp keeps the one
@@ -333,15 +330,9 @@ def test_llama_cpp_loads_the_best_cpu_variant(tmp_path, small_tok):
     import subprocess
     import sys
 
-    import llama_cpp
+    from slm.inference.llamacpp import cpu_variants, variant_score
 
-    base = __import__("pathlib").Path(llama_cpp.__file__).resolve().parent / "lib" / "libggml-base.so.0"
-    scores = {}
-    for p in _cpu_variants():
-        code = ("import ctypes, sys; ctypes.CDLL(sys.argv[2], mode=ctypes.RTLD_GLOBAL); "
-                "print(ctypes.CDLL(sys.argv[1]).ggml_backend_score())")
-        r = subprocess.run([sys.executable, "-c", code, str(p), str(base)], capture_output=True, text=True)
-        scores[p.name.split("libggml-cpu-")[1].split(".")[0]] = int(r.stdout or 0)
+    scores = {p.name.split("libggml-cpu-")[1].split(".")[0]: variant_score(p) for p in cpu_variants()}
     assert len(scores) >= 6 and scores["x64"] > 0, scores  # every x86 variant; the baseline runs anywhere
     best = max(scores, key=scores.get)
     path = tmp_path / "m.gguf"

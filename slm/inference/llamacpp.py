@@ -52,6 +52,32 @@ def backend_dirs(pkg: Path) -> list[Path]:
     return dirs + [pkg / "lib", pkg.parent / "bin", pkg / "bin"]
 
 
+def cpu_variants() -> list[Path]:
+    """The CPU variant files (libggml-cpu-*) of a GGML_BACKEND_DL build, from the first directory that has some;
+    [] for a build with one built-in CPU backend."""
+    import llama_cpp
+
+    for d in backend_dirs(Path(llama_cpp.__file__).resolve().parent):
+        found = sorted(d.glob("libggml-cpu-*.so")) + sorted(d.glob("libggml-cpu-*.dylib"))
+        if found:
+            return found
+    return []
+
+
+def variant_score(path: Path) -> int:
+    """llama.cpp's score of one CPU variant for this CPU (0: it lacks one of the variant's instruction sets), asked
+    in a child process (the variant needs libggml-base, in the package's lib/ and not on its search path)."""
+    import subprocess
+
+    import llama_cpp
+
+    base = Path(llama_cpp.__file__).resolve().parent / "lib" / "libggml-base.so.0"
+    code = ("import ctypes, sys; ctypes.CDLL(sys.argv[2], mode=ctypes.RTLD_GLOBAL); lib = ctypes.CDLL(sys.argv[1]); "
+            "f = getattr(lib, 'ggml_backend_score', None); print(f() if f else 0)")
+    r = subprocess.run([sys.executable, "-c", code, str(path), str(base)], capture_output=True, text=True)
+    return int(r.stdout.strip() or 0) if r.returncode == 0 else 0
+
+
 def cpu_backend() -> str:
     """Make sure llama.cpp has a CPU backend in this process, and say which: 'built in (AVX2 FMA ...)' for a build
     with one CPU backend, or the variant llama.cpp picked for this CPU ('haswell (AVX2 FMA ...)') for a build with

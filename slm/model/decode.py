@@ -15,9 +15,8 @@ its state_dict names change).
 `StaticDecoder` keeps one preallocated cache per layer. Compiled, each new token runs over the whole cache with a key
 mask, so every step has the same shapes: torch.compile makes one graph of the step (no recompilation as the cache
 fills) and fuses its small element-wise operations, which otherwise cost several microseconds each on a small model
-(its products are single calls: see DecodeLinear.forward). Eager, each token
-attends to the written part of the cache only, and the queries and keys are rotated by one small product. The
-prompt goes through the model's own forward (one batched pass); the logits equal the model's forward (a test holds
+(its products are single calls: see DecodeLinear.forward). Eager, each token attends to the written part of the
+cache only, and the queries and keys are rotated by one small product. The prompt goes through the model's own forward (one batched pass); the logits equal the model's forward (a test holds
 them to it, on 1, 2 and 3 threads).
 """
 
@@ -61,7 +60,6 @@ def _one_row(x: torch.Tensor, w: torch.Tensor, n: int, by_output: bool) -> torch
     if by_output:  # block b holds outputs b*out/n..: each block's product is its share of y
         return torch.bmm(x.view(1, 1, -1).expand(n, 1, -1), w.view(n, -1, w.shape[1]).transpose(1, 2)).view(-1)
     return torch.bmm(x.view(n, 1, -1), w.view(n, -1, w.shape[1])).sum(0).view(-1)  # blocks of inputs: summed
-
 
 
 def row_blocks(rows: int) -> int:
