@@ -77,12 +77,22 @@ def free(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-class Step:
-    """slm's training step as the loop runs it (engine "single", its optimizer, bf16 autocast on a GPU)."""
+def new_model(cfg: ModelConfig, device):
+    """The shape's model, initialised on DEVICE (one per shape: building a 1.6B model on the host and copying it for
+    every micro-batch tried would take minutes of a lent machine's time)."""
+    return build(cfg, device, seed=0)
 
-    def __init__(self, cfg: ModelConfig, micro: int, seq: int, device, ac: bool, compiled: bool):
+
+class Step:
+    """slm's training step as the loop runs it (engine "single", its optimizer, bf16 autocast on a GPU) on MODEL,
+    whose gradients are cleared first; the optimizer (and its moments) is this step's own."""
+
+    def __init__(self, model, micro: int, seq: int, device, ac: bool, compiled: bool):
         self.device = device
-        self.model = build(cfg, "cpu", seed=0).to(device)
+        self.model = model
+        for p in model.parameters():
+            p.grad = None
+        cfg = model.cfg
         self.model.activation_checkpointing = ac
         t = TrainSettings(tokens_per_step=micro * seq, micro_batch_size=micro, activation_checkpointing=ac)
         self.eng = engine.build("single", Dist(device=device), self.model, t, 1, micro)
@@ -100,31 +110,35 @@ class Step:
         self.eng.finish_step(True)
 
 
-def fits(cfg, micro, seq, device, ac) -> bool:
+def fits(model, micro, seq, device, ac) -> bool:
     free(device)
+    step = None
     try:
-        step = Step(cfg, micro, seq, device, ac, False)
+        step = Step(model, micro, seq, device, ac, False)
         step()
         sync(device)
         return True
     except torch.OutOfMemoryError:
         return False
     finally:
-        step = None  # noqa: F841
+        step = None
+        for p in model.parameters():
+            p.grad = None
         free(device)
 
 
-def largest_micro(cfg, seq, device, ac, cap: int) -> int:
+def largest_micro(model, seq, device, ac, cap: int) -> int:
     """Doubling until a step runs out of memory, then the largest that ran (0: not even one sequence)."""
     micro, best = 1, 0
-    while micro <= cap and fits(cfg, micro, seq, device, ac):
+    while micro <= cap and fits(model, micro, seq, device, ac):
         best, micro = micro, micro * 2
     return best
 
 
-def measure(cfg, seq, micro, device, ac, compiled, steps: int, rounds: int) -> dict:
+def measure(model, seq, micro, device, ac, compiled, steps: int, rounds: int) -> dict:
     free(device)
-    step = Step(cfg, micro, seq, device, ac, compiled)
+    cfg = model.cfg
+    step = Step(model, micro, seq, device, ac, compiled)
     for _ in range(3 if compiled else 2):  # warm up (and compile)
         step()
     sync(device)
@@ -152,6 +166,8 @@ def measure(cfg, seq, micro, device, ac, compiled, steps: int, rounds: int) -> d
     if "peak_memory_gib" in out:
         out["planner_vs_measured"] = round(out["planner_memory_gib"] / out["peak_memory_gib"], 3)
     del step
+    for p in model.parameters():
+        p.grad = None
     free(device)
     return out
 
@@ -171,7 +187,7 @@ def decode(cfg: ModelConfig, device, prompt: int, gen: int, compiled: bool) -> d
 
     free(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build(cfg, "cpu", seed=0).to(device=device, dtype=dtype).eval()
+    model = build(cfg, device, seed=0).to(dtype=dtype).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
     dec = StaticDecoder(model, batch=1, max_len=prompt + gen, compile=compiled)
 
@@ -208,7 +224,11 @@ def junit_summary(path: Path) -> dict:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# GPU check: {r['device']}", "", f"{r['date']}, torch {r['torch']}, `bash benchmarks/gpu.sh`", ""]
+    env = r.get("environment", {})
+    versions = ", ".join(f"{k} {v}" for k, v in env.items() if v is not None and k in ("python", "cuda", "transformers"))
+    lines = [f"# GPU check: {r['device']}", "",
+             f"{r['date']}, torch {r['torch']}{', ' + versions if versions else ''}, `bash benchmarks/gpu.sh`"
+             + (f"; carried wheels: {', '.join(env['carried'])}" if env.get("carried") else ""), ""]
     if "tests" in r:
         c = r["tests"]["counts"]
         lines += [f"## Tests (`pytest -m gpu`): {c['passed']} passed, {c['failure'] + c['error']} failed, "
@@ -240,18 +260,41 @@ def markdown(r: dict) -> str:
                   f"{'compiled' if x['compiled'] else 'eager'}: **{x['tokens_per_s']:,.1f} tokens/s**", ""]
     if r.get("errors"):
         lines += ["## Errors", ""] + [f"- {e}" for e in r["errors"]] + [""]
+    if r.get("skipped"):
+        lines += ["## Skipped: past the time budget (SLM_GPU_BUDGET_S)", ""] + [f"- {e}" for e in r["skipped"]] + [""]
     return "\n".join(lines)
+
+
+def environment() -> dict:
+    """What ran the check: the versions a reader needs to compare runs (a lent machine brings its own torch)."""
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("transformers", "typer"):
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:
+            env[name] = None
+    if os.environ.get("SLM_GPU_CARRIED"):  # the wheels gpu.sh installed (benchmarks/gpu_wheels.sh)
+        from importlib.metadata import distributions
+
+        env["carried"] = sorted(f"{d.metadata['Name']} {d.version}"
+                                for d in distributions(path=[os.environ["SLM_GPU_CARRIED"]]))
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env["gpu_memory_gib"] = round(p.total_memory / 2**30, 1)
+        env["compute_capability"] = f"{p.major}.{p.minor}"
+    return env
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--junit", type=Path)
-    ap.add_argument("--shapes", nargs="*", default=["smollm2-360m", "stablelm-2-1_6b"])
+    ap.add_argument("--shapes", nargs="*", default=["stablelm-2-1_6b", "smollm2-360m"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cap", type=int, default=64, help="largest micro-batch tried")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--deadline", type=float, help="Unix time after which no measurement starts (gpu.sh sets it)")
     ap.add_argument("--check", action="store_true", help="the CPU, a tiny shape: checks this script, measures nothing")
     args = ap.parse_args()
     device = torch.device("cpu" if args.check else "cuda")
@@ -259,15 +302,24 @@ def main() -> None:
         sys.exit("benchmarks/gpu.py: no CUDA device (--check runs it on the CPU at a tiny shape)")
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (--check: tiny shape)"
-    r = {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(), "train": [],
-         "errors": []}
+    r = {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+         "environment": environment(), "train": [], "errors": [], "skipped": []}
     if args.junit and args.junit.is_file():
         r["tests"] = junit_summary(args.junit)
+    elif args.junit:
+        log = args.junit.with_name("gpu-tests.log")
+        last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
+        r["errors"].append(f"tests: no report at {args.junit} ({last[0][:200] if last else 'no log'})")
 
     def save() -> None:
         (args.out / "gpu.json").write_text(json.dumps(r, indent=1) + "\n")
 
     def attempt(what: str, fn):
+        if args.deadline is not None and time.time() > args.deadline:
+            r["skipped"].append(what)
+            print(f"gpu: skipped {what}: past the time budget", file=sys.stderr)
+            save()
+            return None
         try:
             return fn()
         except Exception as e:  # one failed measurement must not lose the others
@@ -278,35 +330,50 @@ def main() -> None:
         finally:
             save()
 
+    def record(shape: str, seq: int, x: dict) -> None:
+        r["train"].append({"shape": shape, "seq": seq, **x})
+        print(f"gpu: {shape} {r['train'][-1]}", file=sys.stderr)
+
     shapes = {"check": CHECK_SHAPE} if args.check else {s: recipe_shape(s) for s in args.shapes}
     cap = 2 if args.check else args.cap
     steps, rounds = (1, 1) if args.check else (args.steps, args.rounds)
+    # What the issue's targets need comes first (eager MFU and memory at each shape, then decode); what a time
+    # budget may cut comes last (deterministic mode's cost, the compiled steps).
+    models, best = {}, {}
     for shape, (cfg, seq) in shapes.items():
-        best = None
+        model = attempt(f"{shape} model", lambda: new_model(cfg, device))
+        if model is None:
+            continue
+        models[shape] = model
         for ac in (False, True):
-            micro = attempt(f"{shape} micro-batch search", lambda: largest_micro(cfg, seq, device, ac, cap))
+            micro = attempt(f"{shape} micro-batch search (act. ckpt {'on' if ac else 'off'})",
+                            lambda: largest_micro(model, seq, device, ac, cap))
             if not micro:
                 continue
-            x = attempt(f"{shape} step", lambda: measure(cfg, seq, micro, device, ac, False, steps, rounds))
+            x = attempt(f"{shape} step (act. ckpt {'on' if ac else 'off'})",
+                        lambda: measure(model, seq, micro, device, ac, False, steps, rounds))
             if x:
-                r["train"].append({"shape": shape, "seq": seq, **x})
-                print(f"gpu: {shape} {r['train'][-1]}", file=sys.stderr)
-                best = x if best is None or x["tokens_per_s"] > best["tokens_per_s"] else best
-        if best and not args.no_compile:
-            x = attempt(f"{shape} compiled step", lambda: measure(cfg, seq, best["micro_batch_size"], device,
-                                                                  best["activation_checkpointing"], True, steps,
-                                                                  rounds))
-            if x:
-                r["train"].append({"shape": shape, "seq": seq, **x})
-                print(f"gpu: {shape} {r['train'][-1]}", file=sys.stderr)
+                record(shape, seq, x)
+                if shape not in best or x["tokens_per_s"] > best[shape]["tokens_per_s"]:
+                    best[shape] = x
+        if len(shapes) > 1:  # one model on the device at a time
+            models.pop(shape)
+            del model
+            free(device)
+    cfg135 = CHECK_SHAPE[0] if args.check else recipe_shape("smollm2-135m")[0]
+    x = attempt("decode", lambda: decode(cfg135, device, 16 if args.check else 128, 8 if args.check else 256,
+                                         not args.check))
+    if x:
+        r["decode"] = {"shape": "check" if args.check else "smollm2-135m", **x}
     first = next((x for x in r["train"] if not x["compiled"] and not x["activation_checkpointing"]), None)
     if first:
         cfg, seq = shapes[first["shape"]]
 
         def deterministic() -> dict:
+            model = models.get(first["shape"]) or new_model(cfg, device)
             set_deterministic(True)
             try:
-                x = measure(cfg, seq, first["micro_batch_size"], device, False, False, steps, rounds)
+                x = measure(model, seq, first["micro_batch_size"], device, False, False, steps, rounds)
             finally:
                 torch.use_deterministic_algorithms(False)
             return {"shape": first["shape"], "micro_batch_size": first["micro_batch_size"],
@@ -314,11 +381,14 @@ def main() -> None:
                     "cost": round(1 - x["tokens_per_s"] / first["tokens_per_s"], 4)}
 
         r["deterministic"] = attempt("deterministic step", deterministic)
-    cfg135 = CHECK_SHAPE[0] if args.check else recipe_shape("smollm2-135m")[0]
-    x = attempt("decode", lambda: decode(cfg135, device, 16 if args.check else 128, 8 if args.check else 256,
-                                         not args.check))
-    if x:
-        r["decode"] = {"shape": "check" if args.check else "smollm2-135m", **x}
+    if not args.no_compile:
+        for shape, b in best.items():
+            cfg, seq = shapes[shape]
+            x = attempt(f"{shape} compiled step", lambda: measure(models.get(shape) or new_model(cfg, device), seq,
+                                                                  b["micro_batch_size"], device,
+                                                                  b["activation_checkpointing"], True, steps, rounds))
+            if x:
+                record(shape, seq, x)
     save()
     (args.out / "gpu.md").write_text(markdown(r) + "\n")
     print(markdown(r))

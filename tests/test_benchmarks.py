@@ -22,11 +22,35 @@ def test_the_gpu_check_says_there_is_no_gpu(tmp_path):
     assert proc.returncode != 0 and "gpu.sh: no CUDA device here" in proc.stderr, proc.stderr
 
 
+def probe_wheel(folder, name="slm_gpu_probe", version="1.0"):
+    """A minimal pure-Python wheel, as benchmarks/gpu_wheels.sh would download, made here without a registry."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": "VALUE = 1\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{k},,\n" for k in files) + f"{info}/RECORD,,\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+    return path
+
+
 @pytest.mark.slow
 def test_the_gpu_check_runs_on_the_cpu_in_check_mode(tmp_path):
-    proc = gpu_sh(tmp_path / "out", SLM_GPU_CHECK="cpu")
+    """The whole check, as a lent machine runs it: wheels carried in SLM_WHEELS are installed beside the machine's own
+    packages (without the network) and named in gpu.json, with the versions that ran."""
+    probe_wheel(tmp_path / "wheels")
+    proc = gpu_sh(tmp_path / "out", SLM_GPU_CHECK="cpu", SLM_WHEELS=str(tmp_path / "wheels"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gpu.sh: installed 1 wheels from" in proc.stderr
     r = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    env = r["environment"]
+    assert env["carried"] == ["slm_gpu_probe 1.0"] and env["torch"] == torch.__version__ and env["python"], env
+    assert not r["skipped"], r["skipped"]
     assert r["tests"]["counts"] == {"passed": 9, "failure": 0, "error": 0, "skipped": 0}, r["tests"]
     assert not r["errors"], r["errors"]
     rows = {(x["activation_checkpointing"], x["compiled"]): x for x in r["train"]}
@@ -36,6 +60,34 @@ def test_the_gpu_check_runs_on_the_cpu_in_check_mode(tmp_path):
     assert r["deterministic"]["micro_batch_size"] == 2 and r["decode"]["tokens_per_s"] > 0
     md = (tmp_path / "out" / "gpu.md").read_text()
     assert "## Tests (`pytest -m gpu`): 9 passed, 0 failed" in md and "| check | 128 | 2 | on | no |" in md
+
+
+def test_the_gpu_check_stops_measuring_at_its_time_budget(tmp_path):
+    """Past --deadline (gpu.sh: SLM_GPU_BUDGET_S after it starts) no measurement starts: each is listed as skipped,
+    in priority order (eager steps and decode before deterministic mode and compiled steps), and the run still
+    writes gpu.json and gpu.md, so that a lent machine's time limit never loses the whole report."""
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--out", str(out), "--check",
+                           "--deadline", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "gpu.json").read_text())
+    assert r["skipped"] == ["check model", "decode"] and not r["train"] and not r["errors"], r
+    md = (out / "gpu.md").read_text()
+    assert "## Skipped: past the time budget (SLM_GPU_BUDGET_S)\n\n- check model\n- decode" in md
+
+
+def test_the_gpu_check_stops_hung_tests_and_still_reports(tmp_path):
+    """gpu.sh stops the GPU tests at SLM_GPU_TESTS_S (a hung collective must not eat a lent machine's minutes) and
+    gpu.md says why there is no test table."""
+    proc = gpu_sh(tmp_path / "out", SLM_GPU_CHECK="cpu", SLM_GPU_TESTS_S="1", SLM_GPU_BUDGET_S="0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the GPU tests ran past 1 s and were stopped" in proc.stderr
+    r = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    assert "tests" not in r and r["errors"][0].startswith("tests: no report at "), r["errors"]
+    assert "ran past 1 s" in r["errors"][0] and r["skipped"] == ["check model", "decode"]
+    assert "- tests: no report at" in (tmp_path / "out" / "gpu.md").read_text()
 
 
 @pytest.mark.slow

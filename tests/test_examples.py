@@ -9,7 +9,7 @@ from conftest import ROOT
 SCRIPTS = ["examples/quickstart.sh", "examples/pipeline.sh", "examples/slurm/pretrain.sbatch",
            "examples/slurm/stage.sbatch", "examples/slurm/chain.sh", "examples/recipes/cost.sh",
            "examples/recipes/stablelm-2-1_6b/run.sh", "examples/recipes/smollm2-1_7b/run.sh", "examples/released.sh",
-           "benchmarks/gpu.sh"]
+           "benchmarks/gpu.sh", "benchmarks/gpu_wheels.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
