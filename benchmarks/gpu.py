@@ -34,6 +34,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 from slm.model.transformer import ModelConfig, build
 from slm.recipes import load_recipe
@@ -110,16 +111,17 @@ class Step:
         self.eng.finish_step(True)
 
 
-def fits(model, micro, seq, device, ac) -> bool:
+def fits(model, micro, seq, device, ac) -> int | None:
+    """The peak memory (bytes; 0 on a CPU) of one step at MICRO sequences, or None when it runs out of memory."""
     free(device)
     step = None
     try:
         step = Step(model, micro, seq, device, ac, False)
         step()
         sync(device)
-        return True
+        return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     except torch.OutOfMemoryError:
-        return False
+        return None
     finally:
         step = None
         for p in model.parameters():
@@ -127,12 +129,32 @@ def fits(model, micro, seq, device, ac) -> bool:
         free(device)
 
 
-def largest_micro(model, seq, device, ac, cap: int) -> int:
-    """Doubling until a step runs out of memory, then the largest that ran (0: not even one sequence)."""
-    micro, best = 1, 0
-    while micro <= cap and fits(model, micro, seq, device, ac):
-        best, micro = micro, micro * 2
-    return best
+def largest_micro(model, seq, device, ac, cap: int, headroom: float = 0.95) -> int:
+    """The largest power-of-two micro-batch (up to CAP) whose step runs (0: not even one sequence).
+
+    On a GPU: the peaks of 1 and 2 sequences give the fixed and per-sequence memory; the largest power of two they
+    predict within HEADROOM of the device's memory is tried, then halved until it runs. Each new micro-batch
+    compiles FlexAttention's kernels again, so this tries three or four sizes where doubling would try up to seven.
+    On a CPU (--check): doubling."""
+    if device.type != "cuda":
+        micro, best = 1, 0
+        while micro <= cap and fits(model, micro, seq, device, ac) is not None:
+            best, micro = micro, micro * 2
+        return best
+    one = fits(model, 1, seq, device, ac)
+    if one is None or cap < 2:
+        return 0 if one is None else 1
+    two = fits(model, 2, seq, device, ac)
+    if two is None:
+        return 1
+    per_seq = max(two - one, 1)
+    total = torch.cuda.get_device_properties(device).total_memory * headroom
+    guess = 2
+    while guess * 2 <= cap and one + (guess * 2 - 1) * per_seq <= total:
+        guess *= 2
+    while guess > 2 and fits(model, guess, seq, device, ac) is None:
+        guess //= 2
+    return guess
 
 
 def measure(model, seq, micro, device, ac, compiled, steps: int, rounds: int) -> dict:
@@ -339,8 +361,15 @@ def main() -> None:
     steps, rounds = (1, 1) if args.check else (args.steps, args.rounds)
     # What the issue's targets need comes first (eager MFU and memory at each shape, then decode); what a time
     # budget may cut comes last (deterministic mode's cost, the compiled steps).
+    # Every micro-batch size tried compiles FlexAttention for that shape; past dynamo's recompile limit (8) it would
+    # fall back to the unfused implementation (the full score matrix), so the limit is lifted and the cache cleared
+    # between shapes.
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
     models, best = {}, {}
     for shape, (cfg, seq) in shapes.items():
+        torch._dynamo.reset()
         model = attempt(f"{shape} model", lambda: new_model(cfg, device))
         if model is None:
             continue

@@ -78,6 +78,43 @@ def test_the_gpu_check_stops_measuring_at_its_time_budget(tmp_path):
     assert "## Skipped: past the time budget (SLM_GPU_BUDGET_S)\n\n- check model\n- decode" in md
 
 
+def load_gpu_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("fixed,per_seq,limit,expect,tried", [
+    (10, 7, 80, 8, [1, 2, 8]),          # 66 GiB predicted at 8 sequences, 122 at 16: 8 is tried and runs
+    (10, 7, 60, 4, [1, 2, 8, 4]),       # fragmentation: 8 runs out although predicted to fit; halved once
+    (70, 20, 80, 0, [1]),               # not even one sequence
+    (40, 30, 80, 1, [1, 2]),            # one, not two
+    (1, 1, 80, 64, [1, 2, 64]),         # capped at 64
+])
+def test_the_gpu_micro_batch_search_tries_few_sizes(monkeypatch, fixed, per_seq, limit, expect, tried):
+    """On a GPU the search predicts the largest power of two from the peaks of 1 and 2 sequences (each size tried
+    compiles FlexAttention again) and halves when the prediction runs out of memory. A fake device of 80 GiB whose
+    step takes FIXED + PER_SEQ GiB per sequence and runs out above LIMIT."""
+    gpu = load_gpu_benchmark()
+    calls = []
+
+    def fake_fits(model, micro, seq, device, ac):
+        calls.append(micro)
+        need = (fixed + per_seq * micro) * 2**30
+        return need if need <= limit * 2**30 else None
+
+    class Props:
+        total_memory = 80 * 2**30
+
+    monkeypatch.setattr(gpu, "fits", fake_fits)
+    monkeypatch.setattr(gpu.torch.cuda, "get_device_properties", lambda device: Props())
+    assert gpu.largest_micro(None, 2048, torch.device("cuda"), False, 64) == expect
+    assert calls == tried
+
+
 def test_the_gpu_check_stops_hung_tests_and_still_reports(tmp_path):
     """gpu.sh stops the GPU tests at SLM_GPU_TESTS_S (a hung collective must not eat a lent machine's minutes) and
     gpu.md says why there is no test table."""
