@@ -53,7 +53,7 @@ SHAPES = {
                               num_kv_heads=4, intermediate_size=1536, tie_embeddings=True, max_seq_len=1024), 4, 512),
 }
 # SmolLM2-135M's recipe shape at its pre-training sequence length: 2 sequences of 2048 tokens fit in 8 GB for slm
-# (the planner: 7.0 GiB); run it alone with --shapes smollm2-135m --rounds 2 --steps 1 (a step is ~3.3 TFLOP).
+# (the planner: 7.5 GiB); run it alone with --shapes smollm2-135m --rounds 2 --steps 1 (a step is ~3.3 TFLOP).
 CPU_REAL_SHAPES = {
     "smollm2-135m": (ModelConfig(family="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
                                  num_kv_heads=3, intermediate_size=1536, tie_embeddings=True, max_seq_len=2048,

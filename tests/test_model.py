@@ -178,6 +178,25 @@ def test_fused_cross_entropy_equals_pytorch():
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_losses_chunk_by_the_device(monkeypatch):
+    """With no chunk size given, the fused losses hold the device's CHUNK_ELEMENTS logits at a time (2^25 on a CPU,
+    2^27 on a GPU, where small chunks would spend the layer re-reading the fp32 gradient of the output matrix), and
+    the planner counts a GPU's chunk; the result is the same as one chunk's."""
+    from slm.model import loss as loss_mod
+
+    assert loss_mod.default_chunk_elements(torch.device("cpu")) == 1 << 25
+    assert loss_mod.default_chunk_elements(torch.device("cuda")) == 1 << 27
+    rows = []
+    real = loss_mod._LinearCrossEntropy.apply
+    monkeypatch.setattr(loss_mod._LinearCrossEntropy, "apply", lambda *a: rows.append(a[3]) or real(*a))
+    monkeypatch.setitem(loss_mod.CHUNK_ELEMENTS, "cpu", 1000 * 100)  # 100 rows of a 1,000-word vocabulary
+    torch.manual_seed(0)
+    h, w, t = torch.randn(300, 64), torch.randn(1000, 64), torch.randint(0, 1000, (300,))
+    torch.testing.assert_close(linear_cross_entropy(h, w, t), F.cross_entropy(h @ w.T, t, reduction="sum"),
+                               rtol=1e-6, atol=1e-3)
+    assert rows == [100]
+
+
 def test_fused_cross_entropy_under_bf16_autocast():
     """Under autocast (bf16 training on a GPU, or a CPU with bf16 units) the fused loss and its gradients follow
     F.cross_entropy of the autocast logits, across several chunks, with an fp32 gradient for the fp32 weight."""

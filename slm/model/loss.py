@@ -11,6 +11,19 @@ from __future__ import annotations
 
 import torch
 
+# Logits held at a time (a chunk of rows x the vocabulary). Each chunk adds its share of the output matrix's
+# gradient into one fp32 [V, H] sum, which reads and writes that whole sum: with small chunks this traffic, not the
+# products, sets the speed. At StableLM 2's vocabulary (100,352) and width (2,048) the sum is 822 MB; 2^23 logits
+# (83 rows) would move ~2 GB per 34 GFLOP chunk, ten times the product's time on an H100-class GPU. 2^27 (1,337
+# rows there, 0.5 GiB of fp32 logits) keeps it to a few percent of the layer; on CPUs 2^25 (128 MiB) measured 7%
+# faster than 2^23 for SmolLM2-135M's layer (49,152 x 576, 4,096 tokens; 2 cores). cost.py counts the chunk.
+CHUNK_ELEMENTS = {"cuda": 1 << 27, "cpu": 1 << 25}
+
+
+def default_chunk_elements(device: torch.device) -> int:
+    """How many logits the fused losses hold at a time on DEVICE (CHUNK_ELEMENTS; other devices as CUDA)."""
+    return CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"])
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -64,11 +77,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_elements: int = 1 << 23) -> torch.Tensor:
+                         chunk_elements: int | None = None) -> torch.Tensor:
     """sum over tokens of cross_entropy(h @ weight.T, targets), ignoring targets == -100.
 
-    h [N, H], weight [V, H], targets [N]; chunks of about CHUNK_ELEMENTS logits at a time."""
-    chunk = max(16, chunk_elements // weight.shape[0])
+    h [N, H], weight [V, H], targets [N]; chunks of about CHUNK_ELEMENTS logits at a time (None: the device's)."""
+    chunk = max(16, (chunk_elements or default_chunk_elements(h.device)) // weight.shape[0])
     return _LinearCrossEntropy.apply(h, weight, targets, chunk)
 
 
@@ -119,8 +132,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 
 
 def linear_token_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_elements: int = 1 << 23) -> torch.Tensor:
+                          chunk_elements: int | None = None) -> torch.Tensor:
     """Per row of h [N, H]: log softmax(h @ weight.T)[target], 0 where the target is -100; differentiable,
-    never holding more than CHUNK_ELEMENTS logits (DPO's sequence log-probabilities)."""
-    chunk = max(16, chunk_elements // weight.shape[0])
+    never holding more than CHUNK_ELEMENTS logits (None: the device's; DPO's sequence log-probabilities)."""
+    chunk = max(16, (chunk_elements or default_chunk_elements(h.device)) // weight.shape[0])
     return _LinearTokenLogprobs.apply(h, weight, targets, chunk)

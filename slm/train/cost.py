@@ -30,6 +30,7 @@ from slm.console import table, warn
 from slm.errors import SlmError, UsageError
 from slm.formats.tables import human, plural
 from slm.formats.tokenizer import padded_vocab_size
+from slm.model.loss import CHUNK_ELEMENTS
 from slm.model.transformer import ModelConfig, build
 from slm.recipes import find_recipe, load_recipe
 from slm.train.batches import fit_micro_batch
@@ -89,6 +90,8 @@ def plan(model_cfg: ModelConfig, t, seq_len: int, steps: int, world: int, engine
     else:
         act = tokens_micro * L * per_block_token
     act += 4 * model_cfg.vocab_size * h + tokens_micro * (c + 4) * h
+    # the fused loss's chunk of logits (fp32; in bf16 also the product's output and the gradient's bf16 copy)
+    act += min(CHUNK_ELEMENTS["cuda"], tokens_micro * model_cfg.vocab_size) * (8 if c == 2 else 4)
     mem["activations"] = act
     total = sum(mem.values())
     out = {
