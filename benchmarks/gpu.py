@@ -10,7 +10,8 @@ activation checkpointing off and on, its tokens/s, MFU (6N + 12 L H T FLOPs per 
 datasheet peak, slm/devices.py) and peak memory, next to the planner's prediction (slm/train/cost.py, what
 `slm pretrain --dry-run` prints); then the fastest setting again under torch.compile. Deterministic mode
 (train.deterministic) against the default at the first shape. Decode: tokens/s of the static-cache decoder
-(compiled) for the smollm2-135m shape in bf16, batch 1.
+(compiled) for the smollm2-135m shape in bf16, batch 1, and the same replayed as a CUDA graph (compile
+"reduce-overhead": a 135M step is hundreds of short kernels, whose launches may bound it).
 
 Writes DIR/gpu.json after every measurement (a run cut short keeps what it measured) and DIR/gpu.md at the end.
 Targets (issue 19): MFU >= 45% at stablelm-2-1_6b on an H100/H200-class GPU; the planner within 10% of the peak.
@@ -204,7 +205,7 @@ def planner_gpu(device) -> str:
     return "h100"  # the planner's memory does not depend on the GPU chosen
 
 
-def decode(cfg: ModelConfig, device, prompt: int, gen: int, compiled: bool) -> dict:
+def decode(cfg: ModelConfig, device, prompt: int, gen: int, compiled: bool | str) -> dict:
     from slm.model.decode import StaticDecoder
 
     free(device)
@@ -226,7 +227,8 @@ def decode(cfg: ModelConfig, device, prompt: int, gen: int, compiled: bool) -> d
 
     run()  # warm up (and compile)
     rates = [run() for _ in range(3)]
-    return {"dtype": str(dtype).replace("torch.", ""), "compiled": compiled, "prompt": prompt, "gen": gen,
+    return {"dtype": str(dtype).replace("torch.", ""), "compiled": bool(compiled),
+            "cuda_graphs": compiled == "reduce-overhead", "prompt": prompt, "gen": gen,
             "tokens_per_s": round(statistics.median(rates), 1)}
 
 
@@ -276,10 +278,12 @@ def markdown(r: dict) -> str:
                   f"default, {x['deterministic_tokens_per_s']:,.0f} deterministic ({abs(x['cost']):.1%} "
                   f"{'slower' if x['cost'] >= 0 else 'faster: noise'})", ""]
     if r.get("decode"):
-        x = r["decode"]
-        lines += ["## Decode (torch backend, static cache)", "",
-                  f"{x['shape']}, {x['dtype']}, batch 1, prompt {x['prompt']}, {x['gen']} new tokens, "
-                  f"{'compiled' if x['compiled'] else 'eager'}: **{x['tokens_per_s']:,.1f} tokens/s**", ""]
+        lines += ["## Decode (torch backend, static cache)", ""]
+        for x in (r["decode"], r.get("decode_cuda_graphs")):
+            if x:
+                how = "compiled, CUDA graphs" if x.get("cuda_graphs") else "compiled" if x["compiled"] else "eager"
+                lines += [f"{x['shape']}, {x['dtype']}, batch 1, prompt {x['prompt']}, {x['gen']} new tokens, "
+                          f"{how}: **{x['tokens_per_s']:,.1f} tokens/s**", ""]
     if r.get("errors"):
         lines += ["## Errors", ""] + [f"- {e}" for e in r["errors"]] + [""]
     if r.get("skipped"):
@@ -410,6 +414,10 @@ def main() -> None:
                     "cost": round(1 - x["tokens_per_s"] / first["tokens_per_s"], 4)}
 
         r["deterministic"] = attempt("deterministic step", deterministic)
+    if not args.check:  # the same decoder replayed as a CUDA graph (StaticDecoder(compile="reduce-overhead"))
+        x = attempt("decode with CUDA graphs", lambda: decode(cfg135, device, 128, 256, "reduce-overhead"))
+        if x:
+            r["decode_cuda_graphs"] = {"shape": "smollm2-135m", **x}
     if not args.no_compile:
         for shape, b in best.items():
             cfg, seq = shapes[shape]

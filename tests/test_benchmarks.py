@@ -51,7 +51,7 @@ def test_the_gpu_check_runs_on_the_cpu_in_check_mode(tmp_path):
     env = r["environment"]
     assert env["carried"] == ["slm_gpu_probe 1.0"] and env["torch"] == torch.__version__ and env["python"], env
     assert not r["skipped"], r["skipped"]
-    assert r["tests"]["counts"] == {"passed": 9, "failure": 0, "error": 0, "skipped": 0}, r["tests"]
+    assert r["tests"]["counts"] == {"passed": 10, "failure": 0, "error": 0, "skipped": 0}, r["tests"]
     assert not r["errors"], r["errors"]
     rows = {(x["activation_checkpointing"], x["compiled"]): x for x in r["train"]}
     assert set(rows) == {(False, False), (True, False), (False, True)}
@@ -59,7 +59,7 @@ def test_the_gpu_check_runs_on_the_cpu_in_check_mode(tmp_path):
                for x in rows.values())
     assert r["deterministic"]["micro_batch_size"] == 2 and r["decode"]["tokens_per_s"] > 0
     md = (tmp_path / "out" / "gpu.md").read_text()
-    assert "## Tests (`pytest -m gpu`): 9 passed, 0 failed" in md and "| check | 128 | 2 | on | no |" in md
+    assert "## Tests (`pytest -m gpu`): 10 passed, 0 failed" in md and "| check | 128 | 2 | on | no |" in md
 
 
 def test_the_gpu_check_stops_measuring_at_its_time_budget(tmp_path):

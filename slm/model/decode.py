@@ -87,7 +87,11 @@ class StaticDecoder:
         logits = dec.step(next_ids)               # [B, V], one new token per row
     """
 
-    def __init__(self, model: Transformer, batch: int, max_len: int, compile: bool = False):
+    def __init__(self, model: Transformer, batch: int, max_len: int, compile: bool | str = False):
+        """COMPILE: True compiles the step (torch.compile's default mode); "reduce-overhead" also replays it as a CUDA
+        graph on a GPU, where a step of a small model is a few hundred short kernels whose launches would bound it
+        (the cache and the mask keep their addresses, marked static; each step's logits are copied out of the
+        graph's memory, which the next replay overwrites). On a CPU "reduce-overhead" is the default mode."""
         if max_len > model.cfg.max_seq_len:
             raise ValueError(f"{max_len} positions, more than the model's max_seq_len {model.cfg.max_seq_len}")
         self.model = model
@@ -98,7 +102,16 @@ class StaticDecoder:
         self.valid = torch.zeros((1, 1, 1, max_len), dtype=torch.bool, device=self.device)
         self.length = 0
         # dynamic=False: every step has the same shapes, so one graph serves them all
-        self._step = torch.compile(_step, dynamic=False, fullgraph=True) if compile else _step
+        self._graphs = compile == "reduce-overhead"
+        if compile not in (False, True, "reduce-overhead"):
+            raise ValueError(f"compile: expected True, False or 'reduce-overhead', got {compile!r}")
+        if self._graphs:
+            from torch._dynamo import mark_static_address
+
+            for t in (*self.cache.k, *self.cache.v, self.valid):
+                mark_static_address(t)
+        self._step = torch.compile(_step, dynamic=False, fullgraph=True,
+                                   mode="reduce-overhead" if self._graphs else None) if compile else _step
 
     def _rotation(self, pos: int) -> torch.Tensor:
         """The rotary embedding at position POS as a [head_dim, head_dim] matrix (x @ R = apply_rotary(x)): one
@@ -145,7 +158,11 @@ class StaticDecoder:
             logits = _step(self.model, tokens, position, slot, None, [k[:, :, :n] for k in self.cache.k],
                            [v[:, :, :n] for v in self.cache.v], rotation=self._rotation(pos))
         else:  # compiled: the same shapes at every step, the unwritten positions masked
+            if self._graphs and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+                torch.compiler.cudagraph_mark_step_begin()
             logits = self._step(self.model, tokens, position, slot, self.valid, self.cache.k, self.cache.v)
+            if self._graphs:
+                logits = logits.clone()
         self.length = pos + 1
         self.cache.length = pos + 1
         return logits
