@@ -9,6 +9,7 @@ estimate, SLM_PEAK_TFLOPS for the MFU.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from slm.errors import UsageError
@@ -75,3 +76,11 @@ def gpu_of_device(device_name: str) -> Gpu | None:
         if g.device_name in device_name:
             return g
     return None
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask (what taskset, SLURM's --cpus-per-task and torch
+    see), or os.cpu_count() where the OS has no affinity call (macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

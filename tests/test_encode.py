@@ -98,6 +98,24 @@ def test_two_workers_write_the_same_shards(tmp_path, tok):
             assert (a.dir / "shards" / f"{name}{ext}").read_bytes() == (b.dir / "shards" / f"{name}{ext}").read_bytes()
 
 
+def test_default_workers_where_the_os_has_no_affinity_call(tmp_path, tok, monkeypatch):
+    """Without --workers, encode uses every core the process may run on; on an OS without os.sched_getaffinity
+    (macOS) that is os.cpu_count(), not an AttributeError."""
+    import os
+
+    from slm import devices
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert devices.usable_cores() == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert devices.usable_cores() == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    inputs = [write_jsonl(tmp_path / f"in{i}.jsonl", DOCS) for i in range(2)]
+    td, s = encode(tok, inputs, tmp_path / "out", workers=None)
+    assert s["documents"] == 2 * len(DOCS) and len(td.shard_names) == 2
+
+
 def test_manifest_counts_and_hashes(tmp_path, tok):
     inp = write_jsonl(tmp_path / "in.jsonl", DOCS + [""])
     td, summary = encode(tok, [inp], tmp_path / "out")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slm.devices import usable_cores
 from slm.errors import SlmError
 
 _LOG_CALLBACK = None
@@ -142,10 +143,6 @@ def open_gguf(path: Path, n_ctx: int, threads: int | None, n_batch: int = 512, n
     threads = threads or usable_cores()
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, logits_all=logits_all, n_threads=threads,
                  n_threads_batch=threads, verbose=False, **kw)
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class LlamaCppScorer:

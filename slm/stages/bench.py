@@ -18,7 +18,6 @@ llama-cpp-python), openvino (an `slm quantize --type int4` IR, whose keys and va
 from __future__ import annotations
 
 import multiprocessing
-import os
 import platform
 import resource
 import statistics
@@ -32,6 +31,7 @@ import torch
 
 from slm import energy
 from slm.console import err, progress
+from slm.devices import usable_cores
 from slm.errors import AT_LEAST_0, POSITIVE, SlmError, UsageError, check_ranges
 from slm.formats.checkpoint import Checkpoint
 from slm.formats.manifest import atomic_dir, check_replaceable, new_manifest, read_json, write_json
@@ -294,7 +294,7 @@ def measure(cfg: BenchConfig) -> dict:
     for path, _ in jobs:
         if not Path(path).exists():
             raise SlmError(f"{path}: no such file or directory")
-    threads = cfg.threads or len(os.sched_getaffinity(0))
+    threads = cfg.threads or usable_cores()
     settings = {"prompt": cfg.prompt, "gen": cfg.gen, "repeat": cfg.repeat, "threads": threads, "batch": cfg.batch,
                 "dtype": cfg.dtype, "compile": cfg.compile, "seed": cfg.seed}
     bandwidth = cfg.bandwidth or measure_bandwidth()

@@ -23,6 +23,7 @@ import numpy as np
 
 from slm import energy
 from slm.console import Heartbeat, RateColumn, info, progress, warn
+from slm.devices import usable_cores
 from slm.errors import AT_LEAST_0, POSITIVE, SlmError, UsageError, check_ranges
 from slm.formats.indexed import IndexedWriter
 from slm.formats.manifest import (MANIFEST, canonical_json, check_replaceable, new_manifest, publish_dir, read_json,
@@ -326,7 +327,7 @@ def _jobs(cfg, inputs, units, hashes, settings, out, partial, previous_units) ->
 
 def _encode(cfg, tok, jobs: list[dict], partial: Path, records: dict) -> None:
     """Encode JOBS on the workers, with a progress bar; each finished unit's record is kept as it ends."""
-    workers = max(1, min(cfg.workers or len(os.sched_getaffinity(0)), len(jobs)))
+    workers = max(1, min(cfg.workers or usable_cores(), len(jobs)))
     total = sum(j["unit"].nbytes for j in jobs)
     with progress(RateColumn("completed", "MB/s", 1e6), RateColumn("tokens", "Mtok/s", 1e6)) as bar:
         task = bar.add_task("encoding", total=max(total, 1), tokens=0)
