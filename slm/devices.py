@@ -10,6 +10,8 @@ estimate, SLM_PEAK_TFLOPS for the MFU.
 from __future__ import annotations
 
 import os
+import resource
+import sys
 from dataclasses import dataclass
 
 from slm.errors import UsageError
@@ -84,3 +86,18 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM (the high-water mark of its own address space; getrusage's
+    ru_maxrss would also count what the parent held when it started this process, the bandwidth probe's GiB),
+    else ru_maxrss (kilobytes on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024

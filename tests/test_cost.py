@@ -149,3 +149,28 @@ def test_one_gpu_table_for_the_planner_and_the_carbon_estimate(train_data):
     assert proc.returncode == 0 and json.loads(proc.stdout)["gpu"] == "a100-80gb", proc.stderr
     proc = run_cli("carbon", "estimate", "--gpu-hours", "10", "--gpu", "a100", "--intensity", "100", "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["power_w"] == 400, proc.stderr
+
+
+@pytest.mark.parametrize("platform,unit", [("linux", 1024), ("darwin", 1)])
+def test_peak_memory_without_proc_reads_ru_maxrss_in_its_platform_unit(monkeypatch, platform, unit):
+    """Where /proc/self/status is missing, the peak resident memory (training's memory_gib on a CPU, bench's peak RSS)
+    comes from getrusage, whose ru_maxrss is KiB on Linux and bytes on macOS: 3 GiB either way."""
+    import builtins
+    import resource
+    import types
+
+    from slm import devices
+    from slm.train.metrics import memory_gib
+
+    real_open = builtins.open
+
+    def no_proc(path, *a, **k):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    monkeypatch.setattr(devices.sys, "platform", platform)
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=3 * 2**30 // unit))
+    assert devices.peak_rss_bytes() == 3 * 2**30
+    assert memory_gib(torch.device("cpu")) == 3.0

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import platform
-import resource
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +29,7 @@ import torch
 
 from slm import energy
 from slm.console import err, progress
-from slm.devices import usable_cores
+from slm.devices import peak_rss_bytes, usable_cores
 from slm.errors import AT_LEAST_0, POSITIVE, SlmError, UsageError, check_ranges
 from slm.formats.checkpoint import Checkpoint
 from slm.formats.manifest import atomic_dir, check_replaceable, new_manifest, read_json, write_json
@@ -111,21 +109,6 @@ def measure_bandwidth(gib: float = 1.0, rounds: int = 3) -> float:
         a.sum()
         best = max(best, a.numel() * 4 / (time.perf_counter() - t) / 1e9)
     return best
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory: Linux's VmHWM (the high-water mark of its own address space; getrusage's
-    ru_maxrss would also count what the parent held when it started this process, the bandwidth probe's GiB),
-    else ru_maxrss (kilobytes on Linux, bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 # --- runners: one prompt, then greedy tokens -----------------------------------------------------------------------

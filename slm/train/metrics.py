@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import resource
 from pathlib import Path
 
 import torch
 
-from slm.devices import gpu_of_device
+from slm.devices import gpu_of_device, peak_rss_bytes
 from slm.formats.metrics import read_metrics
 from slm.formats.tables import save_figure
 
@@ -29,7 +28,7 @@ def peak_flops(device: torch.device) -> float | None:
 def memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_bytes() / 2**30  # ru_maxrss alone is KiB on Linux but bytes on macOS
 
 
 def plot(run_dir: Path, out: Path | None = None) -> Path | None:
