@@ -45,6 +45,47 @@ def gib(n: float) -> float:
     return n / 2**30
 
 
+def memory_bytes(model_cfg: ModelConfig, t, seq_len: int, micro: int, world: int, engine: str,
+                 compute_dtype: str) -> dict[str, float]:
+    """Bytes per process of one training step: weights, gradients, optimizer, buffers and activations (what
+    autograd keeps for the backward of MICRO sequences, tests/test_cost.py measures it), for ENGINE on WORLD
+    processes."""
+    model = build(model_cfg, "meta")
+    P = model.num_parameters()
+    c = 2 if compute_dtype == "bf16" else 4
+    W = world
+    zero = t.zero_stage if engine == "deepspeed" else None
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    mem = {"weights": 4 * P, "gradients": 4 * P, "optimizer": 8 * P, "buffers": 0}
+    if engine == "fsdp":
+        mem = {"weights": 4 * P / W, "gradients": 4 * P / W, "optimizer": 8 * P / W, "buffers": 2 * block * c}
+    elif zero in (1, 2):
+        mem["optimizer"] = 12 * P / W
+        if zero == 2:
+            mem["gradients"] = 4 * P / W
+            mem["buffers"] = 4 * min(DEEPSPEED_BUCKET, P)
+    elif zero == 3:
+        mem = {"weights": 8 * P / W, "gradients": 4 * P / W, "optimizer": 8 * P / W,
+               "buffers": 4 * min(DEEPSPEED_BUCKET, P) + 4 * min(DEEPSPEED_PREFETCH, P) + 2 * block * 4}
+    h, L, i = model_cfg.hidden_size, model_cfg.num_layers, model_cfg.intermediate_size
+    k = model_cfg.num_kv_heads * model_cfg.head_dim
+    tokens_micro = micro * seq_len
+    per_block_token = 8 * h + c * (5 * h + 3 * k + 4 * i)
+    # torch.autocast's bf16 copy of a block's weights, which each linear layer saves for its backward: every block's
+    # until the backward, or with checkpointing the recomputed block's only (FSDP computes in its gathered bf16
+    # weights, counted in its buffers, and frees them after each block)
+    casts = 2 * block if compute_dtype == "bf16" and engine != "fsdp" else 0
+    if t.activation_checkpointing:
+        act = tokens_micro * (L * 4 * h + per_block_token) + casts
+    else:
+        act = tokens_micro * L * per_block_token + L * casts
+    act += 4 * model_cfg.vocab_size * h + tokens_micro * (c + 4) * h
+    # the fused loss's chunk of logits (fp32; in bf16 also the product's output and the gradient's bf16 copy)
+    act += min(CHUNK_ELEMENTS["cuda"], tokens_micro * model_cfg.vocab_size) * (8 if c == 2 else 4)
+    mem["activations"] = act
+    return mem
+
+
 def plan(model_cfg: ModelConfig, t, seq_len: int, steps: int, world: int, engine: str, gpu: str, mfu: float,
          compute_dtype: str, gpu_hours: float | None = None) -> dict:
     """The plan of a run of STEPS steps of train.tokens_per_step on WORLD processes of GPU at MFU."""
@@ -66,33 +107,8 @@ def plan(model_cfg: ModelConfig, t, seq_len: int, steps: int, world: int, engine
     peak, memory_gib = device.peak_flops, device.memory_gib
     seconds = total_flops / (world * peak * mfu)
 
-    c = 2 if compute_dtype == "bf16" else 4
-    W = world
+    mem = memory_bytes(model_cfg, t, seq_len, micro, world, engine, compute_dtype)
     zero = t.zero_stage if engine == "deepspeed" else None
-    block = sum(p.numel() for p in model.layers[0].parameters())
-    mem = {"weights": 4 * P, "gradients": 4 * P, "optimizer": 8 * P, "buffers": 0}
-    if engine == "fsdp":
-        mem = {"weights": 4 * P / W, "gradients": 4 * P / W, "optimizer": 8 * P / W, "buffers": 2 * block * c}
-    elif zero in (1, 2):
-        mem["optimizer"] = 12 * P / W
-        if zero == 2:
-            mem["gradients"] = 4 * P / W
-            mem["buffers"] = 4 * min(DEEPSPEED_BUCKET, P)
-    elif zero == 3:
-        mem = {"weights": 8 * P / W, "gradients": 4 * P / W, "optimizer": 8 * P / W,
-               "buffers": 4 * min(DEEPSPEED_BUCKET, P) + 4 * min(DEEPSPEED_PREFETCH, P) + 2 * block * 4}
-    h, L, i = model_cfg.hidden_size, model_cfg.num_layers, model_cfg.intermediate_size
-    k = model_cfg.num_kv_heads * model_cfg.head_dim
-    tokens_micro = micro * seq_len
-    per_block_token = 8 * h + c * (5 * h + 3 * k + 4 * i)
-    if t.activation_checkpointing:
-        act = tokens_micro * (L * 4 * h + per_block_token)
-    else:
-        act = tokens_micro * L * per_block_token
-    act += 4 * model_cfg.vocab_size * h + tokens_micro * (c + 4) * h
-    # the fused loss's chunk of logits (fp32; in bf16 also the product's output and the gradient's bf16 copy)
-    act += min(CHUNK_ELEMENTS["cuda"], tokens_micro * model_cfg.vocab_size) * (8 if c == 2 else 4)
-    mem["activations"] = act
     total = sum(mem.values())
     out = {
         "parameters": P, "seq_len": seq_len, "steps": steps, "tokens_per_step": t.tokens_per_step, "tokens": tokens,
