@@ -180,9 +180,9 @@ def test_peak_memory_without_proc_reads_ru_maxrss_in_its_platform_unit(monkeypat
     assert memory_gib(torch.device("cpu")) == 3.0
 
 
-def saved_bytes(cfg, B, T, dtype) -> int:
+def saved_bytes(cfg, B, T, dtype, documents: bool = False) -> int:
     """What autograd keeps for the backward of one training forward (unique storages, parameters excluded), on rows
-    without document boundaries (causal attention: the CPU's dense document mask is not what a GPU keeps)."""
+    without document boundaries (causal attention), or with DOCUMENTS (two per row: the CPU's dense mask)."""
     import contextlib
 
     from slm.model.transformer import build
@@ -199,9 +199,29 @@ def saved_bytes(cfg, B, T, dtype) -> int:
         return t
 
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+    seg = None
+    if documents:
+        seg = torch.zeros(B, T, dtype=torch.long)
+        seg[:, T // 3:] = 1
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
-        model(ids, targets=ids)
+        model(ids, segment_ids=seg, targets=ids)
     return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_dense_document_mask_is_kept_once_not_per_layer(dtype):
+    """Packed rows on a CPU attend through scaled_dot_product_attention with a dense [B, T, T] mask: it is built once
+    per forward in the dtype attention runs in and shared by every layer, so a block keeps the same bytes with
+    document boundaries as without (given the boolean mask, SDPA converted it in each layer and kept each copy)."""
+    cfg2 = ModelConfig(family="llama", vocab_size=1024, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=256, tie_embeddings=True, max_seq_len=256)
+    cfg4 = ModelConfig.from_dict({**cfg2.to_dict(), "num_layers": 4})
+    B, T = 2, 256
+    per_block = {docs: (saved_bytes(cfg4, B, T, dtype, docs) - saved_bytes(cfg2, B, T, dtype, docs)) / 2
+                 for docs in (False, True)}
+    assert per_block[True] == per_block[False], per_block
+    mask = B * T * T * (2 if dtype == "bf16" else 4)
+    assert saved_bytes(cfg2, B, T, dtype, True) - saved_bytes(cfg2, B, T, dtype, False) == pytest.approx(mask, rel=0.01)
 
 
 @pytest.mark.parametrize("family", ["stablelm", "llama"])

@@ -353,6 +353,13 @@ class Transformer(nn.Module):
                 mask = keys <= rows
         elif segment_ids is not None:  # the batch builder passes None when no window holds a boundary
             mask = document_mask(segment_ids, self.attention_backend)
+            if isinstance(mask, torch.Tensor):
+                # One additive mask in the dtype attention runs in, shared by every layer: given the boolean one,
+                # scaled_dot_product_attention would convert it (and autocast cast it) in each layer and keep
+                # each copy for the backward, [B, T, T] floats per layer.
+                dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+                    else x.dtype
+                mask = torch.zeros(mask.shape, dtype=dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         else:
             mask = "causal"
         for layer in self.layers:
