@@ -81,7 +81,7 @@ def gpu_of_device(device_name: str) -> Gpu | None:
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may run on: its affinity mask (what taskset, SLURM's --cpus-per-task and torch
+    """The CPU cores this process may run on: its affinity mask (what taskset, SLURM's cpus-per-task and torch
     see), or os.cpu_count() where the OS has no affinity call (macOS)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
