@@ -5,10 +5,12 @@
 #
 # 1. `pytest -m gpu` (tests/test_gpu.py): FlexAttention document masking against masked SDPA (forward and
 #    backward, both families), bf16 autocast against fp32, FSDP with its bf16 policy on one process, the compiled
-#    training step, fused AdamW, the static-cache decoder, a bit-exact resume in deterministic mode.
+#    training step, fused AdamW, the static-cache decoder (eager, compiled, CUDA graph), a bit-exact resume in
+#    deterministic mode.
 # 2. benchmarks/gpu.py: MFU, tokens/s and peak memory of the training step at the smollm2-360m and stablelm-2-1_6b
 #    shapes (largest micro-batch that fits, activation checkpointing off and on, then compiled), the dry-run
-#    planner's memory beside the measured peak, deterministic mode's cost, decode tokens/s at the 135M shape.
+#    planner's memory beside the measured peak, deterministic mode's cost, decode tokens/s at the 135M shape
+#    (compiled, then replayed as a CUDA graph).
 # Writes OUT_DIR/gpu.json and OUT_DIR/gpu.md (and the tests' junit XML and log). SLM_GPU_CHECK=cpu runs the same
 # on the CPU at a tiny shape, to check the script where there is no GPU (it measures nothing).
 #
