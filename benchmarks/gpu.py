@@ -11,7 +11,8 @@ datasheet peak, slm/devices.py) and peak memory, next to the planner's predictio
 `slm pretrain --dry-run` prints); then the fastest setting again under torch.compile. Deterministic mode
 (train.deterministic) against the default at the first shape. Decode: tokens/s of the static-cache decoder
 (compiled) for the smollm2-135m shape in bf16, batch 1, and the same replayed as a CUDA graph (compile
-"reduce-overhead": a 135M step is hundreds of short kernels, whose launches may bound it).
+"reduce-overhead": a 135M step is hundreds of short kernels, whose launches may bound it). The time to build a
+batch's FlexAttention block mask against the step it serves.
 
 Writes DIR/gpu.json after every measurement (a run cut short keeps what it measured) and DIR/gpu.md at the end.
 Targets (issue 19): MFU >= 45% at stablelm-2-1_6b on an H100/H200-class GPU; the planner within 10% of the peak.
@@ -232,6 +233,25 @@ def decode(cfg: ModelConfig, device, prompt: int, gen: int, compiled: bool | str
             "tokens_per_s": round(statistics.median(rates), 1)}
 
 
+def mask_cost(cfg: ModelConfig, seq: int, micro: int, device, step_s: float) -> dict:
+    """Building a batch's FlexAttention block mask (slm.model.transformer.document_mask: create_block_mask over the
+    segment ids, once per forward, not compiled) against the step it serves: whether building it from the
+    segments' block structure would be worth it."""
+    from slm.model.transformer import document_mask
+
+    _, _, seg = packed_batch(cfg, micro, seq, device)
+    document_mask(seg, "flex")  # warm up
+    times = []
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        document_mask(seg, "flex")
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1e3
+    return {"micro_batch_size": micro, "seq": seq, "ms": round(ms, 3), "fraction_of_step": round(ms / 1e3 / step_s, 4)}
+
+
 def junit_summary(path: Path) -> dict:
     root = ET.parse(path).getroot()
     cases = []
@@ -284,6 +304,10 @@ def markdown(r: dict) -> str:
                 how = "compiled, CUDA graphs" if x.get("cuda_graphs") else "compiled" if x["compiled"] else "eager"
                 lines += [f"{x['shape']}, {x['dtype']}, batch 1, prompt {x['prompt']}, {x['gen']} new tokens, "
                           f"{how}: **{x['tokens_per_s']:,.1f} tokens/s**", ""]
+    if r.get("block_mask"):
+        lines += ["## Building the document block mask (create_block_mask, once per forward)", ""]
+        lines += [f"{x['shape']}, micro-batch {x['micro_batch_size']} x {x['seq']}: {x['ms']:,.2f} ms, "
+                  f"{x['fraction_of_step']:.1%} of the step" for x in r["block_mask"]] + [""]
     if r.get("errors"):
         lines += ["## Errors", ""] + [f"- {e}" for e in r["errors"]] + [""]
     if r.get("skipped"):
@@ -418,6 +442,11 @@ def main() -> None:
         x = attempt("decode with CUDA graphs", lambda: decode(cfg135, device, 128, 256, "reduce-overhead"))
         if x:
             r["decode_cuda_graphs"] = {"shape": "smollm2-135m", **x}
+    for shape, b in best.items():
+        cfg, seq = shapes[shape]
+        x = attempt(f"{shape} block mask", lambda: mask_cost(cfg, seq, b["micro_batch_size"], device, b["step_s"]))
+        if x:
+            r.setdefault("block_mask", []).append({"shape": shape, **x})
     if not args.no_compile:
         for shape, b in best.items():
             cfg, seq = shapes[shape]

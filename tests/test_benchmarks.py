@@ -58,6 +58,7 @@ def test_the_gpu_check_runs_on_the_cpu_in_check_mode(tmp_path):
     assert all(x["micro_batch_size"] == 2 and x["tokens_per_s"] > 0 and x["planner_memory_gib"] > 0
                for x in rows.values())
     assert r["deterministic"]["micro_batch_size"] == 2 and r["decode"]["tokens_per_s"] > 0
+    assert r["block_mask"][0]["ms"] > 0 and r["block_mask"][0]["micro_batch_size"] == 2
     md = (tmp_path / "out" / "gpu.md").read_text()
     assert "## Tests (`pytest -m gpu`): 10 passed, 0 failed" in md and "| check | 128 | 2 | on | no |" in md
 
