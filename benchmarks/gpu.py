@@ -93,8 +93,7 @@ class Step:
     def __init__(self, model, micro: int, seq: int, device, ac: bool, compiled: bool):
         self.device = device
         self.model = model
-        for p in model.parameters():
-            p.grad = None
+        model.zero_grad(set_to_none=True)
         cfg = model.cfg
         self.model.activation_checkpointing = ac
         t = TrainSettings(tokens_per_step=micro * seq, micro_batch_size=micro, activation_checkpointing=ac)
@@ -126,8 +125,7 @@ def fits(model, micro, seq, device, ac) -> int | None:
         return None
     finally:
         step = None
-        for p in model.parameters():
-            p.grad = None
+        model.zero_grad(set_to_none=True)
         free(device)
 
 
@@ -190,8 +188,7 @@ def measure(model, seq, micro, device, ac, compiled, steps: int, rounds: int) ->
     if "peak_memory_gib" in out:
         out["planner_vs_measured"] = round(out["planner_memory_gib"] / out["peak_memory_gib"], 3)
     del step
-    for p in model.parameters():
-        p.grad = None
+    model.zero_grad(set_to_none=True)
     free(device)
     return out
 
@@ -269,7 +266,7 @@ def junit_summary(path: Path) -> dict:
 
 def markdown(r: dict) -> str:
     env = r.get("environment", {})
-    versions = ", ".join(f"{k} {v}" for k, v in env.items() if v is not None and k in ("python", "cuda", "transformers"))
+    versions = ", ".join(f"{k} {env[k]}" for k in ("python", "cuda", "transformers") if env.get(k) is not None)
     lines = [f"# GPU check: {r['device']}", "",
              f"{r['date']}, torch {r['torch']}{', ' + versions if versions else ''}, `bash benchmarks/gpu.sh`"
              + (f"; carried wheels: {', '.join(env['carried'])}" if env.get("carried") else ""), ""]

@@ -25,6 +25,9 @@ out=${1:-${OUT:-gpu-check}}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 start=$(date +%s)
+for v in SLM_GPU_BUDGET_S SLM_GPU_TESTS_S; do
+  [[ "${!v:-0}" =~ ^[0-9]+$ ]] || { echo "gpu.sh: $v=${!v}: expected whole seconds" >&2; exit 2; }
+done
 if [ -n "${SLM_PYTHON:-}" ]; then
   py=$SLM_PYTHON
 elif [ -x "${SLM_VENV:-$root/.venv}/bin/python" ]; then

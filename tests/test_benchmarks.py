@@ -116,6 +116,12 @@ def test_the_gpu_micro_batch_search_tries_few_sizes(monkeypatch, fixed, per_seq,
     assert calls == tried
 
 
+def test_the_gpu_check_refuses_a_budget_that_is_not_seconds(tmp_path):
+    proc = gpu_sh(tmp_path / "out", SLM_GPU_CHECK="cpu", SLM_GPU_BUDGET_S="5m")
+    assert proc.returncode == 2 and proc.stderr.strip() == "gpu.sh: SLM_GPU_BUDGET_S=5m: expected whole seconds"
+    assert not (tmp_path / "out" / "gpu.json").exists()
+
+
 def test_the_gpu_check_stops_hung_tests_and_still_reports(tmp_path):
     """gpu.sh stops the GPU tests at SLM_GPU_TESTS_S (a hung collective must not eat a lent machine's minutes) and
     gpu.md says why there is no test table."""

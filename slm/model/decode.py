@@ -16,8 +16,8 @@ its state_dict names change).
 mask, so every step has the same shapes: torch.compile makes one graph of the step (no recompilation as the cache
 fills) and fuses its small element-wise operations, which otherwise cost several microseconds each on a small model
 (its products are single calls: see DecodeLinear.forward). Eager, each token attends to the written part of the
-cache only, and the queries and keys are rotated by one small product. The prompt goes through the model's own forward (one batched pass); the logits equal the model's forward (a test holds
-them to it, on 1, 2 and 3 threads).
+cache only, and the queries and keys are rotated by one small product. The prompt goes through the model's own
+forward (one batched pass); the logits equal the model's forward (a test holds them to it, on 1, 2 and 3 threads).
 """
 
 from __future__ import annotations
@@ -102,9 +102,9 @@ class StaticDecoder:
         self.valid = torch.zeros((1, 1, 1, max_len), dtype=torch.bool, device=self.device)
         self.length = 0
         # dynamic=False: every step has the same shapes, so one graph serves them all
-        self._graphs = compile == "reduce-overhead"
         if compile not in (False, True, "reduce-overhead"):
             raise ValueError(f"compile: expected True, False or 'reduce-overhead', got {compile!r}")
+        self._graphs = compile == "reduce-overhead"
         if self._graphs:
             from torch._dynamo import mark_static_address
 

@@ -222,11 +222,14 @@ def _flex_attention():
     return _FLEX
 
 
-def document_mask(segment_ids: torch.Tensor, backend: str = "auto"):
+def document_mask(segment_ids: torch.Tensor, backend: str = "auto", dtype: torch.dtype | None = None):
     """Attention mask for packed documents: causal, and only within the same segment.
 
     backend "flex" (or "auto" on a GPU) gives a FlexAttention BlockMask (block-sparse, no T x T tensor);
-    "sdpa" (or "auto" elsewhere) a boolean [B, 1, T, T] mask for scaled_dot_product_attention.
+    "sdpa" (or "auto" elsewhere) a boolean [B, 1, T, T] mask for scaled_dot_product_attention, or with DTYPE the
+    additive one (0 or -inf) in that dtype: the forward builds it once in the dtype attention runs in and every layer
+    shares it (given the boolean one, SDPA would convert it, and autocast cast it, in each layer and keep each copy
+    for the backward).
     """
     B, T = segment_ids.shape
     if backend == "flex" or (backend == "auto" and segment_ids.is_cuda and _flex_available()):
@@ -239,7 +242,10 @@ def document_mask(segment_ids: torch.Tensor, backend: str = "auto"):
 
         return create_block_mask(same_doc_causal, B, None, T, T, device=segment_ids.device)
     causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
+    allowed = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def _flex_available() -> bool:
@@ -352,14 +358,9 @@ class Transformer(nn.Module):
             else:
                 mask = keys <= rows
         elif segment_ids is not None:  # the batch builder passes None when no window holds a boundary
-            mask = document_mask(segment_ids, self.attention_backend)
-            if isinstance(mask, torch.Tensor):
-                # One additive mask in the dtype attention runs in, shared by every layer: given the boolean one,
-                # scaled_dot_product_attention would convert it (and autocast cast it) in each layer and keep
-                # each copy for the backward, [B, T, T] floats per layer.
-                dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
-                    else x.dtype
-                mask = torch.zeros(mask.shape, dtype=dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+            autocast = torch.is_autocast_enabled(x.device.type)
+            mask = document_mask(segment_ids, self.attention_backend,
+                                 torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
         else:
             mask = "causal"
         for layer in self.layers:

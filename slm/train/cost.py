@@ -46,11 +46,11 @@ def gib(n: float) -> float:
 
 
 def memory_bytes(model_cfg: ModelConfig, t, seq_len: int, micro: int, world: int, engine: str,
-                 compute_dtype: str) -> dict[str, float]:
+                 compute_dtype: str, model=None) -> dict[str, float]:
     """Bytes per process of one training step: weights, gradients, optimizer, buffers and activations (what
     autograd keeps for the backward of MICRO sequences, tests/test_cost.py measures it), for ENGINE on WORLD
-    processes."""
-    model = build(model_cfg, "meta")
+    processes. MODEL: the config's model on the meta device, if the caller has built it."""
+    model = model if model is not None else build(model_cfg, "meta")
     P = model.num_parameters()
     c = 2 if compute_dtype == "bf16" else 4
     W = world
@@ -107,7 +107,7 @@ def plan(model_cfg: ModelConfig, t, seq_len: int, steps: int, world: int, engine
     peak, memory_gib = device.peak_flops, device.memory_gib
     seconds = total_flops / (world * peak * mfu)
 
-    mem = memory_bytes(model_cfg, t, seq_len, micro, world, engine, compute_dtype)
+    mem = memory_bytes(model_cfg, t, seq_len, micro, world, engine, compute_dtype, model)
     zero = t.zero_stage if engine == "deepspeed" else None
     total = sum(mem.values())
     out = {
