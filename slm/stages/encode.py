@@ -401,10 +401,12 @@ def _run_pool(jobs, workers, tok, report, done) -> None:
     def ok(rec: dict) -> None:
         done(rec)
         finished.put(True)
+        q.put(None)  # wakes the loop below at once (it would otherwise wait out its poll)
 
     def failed(e: BaseException) -> None:
         failure.append(e)
         finished.put(False)
+        q.put(None)
 
     try:
         # Largest units first: the last unit to finish is a small one.
@@ -413,8 +415,8 @@ def _run_pool(jobs, workers, tok, report, done) -> None:
         remaining = len(jobs)
         while remaining and not failure:
             try:
-                while True:  # progress messages; returns within 20 ms when there are none
-                    report(*q.get(timeout=0.02))
+                while (message := q.get(timeout=0.1)) is not None:  # progress, until a unit ends
+                    report(*message)
             except queue_mod.Empty:
                 pass
             while not finished.empty():
@@ -424,7 +426,8 @@ def _run_pool(jobs, workers, tok, report, done) -> None:
             raise failure[0]
         try:
             while True:
-                report(*q.get_nowait())
+                if (message := q.get_nowait()) is not None:
+                    report(*message)
         except queue_mod.Empty:
             pass
         pool.close()
