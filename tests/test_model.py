@@ -112,6 +112,52 @@ def test_flex_attention_equals_the_masked_fallback():
     torch.testing.assert_close(flex, sdpa, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch,heads,kv,threads,expand", [
+    (1, 9, 3, 2, True),  # SmolLM2-135M, one sequence: 3 tasks on 2 threads grouped, 9 expanded
+    (1, 15, 5, 2, True),  # SmolLM2-360M
+    (2, 9, 3, 2, False),  # 6 tasks: even either way, grouped needs no copies
+    (1, 32, 8, 2, False),  # SmolLM2-1.7B
+    (1, 9, 3, 1, False),  # one thread: nothing idles
+    (2, 9, 3, 16, True),  # 6 of 16 threads busy grouped, 18 tasks expanded
+])
+def test_cpu_training_expands_kv_heads_where_the_backward_balances_better(monkeypatch, batch, heads, kv, threads,
+                                                                         expand):
+    """SDPA's CPU backward runs one task per (sequence, kv head) with grouped heads: slm expands the kv heads in
+    training where that leaves threads idle, and the result is the same either way."""
+    import slm.model.transformer as T
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(0)
+    T_ = 40
+    q = torch.randn(batch, heads, T_, 16, requires_grad=True)
+    k, v = (torch.randn(batch, kv, T_, 16, requires_grad=True) for _ in range(2))
+    assert T._expand_kv(q, k) is expand
+    assert T._expand_kv(q.detach(), k) is False  # inference: the forward's tasks are per query head already
+    with torch.no_grad():
+        assert T._expand_kv(q, k) is False
+    seg = torch.zeros(batch, T_, dtype=torch.long)
+    seg[:, 25:] = 1
+    results = {}
+    for flag in (False, True):
+        monkeypatch.setattr(T, "EXPAND_KV_ON_CPU", flag)
+        for mask in ("causal", document_mask(seg, "sdpa")):
+            y = T.attend(q, k, v, mask)
+            grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), (q, k, v))
+            results.setdefault(flag, []).append((y, *grads))
+    for grouped, expanded in zip(results[False], results[True]):
+        for a, b in zip(grouped, expanded):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_kv_expansion_choice_does_not_break_a_compiled_graph():
+    import slm.model.transformer as T
+
+    q = torch.randn(1, 9, 32, 16, requires_grad=True)
+    k, v = torch.randn(1, 3, 32, 16), torch.randn(1, 3, 32, 16)
+    compiled = torch.compile(lambda q, k, v: T.attend(q, k, v, "causal"), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), T.attend(q, k, v, "causal"))
+
+
 @pytest.mark.parametrize("cfg", [STABLELM, LLAMA], ids=["stablelm", "llama"])
 def test_kv_cache_equals_full_forward(cfg):
     model = random_model(cfg)

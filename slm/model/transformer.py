@@ -199,9 +199,9 @@ def attend(q, k, v, mask) -> torch.Tensor:
         return _flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
     kwargs = {}
     if gqa:
-        if _SDPA_GQA:
+        if _SDPA_GQA and not _expand_kv(q, k):
             kwargs["enable_gqa"] = True
-        else:  # older torch: expand the kv heads
+        else:  # older torch, or a CPU backward that balances better over query heads: expand the kv heads
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if isinstance(mask, str):
@@ -210,6 +210,28 @@ def attend(q, k, v, mask) -> torch.Tensor:
 
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+EXPAND_KV_ON_CPU = True
+
+
+def _expand_kv(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether to give SDPA's CPU kernel one key/value head per query head instead of the grouped ones, in training.
+    Its backward runs one task per (sequence, key/value head) with grouped heads and one per (sequence, query head)
+    with expanded ones; when sequences x kv heads is not a multiple of the threads, the last round leaves threads
+    idle. Measured on 2 threads, 2,048 tokens, head size 64, forward and backward: one sequence with 9 query and 3
+    kv heads (SmolLM2-135M) 13% faster expanded, 15 and 5 (360M) 8-12%; where both counts divide evenly, grouped is
+    1-3% faster (no copies), so it stays. A compiled step keeps the grouped heads (reading the thread count would
+    break its graph)."""
+    if not EXPAND_KV_ON_CPU or q.device.type != "cpu" or not torch.is_grad_enabled() or not q.requires_grad:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    threads = torch.get_num_threads()
+
+    def balance(tasks: int) -> float:  # the share of thread time that works, over the rounds the tasks take
+        return tasks / (threads * -(-tasks // threads))
+
+    B = q.shape[0]
+    return balance(B * q.shape[1]) > 1.05 * balance(B * k.shape[1])
 _FLEX = None
 
 
