@@ -69,8 +69,14 @@ def test_logits_equal_transformers(cfg):
         torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("split_from", [10**9, 16], ids=["dense-mask", "document-runs"])
 @pytest.mark.parametrize("cfg", [STABLELM, LLAMA], ids=["stablelm", "llama"])
-def test_packed_documents_equal_each_document_alone(cfg):
+def test_packed_documents_equal_each_document_alone(cfg, split_from, monkeypatch):
+    """Both CPU paths for packed rows (the dense mask; one causal call per document, which rows of 512 tokens or
+    more take) against transformers on each document alone."""
+    import slm.model.transformer as T
+
+    monkeypatch.setattr(T, "SPLIT_DOCUMENTS_FROM", split_from)
     model = random_model(cfg, seed=3)
     hf = hf_twin(model, cfg)
     g = torch.Generator().manual_seed(2)
@@ -88,6 +94,54 @@ def test_packed_documents_equal_each_document_alone(cfg):
                 alone = hf(ids[b:b + 1, start:start + n]).logits[0]
                 torch.testing.assert_close(packed[b, start:start + n], alone, rtol=1e-5, atol=1e-5)
                 start += n
+
+
+def test_document_runs_are_taken_for_long_rows_on_a_cpu_only(monkeypatch):
+    from slm.model.transformer import SPLIT_DOCUMENTS_FROM, DocumentRuns, document_runs
+
+    T = SPLIT_DOCUMENTS_FROM
+    seg = torch.zeros(3, T, dtype=torch.long)
+    seg[0, 100:] = 1
+    seg[0, 400:] = 2
+    seg[2, T - 1:] = 1
+    assert document_runs(seg) == DocumentRuns(((100, 300, T - 400), (T,), (T - 1, 1)))
+    assert document_runs(seg[:, :T - 1]) is None  # shorter rows: the dense mask is faster
+    back = seg.clone()
+    back[0, 450:] = 0  # an id that comes back: the mask joins both runs, so runs are not the same thing
+    assert document_runs(back) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert document_runs(seg) is None
+
+
+@pytest.mark.parametrize("ac", [False, True], ids=["plain", "activation-checkpointing"])
+@pytest.mark.parametrize("cfg", [STABLELM, LLAMA], ids=["stablelm", "llama"])
+def test_training_on_document_runs_equals_the_dense_mask(cfg, ac, monkeypatch):
+    """Loss and every gradient of a training step on packed rows of 600 tokens: one causal call per document
+    against the dense mask."""
+    import slm.model.transformer as T
+
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), "max_seq_len": 600})
+    model = build(cfg, seed=0)
+    model.activation_checkpointing = ac
+    ids = torch.randint(0, cfg.vocab_size, (3, 600), generator=torch.Generator().manual_seed(4))
+    seg = torch.zeros(3, 600, dtype=torch.long)
+    seg[0, 100:] = 1
+    seg[0, 420:] = 2
+    seg[2, 1:] = 1  # a one-token document first
+    real_attend, masks = T.attend, []
+    monkeypatch.setattr(T, "attend", lambda q, k, v, mask: masks.append(type(mask).__name__) or real_attend(q, k, v, mask))
+    results = []
+    for split_from in (512, 10**9):
+        monkeypatch.setattr(T, "SPLIT_DOCUMENTS_FROM", split_from)
+        model.zero_grad(set_to_none=True)
+        s, n = model(ids, segment_ids=seg, targets=ids)
+        (s / n).backward()
+        results.append((s.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (runs_loss, runs_grads), (mask_loss, mask_grads) = results
+    assert {masks[0], masks[-1]} == {"DocumentRuns", "Tensor"}, masks
+    torch.testing.assert_close(runs_loss, mask_loss, rtol=1e-6, atol=1e-4)
+    for k in mask_grads:
+        torch.testing.assert_close(runs_grads[k], mask_grads[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_positions_restart_at_document_starts():

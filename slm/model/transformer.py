@@ -193,7 +193,17 @@ class Attention(nn.Module):
 
 def attend(q, k, v, mask) -> torch.Tensor:
     """mask: "causal", None (attend to everything: one new token against the cache), a boolean tensor
-    broadcastable to [B, H, T, S] (True = attend), or a FlexAttention BlockMask."""
+    broadcastable to [B, H, T, S] (True = attend), a FlexAttention BlockMask, or DocumentRuns (causal attention
+    within each document of each row, one call per document)."""
+    if isinstance(mask, DocumentRuns):
+        rows = []
+        for b, lengths in enumerate(mask.lengths):
+            if len(lengths) == 1:
+                rows.append(attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], "causal"))
+                continue
+            parts = zip(q[b:b + 1].split(lengths, 2), k[b:b + 1].split(lengths, 2), v[b:b + 1].split(lengths, 2))
+            rows.append(torch.cat([attend(qd, kd, vd, "causal") for qd, kd, vd in parts], dim=2))
+        return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     gqa = q.shape[1] != k.shape[1]
     if mask is not None and not isinstance(mask, (str, torch.Tensor)):
         return _flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
@@ -242,6 +252,38 @@ def _flex_attention():
 
         _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
+
+
+SPLIT_DOCUMENTS_FROM = 512
+
+
+@dataclass(frozen=True)
+class DocumentRuns:
+    """Packed rows on a CPU as each row's document lengths, in order: attention runs SDPA's causal kernel on each
+    document alone. With a dense [B, T, T] mask the kernel scores every causal pair of the row and then discards
+    those across documents, and reads the mask too. Measured on 2 threads, forward and backward, head size 64:
+    2,048 tokens in 3 documents 2.4-2.8x faster than the mask, in 20 documents 7.2x; 1,024 tokens in 5, 2.7x; 512
+    tokens in 2 documents 1.2x, in 30 1.7x. Below SPLIT_DOCUMENTS_FROM tokens the calls' own cost wins (256-384
+    tokens: 0.7-0.9x), and the mask stays."""
+
+    lengths: tuple[tuple[int, ...], ...]
+
+
+def document_runs(segment_ids: torch.Tensor) -> DocumentRuns | None:
+    """DocumentRuns for rows of SPLIT_DOCUMENTS_FROM tokens or more on a CPU; None elsewhere (a GPU, shorter
+    rows, inside torch.compile, whose graph the lengths would break, or segment ids that decrease somewhere: the
+    mask's equality of ids then differs from runs of them)."""
+    B, T = segment_ids.shape
+    if segment_ids.device.type != "cpu" or T < SPLIT_DOCUMENTS_FROM or torch.compiler.is_compiling():
+        return None
+    if bool((segment_ids[:, 1:] < segment_ids[:, :-1]).any()):
+        return None
+    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+    rows = []
+    for b in range(B):
+        edges = [0, *(torch.nonzero(starts[b]).flatten() + 1).tolist(), T]
+        rows.append(tuple(e - s for s, e in zip(edges, edges[1:])))
+    return DocumentRuns(tuple(rows))
 
 
 def document_mask(segment_ids: torch.Tensor, backend: str = "auto", dtype: torch.dtype | None = None):
@@ -380,9 +422,11 @@ class Transformer(nn.Module):
             else:
                 mask = keys <= rows
         elif segment_ids is not None:  # the batch builder passes None when no window holds a boundary
-            autocast = torch.is_autocast_enabled(x.device.type)
-            mask = document_mask(segment_ids, self.attention_backend,
-                                 torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
+            mask = document_runs(segment_ids) if self.attention_backend != "flex" else None
+            if mask is None:
+                autocast = torch.is_autocast_enabled(x.device.type)
+                mask = document_mask(segment_ids, self.attention_backend,
+                                     torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
         else:
             mask = "causal"
         for layer in self.layers:

@@ -63,7 +63,8 @@ class TrainSettings:
     CUBLAS_WORKSPACE_CONFIG=:4096:8, no cuDNN autotuning. Costs some speed (benchmarks/gpu.sh measures it); CPUs
     are deterministic already."""
     attention: str = "auto"
-    """Attention for packed documents: auto (FlexAttention on a GPU, masked SDPA elsewhere) | sdpa | flex."""
+    """Attention for packed documents: auto (FlexAttention on a GPU, SDPA elsewhere: per document on rows of 512
+    tokens or more, else masked) | sdpa | flex."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them (less memory, ~1/3 more
     compute)."""
