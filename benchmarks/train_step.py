@@ -19,7 +19,9 @@ the engines' overhead, not a speed-up, which needs more devices.
 Shapes: tiny (the tiny recipe: StableLM 2 architecture, 7.6M parameters, vocab 8192) and ~50M (StableLM 2 and
 SmolLM2/Llama architectures); smollm2-135m (the recipe's shape at sequence 2048, 2 sequences: minutes per round, so
 run it alone: --shapes smollm2-135m --rounds 2 --steps 1) and smollm2-135m-1seq (one sequence, where slm expands
-the 3 kv heads for SDPA's CPU backward and transformers keeps them grouped). Each row shows slm fp32, slm with train.dtype auto (bf16
+the 3 kv heads for SDPA's CPU backward and transformers keeps them grouped). --packed N packs each row with N
+documents, as pre-training runs: slm attends within each (segment ids), transformers through the positions and a
+[B, 1, T, T] document mask (its way to train on packed rows with SDPA); the logits are checked equal first. Each row shows slm fp32, slm with train.dtype auto (bf16
 autocast on a CPU with bf16 units, else fp32 itself) and transformers fp32, alternating in one run. On a GPU (--device cuda) it also reports MFU for the smollm2-360m and stablelm-2-1_6b
 shapes (bf16 autocast, FLOPs per token 6N + 12 L H T against the device's peak).
 """
@@ -82,7 +84,21 @@ def hf_model(cfg: ModelConfig, slm_model, device):
     return model.to(device)
 
 
-def make_steps(cfg, batch, seq, device, autocast, compile_slm=False):
+def packed_segments(batch: int, seq: int, documents: int, seed: int = 0) -> torch.Tensor:
+    """Segment ids [batch, seq] of rows packed with DOCUMENTS documents each, cut at random places."""
+    g = torch.Generator().manual_seed(seed)
+    seg = torch.zeros(batch, seq, dtype=torch.long)
+    for b in range(batch):
+        for cut in torch.randperm(seq - 1, generator=g)[:documents - 1].add(1).tolist():
+            seg[b, cut:] += 1
+    return seg
+
+
+def make_steps(cfg, batch, seq, device, autocast, compile_slm=False, documents: int = 1):
+    """slm's and transformers' training steps on the same batch. DOCUMENTS > 1: rows packed with that many
+    documents; slm gets their segment ids, transformers the positions and the [B, 1, T, T] boolean mask of causal
+    attention within each document (how transformers trains on packed rows with SDPA), built once outside the
+    step; both models' logits on the batch are checked equal first."""
     torch.manual_seed(0)
     slm_model = build(cfg, "cpu", seed=0).to(device)
     hf = hf_model(cfg, slm_model, device)
@@ -90,24 +106,35 @@ def make_steps(cfg, batch, seq, device, autocast, compile_slm=False):
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     opt_slm = torch.optim.AdamW(slm_model.parameters(), lr=1e-4, fused=True)  # the same optimizer for both
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
+    seg, hf_kwargs = None, {}
+    if documents > 1:
+        from slm.model.transformer import document_mask, positions_from_segments
 
-    step_slm = _mfu_step(forward, tokens, opt_slm, autocast)
+        seg = packed_segments(batch, seq, documents).to(device)
+        hf_kwargs = {"position_ids": positions_from_segments(seg), "attention_mask": document_mask(seg, "sdpa")}
+        with torch.no_grad():
+            diff = (slm_model(tokens[:1, :-1], segment_ids=seg[:1])
+                    - hf(input_ids=tokens[:1, :-1], **{k: v[:1] for k, v in hf_kwargs.items()}).logits).abs().max()
+        if diff > 1e-3:
+            raise SystemExit(f"packed rows: slm's and transformers' logits differ by {float(diff):.3g}")
+
+    step_slm = _mfu_step(forward, tokens, opt_slm, autocast, seg)
 
     def step_hf():
         with autocast():
-            loss = hf(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+            loss = hf(input_ids=tokens[:, :-1], labels=tokens[:, :-1], **hf_kwargs).loss
         loss.backward()
         opt_hf.step()
         opt_hf.zero_grad(set_to_none=True)
 
-    return slm_model, step_slm, step_hf, opt_slm, tokens
+    return slm_model, step_slm, step_hf, opt_slm, tokens, seg
 
 
-def _mfu_step(model, tokens, opt, autocast):
+def _mfu_step(model, tokens, opt, autocast, segment_ids=None):
     """One slm training step (forward with the fused loss, backward, AdamW) on a fixed batch."""
     def step():
         with autocast():
-            s, n = model(tokens[:, :-1], targets=tokens[:, 1:])
+            s, n = model(tokens[:, :-1], segment_ids=segment_ids, targets=tokens[:, 1:])
         (s / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -256,6 +283,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--compile", action="store_true", help="torch.compile slm's model (train.compile: true)")
+    ap.add_argument("--packed", type=int, default=1, metavar="N",
+                    help="rows packed with N documents each (attention within each; default 1: plain causal rows)")
     ap.add_argument("--bf16", action="store_true", help="CPU: fp32 against bf16 autocast (train.dtype auto)")
     ap.add_argument("--bf16-step", action="store_true", help="run the bf16 step even without bf16 units")
     ap.add_argument("--engines", action="store_true", help="CPU: 1 process against DDP, FSDP, DeepSpeed ZeRO-1 on 2")
@@ -285,10 +314,12 @@ def main() -> None:
               "transformers | slm auto / transformers |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in ([] if args.only else args.shapes):
         cfg, batch, seq = {**SHAPES, **CPU_REAL_SHAPES, **GPU_SHAPES}[name]
-        model, step_slm, step_hf, opt_slm, tokens_in = make_steps(cfg, batch, seq, device, autocast, args.compile)
+        model, step_slm, step_hf, opt_slm, tokens_in, seg = make_steps(cfg, batch, seq, device, autocast,
+                                                                       args.compile, args.packed)
         steps = {"slm": step_slm, "hf": step_hf}
         if auto_bf16:
-            steps["auto"] = _mfu_step(model, tokens_in, opt_slm, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+            steps["auto"] = _mfu_step(model, tokens_in, opt_slm, lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                                      seg)
         for fn in list(steps.values()) * (1 if seq >= 2048 else 2):  # warm up each
             fn()
         times = {k: [] for k in steps}
@@ -299,11 +330,12 @@ def main() -> None:
         rate = {k: tokens / statistics.median(v) for k, v in times.items()}
         s, h = rate["slm"], rate["hf"]
         a = rate.get("auto", s)
-        results[name] = {"slm_tokens_per_s": round(s, 1), "slm_auto_tokens_per_s": round(a, 1),
+        label = name if args.packed <= 1 else f"{name}, {args.packed} documents a row"
+        results[label] = {"slm_tokens_per_s": round(s, 1), "slm_auto_tokens_per_s": round(a, 1),
                          "auto_dtype": "bf16" if auto_bf16 else "fp32", "transformers_tokens_per_s": round(h, 1),
                          "ratio": round(s / h, 3), "auto_ratio": round(a / h, 3)}
         auto_cell = f"{a:,.0f}" if auto_bf16 else "= fp32"
-        print(f"| {name} | {model.num_parameters() / 1e6:.1f}M | {batch} x {seq} | {s:,.0f} | {auto_cell} | {h:,.0f} | "
+        print(f"| {label} | {model.num_parameters() / 1e6:.1f}M | {batch} x {seq} | {s:,.0f} | {auto_cell} | {h:,.0f} | "
               f"{s / h:.2f}x | {a / h:.2f}x |")
         if auto_bf16 and a < s:
             print(f"  ({name}: bf16 autocast loses to fp32 at this shape on this CPU: train.dtype fp32 is the faster "

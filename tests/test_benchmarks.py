@@ -159,3 +159,22 @@ def test_the_decode_benchmarks_run(tmp_path, base_ckpt):
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert {"x64", "picked"} <= {x["variant"] for x in rows} and all(x["tg_tokens_per_s"] > 0 for x in rows)
     assert "| picked: " in proc.stdout and "| x64 |" in proc.stdout
+
+
+def test_the_training_step_benchmark_compares_packed_rows(tmp_path):
+    """benchmarks/train_step.py --packed: slm on segment ids against transformers on the same rows' positions and
+    document mask; it checks both models' logits equal before timing, and reports the row with its documents."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_step
+    finally:
+        sys.path.pop(0)
+    seg = train_step.packed_segments(3, 64, 4, seed=1)
+    assert [len(set(row.tolist())) for row in seg] == [4, 4, 4] and (seg[:, 1:] >= seg[:, :-1]).all()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--shapes", "tiny", "--packed",
+                           "3", "--rounds", "1", "--steps", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])["tiny, 3 documents a row"]
+    assert r["slm_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0
