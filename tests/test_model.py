@@ -203,6 +203,23 @@ def test_cpu_training_expands_kv_heads_where_the_backward_balances_better(monkey
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cfg", [STABLELM, LLAMA], ids=["stablelm", "llama"])
+def test_a_compiled_training_forward_is_one_graph_on_a_cpu(cfg):
+    """torch.compile of the training forward (fused loss, packed rows) on a CPU without graph breaks: the loss's
+    check for ignored targets, the kv-head choice and the per-document attention step aside while compiling."""
+    import slm.model.transformer as T
+
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), "max_seq_len": T.SPLIT_DOCUMENTS_FROM})
+    model = build(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (1, T.SPLIT_DOCUMENTS_FROM), generator=torch.Generator().manual_seed(0))
+    seg = torch.zeros_like(ids)
+    seg[:, 200:] = 1
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    for kwargs in ({}, {"segment_ids": seg}):
+        s, n = compiled(ids, targets=ids, **kwargs)
+        torch.testing.assert_close(s, model(ids, targets=ids, **kwargs)[0], rtol=1e-5, atol=1e-4)
+
+
 def test_the_kv_expansion_choice_does_not_break_a_compiled_graph():
     import slm.model.transformer as T
 

@@ -33,9 +33,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = None
-        # Pre-training has no ignored targets: skip the masking pass then (checked once, and never on a GPU,
-        # where it would cost a host sync).
-        mask_needed = targets.is_cuda or bool((targets == -100).any())
+        # Pre-training has no ignored targets: skip the masking pass then (checked once; never on a GPU, where it
+        # would cost a host sync, nor under torch.compile, where reading the answer would break the graph).
+        mask_needed = targets.is_cuda or torch.compiler.is_compiling() or bool((targets == -100).any())
         # Under torch.autocast the products below run in bf16 (and come out in bf16): fast, as autocast means them
         # to be; the gradient of the output matrix is then summed over chunks in fp32.
         autocast = torch.is_autocast_enabled(h.device.type)
