@@ -242,6 +242,8 @@ def _expand_kv(q: torch.Tensor, k: torch.Tensor) -> bool:
 
     B = q.shape[0]
     return balance(B * q.shape[1]) > 1.05 * balance(B * k.shape[1])
+
+
 _FLEX = None
 
 
