@@ -166,11 +166,13 @@ def test_the_training_step_benchmark_compares_packed_rows(tmp_path):
     document mask; it checks both models' logits equal before timing, and reports the row with its documents."""
     import sys
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    bench_dir = str(ROOT / "benchmarks")
+    sys.path.insert(0, bench_dir)
     try:
-        import train_step
+        import train_step  # which takes its own folder off sys.path[0] (it holds a tokenize.py)
     finally:
-        sys.path.pop(0)
+        if bench_dir in sys.path:
+            sys.path.remove(bench_dir)
     seg = train_step.packed_segments(3, 64, 4, seed=1)
     assert [len(set(row.tolist())) for row in seg] == [4, 4, 4] and (seg[:, 1:] >= seg[:, :-1]).all()
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--shapes", "tiny", "--packed",
