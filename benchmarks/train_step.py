@@ -291,6 +291,8 @@ def main() -> None:
     ap.add_argument("--only", action="store_true", help="with --bf16 / --engines: skip the slm vs transformers table")
     ap.add_argument("--engine-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.packed < 1:
+        ap.error(f"--packed {args.packed}: expected a number of documents a row, 1 or more")
     if args.engine_worker:
         return engine_worker(args.engine_worker, args.rounds, args.steps)
     if args.threads:

@@ -198,12 +198,10 @@ def attend(q, k, v, mask) -> torch.Tensor:
     if isinstance(mask, DocumentRuns):
         rows = []
         for b, lengths in enumerate(mask.lengths):
-            if len(lengths) == 1:
-                rows.append(attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], "causal"))
-                continue
             parts = zip(q[b:b + 1].split(lengths, 2), k[b:b + 1].split(lengths, 2), v[b:b + 1].split(lengths, 2))
-            rows.append(torch.cat([attend(qd, kd, vd, "causal") for qd, kd, vd in parts], dim=2))
-        return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+            docs = [attend(qd, kd, vd, "causal") for qd, kd, vd in parts]
+            rows.append(docs[0] if len(docs) == 1 else torch.cat(docs, dim=2))
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
     gqa = q.shape[1] != k.shape[1]
     if mask is not None and not isinstance(mask, (str, torch.Tensor)):
         return _flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
@@ -295,7 +293,7 @@ def document_mask(segment_ids: torch.Tensor, backend: str = "auto", dtype: torch
     "sdpa" (or "auto" elsewhere) a boolean [B, 1, T, T] mask for scaled_dot_product_attention, or with DTYPE the
     additive one (0 or -inf) in that dtype: the forward builds it once in the dtype attention runs in and every layer
     shares it (given the boolean one, SDPA would convert it, and autocast cast it, in each layer and keep each copy
-    for the backward).
+    for the backward). On a CPU the forward first asks document_runs, which long rows attend through instead.
     """
     B, T = segment_ids.shape
     if backend == "flex" or (backend == "auto" and segment_ids.is_cuda and _flex_available()):
