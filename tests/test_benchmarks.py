@@ -180,3 +180,25 @@ def test_the_training_step_benchmark_compares_packed_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])["tiny, 3 documents a row"]
     assert r["slm_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0
+
+
+def test_the_tokenize_benchmark_interleaves_its_measurements(tmp_path, arcade_dir):
+    """benchmarks/tokenize.py runs raw tiktoken (1 thread, 2 threads, 2 processes) and slm tokenize encode (1 and 2
+    workers) once each per round, and prints every rate and ratio it claims in its last line."""
+    import sys
+
+    from conftest import stdlib_samples
+
+    code = tmp_path / "corpus" / "code" / "train.jsonl"
+    code.parent.mkdir(parents=True)
+    code.write_text("".join(json.dumps({"text": t}) + "\n" for t in stdlib_samples(40)), encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tokenize.py"), "--tokenizer", str(arcade_dir),
+                           "--corpus", str(tmp_path / "corpus"), "--mb", "0.5", "--repeat", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["mb_text"] >= 0.5 and "best of 2 interleaved rounds" in proc.stderr
+    rates = [k for k in r if k.endswith("_mb_per_s")]
+    assert len(rates) == 5 and all(r[k] > 0 for k in rates)
+    assert r["slm_2_workers_vs_raw_2_processes"] == pytest.approx(
+        r["slm_encode_2_workers_mb_per_s"] / r["raw_tiktoken_2_processes_mb_per_s"], rel=0.01)

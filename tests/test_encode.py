@@ -131,6 +131,42 @@ def test_manifest_counts_and_hashes(tmp_path, tok):
     assert summary["path"] == str(td.dir)
 
 
+def test_inputs_are_hashed_in_a_forked_process_beside_the_encoder_build(tmp_path, monkeypatch):
+    """A forked process hashes the inputs while the main one builds the encoder (MEANWHILE): each hash is the
+    file's sha256 whatever its size (progress every 64 MB), an input unchanged since the previous run keeps its
+    hash unread, a read error in the hasher reaches the user as itself, and a hasher that dies is named."""
+    import os
+
+    from slm.errors import SlmError
+    from slm.formats.records import expand_inputs
+    from slm.stages import encode as enc
+
+    paths = [write_jsonl(tmp_path / f"in{i}.jsonl", DOCS[i:]) for i in range(3)]
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b'{"text": "' + b"x" * (70 << 20) + b'"}\n')
+    paths.append(big)
+    inputs = expand_inputs([str(p) for p in paths])
+    ran_in = []
+    hashes = enc._hash_inputs(inputs, {}, meanwhile=lambda: ran_in.append(os.getpid()))
+    assert hashes == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert ran_in == [os.getpid()]  # the build ran here, where forked workers inherit it
+
+    first = inputs[0]
+    previous = {str(first.path): {"bytes": first.size, "mtime_ns": first.mtime_ns, "sha256": "kept"}}
+    assert enc._hash_inputs(inputs[:1], previous, meanwhile=lambda: ran_in.append(0)) == ["kept"]
+    assert ran_in == [os.getpid()]  # nothing to hash: the encoder is built later, only if some unit needs it
+
+    def unreadable(inp, advance):
+        raise PermissionError(13, "Permission denied", str(inp.path))
+
+    monkeypatch.setattr(enc, "_hash_one", unreadable)
+    with pytest.raises(PermissionError, match="in0.jsonl"):
+        enc._hash_inputs(inputs, {}, meanwhile=lambda: None)
+    monkeypatch.setattr(enc, "_hash_one", lambda inp, advance: os._exit(3))
+    with pytest.raises(SlmError, match=r"hashing process ended early \(exit code 3\)"):
+        enc._hash_inputs(inputs, {}, meanwhile=lambda: None)
+
+
 def test_no_eos(tmp_path, tok):
     td, _ = encode(tok, [write_jsonl(tmp_path / "in.jsonl", DOCS)], tmp_path / "out", eos=False)
     assert decoded_docs(tok, td, eos=False) == nfc(DOCS)

@@ -10,6 +10,7 @@ when every unit is done, with its manifest, in one rename.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -158,23 +159,88 @@ def _pool_task(job: dict) -> dict:
 
 # --- The main process ---------------------------------------------------------------------------------------------
 
-def _hash_inputs(inputs: list[Input], previous: dict[str, dict]) -> list[str]:
-    """sha256 of every input; an input whose path, size and mtime match the previous run keeps its hash."""
-    hashes = []
-    todo = sum(i.size for i in inputs if not _known(i, previous))
-    with progress(RateColumn("completed", "MB/s", 1e6), transient=True) as bar:
-        task = bar.add_task("hashing inputs", total=max(todo, 1))
-        for inp in inputs:
-            old = previous.get(str(inp.path))
-            if _known(inp, previous):
-                hashes.append(old["sha256"])
-                continue
-            if inp.kind == "dataset":
-                files = sorted(p for p in inp.path.iterdir() if p.suffix == ".arrow" or p.name == "state.json")
-                hashes.append(sha256_bytes(canonical_json([[p.name, sha256_file(p)] for p in files])))
-            else:
-                hashes.append(sha256_file(inp.path))
-            bar.advance(task, inp.size)
+def _hash_one(inp: Input, advance) -> str:
+    """sha256 of one input (of its .arrow files and state.json for a dataset); ADVANCE(bytes) as it goes."""
+    if inp.kind == "dataset":
+        files = sorted(p for p in inp.path.iterdir() if p.suffix == ".arrow" or p.name == "state.json")
+        digest = sha256_bytes(canonical_json([[p.name, sha256_file(p)] for p in files]))
+        advance(inp.size)
+        return digest
+    h, step, pending = hashlib.sha256(), 1 << 22, 0
+    with open(inp.path, "rb") as f:
+        while block := f.read(step):
+            h.update(block)
+            pending += len(block)
+            if pending >= 64 << 20:
+                advance(pending)
+                pending = 0
+    advance(pending)
+    return h.hexdigest()
+
+
+def _hasher(conn, todo: list[tuple[int, Input]]) -> None:
+    """The forked hashing process: ("bytes", n) as it reads, ("hash", index, digest) per input, then ("end",)."""
+    try:
+        for i, inp in todo:
+            conn.send(("hash", i, _hash_one(inp, lambda n: conn.send(("bytes", n)))))
+        conn.send(("end",))
+    except BaseException as e:  # noqa: BLE001 - handed to the main process, which raises it
+        try:
+            conn.send(("error", e))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
+            conn.send(("error", SlmError(f"hashing the inputs: {type(e).__name__}: {e}")))
+    finally:
+        conn.close()
+
+
+def _hash_inputs(inputs: list[Input], previous: dict[str, dict], meanwhile=None) -> list[str]:
+    """sha256 of every input; an input whose path, size and mtime match the previous run keeps its hash.
+
+    Where some input must be hashed, MEANWHILE() (building the encoder) runs in this process while a forked one
+    hashes: the build is single-threaded and holds the GIL, so a thread could not hash beside it, and a second
+    core would otherwise idle through both (0.03 s of hashing beside a 0.12 s build for 30 MB and Arcade100k)."""
+    hashes = [previous[str(i.path)]["sha256"] if _known(i, previous) else "" for i in inputs]
+    todo = [(k, inp) for k, inp in enumerate(inputs) if not hashes[k]]
+    if not todo:
+        return hashes
+    total = sum(inp.size for _, inp in todo)
+    if meanwhile is None or "fork" not in mp.get_all_start_methods():
+        with progress(RateColumn("completed", "MB/s", 1e6), transient=True) as bar:
+            task = bar.add_task("hashing inputs", total=max(total, 1))
+            for k, inp in todo:
+                hashes[k] = _hash_one(inp, lambda n: bar.advance(task, n))
+        return hashes
+    ctx = mp.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_hasher, args=(send, todo), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        meanwhile()
+        with progress(RateColumn("completed", "MB/s", 1e6), transient=True) as bar:
+            task = bar.add_task("hashing inputs", total=max(total, 1))
+            while True:
+                try:
+                    message = receive.recv()
+                except EOFError:
+                    proc.join()
+                    raise SlmError(f"hashing the inputs: the hashing process ended early (exit code "
+                                   f"{proc.exitcode})") from None
+                if message[0] == "bytes":
+                    bar.advance(task, message[1])
+                elif message[0] == "hash":
+                    hashes[message[1]] = message[2]
+                elif message[0] == "error":
+                    raise message[1]
+                else:
+                    break
+    finally:
+        receive.close()
+        if proc.is_alive():
+            proc.join(timeout=1)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
     return hashes
 
 
@@ -265,7 +331,7 @@ def _run_locked(cfg, tok, inputs, skipped_inputs, out, partial, settings, previo
     shard_dir = partial / "shards"
     for leftover in shard_dir.glob("*.tmp"):  # a killed worker's unfinished shard
         leftover.unlink()
-    hashes = _hash_inputs(inputs, previous_inputs)
+    hashes = _hash_inputs(inputs, previous_inputs, meanwhile=lambda: _use_tokenizer(tok))
     units = plan_units(inputs, int(cfg.shard_mb * 1e6), cfg.txt_mode)
     jobs, records = _jobs(cfg, inputs, units, hashes, settings, out, partial, previous_units)
     reused = len(records)
