@@ -226,3 +226,41 @@ def test_a_released_tokenizer_json_made_from_tiktoken_ranks_runs_as_tiktoken(arc
                        ("swapped", "encoded by Hugging Face tokenizers (its merges are not tiktoken's")):
         proc = run_cli("tokenize", "encode", "--tokenizer", tmp_path / name, docs, "--out", tmp_path / f"t-{name}")
         assert proc.returncode == 0 and says in proc.stderr, proc.stderr
+
+
+def test_the_merge_check_agrees_with_generating_tiktokens_merges(small_tok):
+    """tiktoken_equivalence checks a released merge list against tiktoken's rule without generating tiktoken's
+    list (keys strictly increasing, every merge a split, as many as there are splits): on the list itself, in
+    either JSON form, and on lists that differ in every way a file can, it says what comparing with the generated
+    list says."""
+    from slm.formats.tokenizer import (_merge_pairs, _merges_are_tiktokens, _tiktoken_merges, bytes_to_bpe_str,
+                                       tiktoken_merges)
+
+    ranks = Tokenizer(small_tok).ranks
+    vocab = {bytes_to_bpe_str(b): i for b, i in ranks.items()}
+    merges = tiktoken_merges(ranks)
+    joined = next(a + b for a, b in merges if (a + b) * 2 not in vocab)
+    variants = {
+        "as generated": merges, "as 'a b' strings": [" ".join(m) for m in merges],
+        "two swapped": merges[:5] + [merges[6], merges[5]] + merges[7:], "one left out": merges[:9] + merges[10:],
+        "the last left out": merges[:-1], "one twice": merges[:10] + [merges[9]] + merges[10:],
+        "a pair that makes no token": merges + [(joined, joined)],
+        "a part outside the vocabulary": [("\u0100zz", merges[0][1])] + merges[1:],
+        "not pairs": [merges[0][0]] + merges[1:], "empty": [],
+    }
+    names = {i: s for s, i in vocab.items()}
+    for name, listed in variants.items():
+        generated = list(_tiktoken_merges(ranks, names)) == _merge_pairs(listed)
+        assert _merges_are_tiktokens(listed, vocab, set()) == generated, name
+        assert generated == (name in ("as generated", "as 'a b' strings")), name
+    assert _merges_are_tiktokens(merges, {**vocab, "<|x|>": len(vocab)}, {"<|x|>"})  # added tokens are not ranks
+
+
+def test_byte_level_strings_to_bytes():
+    from slm.formats.tokenizer import bpe_str_to_bytes, bytes_to_bpe_str
+
+    every = bytes(range(256))
+    assert bpe_str_to_bytes(bytes_to_bpe_str(every)) == every and bpe_str_to_bytes("\u0120hello") == b" hello"
+    for outside in (" hello", "a\u0000", "\u4e2d"):  # characters that no byte stands for
+        with pytest.raises(KeyError):
+            bpe_str_to_bytes(outside)

@@ -190,8 +190,16 @@ def bytes_to_bpe_str(token: bytes) -> str:
     return "".join(_B2U[b] for b in token)
 
 
+# str.translate table: each byte-level character to the character of its byte, and the other characters below 256
+# to one that latin-1 cannot encode, so that a string outside the alphabet fails the fast path below.
+_U2B_TABLE = {**{i: 0x100 for i in range(256)}, **{ord(u): b for u, b in _U2B.items()}}
+
+
 def bpe_str_to_bytes(s: str) -> bytes:
-    return bytes(_U2B[c] for c in s)
+    try:  # one C pass each (a released vocabulary has 50-100k tokens: ~5x faster than byte by byte)
+        return s.translate(_U2B_TABLE).encode("latin-1")
+    except UnicodeEncodeError:  # a character outside the byte-level alphabet: KeyError names it
+        return bytes(_U2B[c] for c in s)
 
 
 # --- encoding.json ---------------------------------------------------------------------------------------------
@@ -315,26 +323,64 @@ def tiktoken_equivalence(tj: dict, ranks: dict[bytes, int], rules: str) -> str |
         return "its BPE has dropout, byte fallback or subword affixes"
     if any(not t.get("special") for t in tj.get("added_tokens") or []):
         return "it has added tokens that are not special (tokenizers splits them out of text)"
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
-    n, names = 0, {i: s for s, i in model["vocab"].items()}
-    for n, pair in enumerate(_tiktoken_merges(ranks, names), 1):  # stops at the first difference
-        if n > len(merges) or merges[n - 1] != pair:
-            return (f"its merges are not tiktoken's for its vocabulary (merge {n:,} is {' '.join(pair)!r} by "
-                    f"tiktoken's rule, {' '.join(merges[n - 1]) if n <= len(merges) else 'missing'!r} in the file)")
-    if n != len(merges):
-        return f"its merges are not tiktoken's for its vocabulary ({len(merges):,} listed, tiktoken's rule makes {n:,})"
+    listed = model.get("merges") or []  # "a b" strings, or [a, b] pairs (tokenizers >= 0.20)
+    added = {t["content"] for t in tj.get("added_tokens") or []}  # what ranks leaves out of the vocabulary
+    if not _merges_are_tiktokens(listed, model["vocab"], added):
+        return _first_merge_difference(_merge_pairs(listed), ranks, model["vocab"])
     missing = [b for b in range(256) if bytes([b]) not in ranks and b not in UTF8_NEVER]
     if missing:
         return f"byte {missing[0]:#04x} is not a token (tiktoken needs every byte that UTF-8 text can hold)"
     if not model.get("ignore_merges"):
         from tokenizers import models
 
-        bpe = models.BPE(vocab=model["vocab"], merges=merges)
-        added = {t["content"] for t in tj.get("added_tokens") or []}
+        bpe = models.BPE(vocab=model["vocab"], merges=_merge_pairs(listed))
         for s in model["vocab"]:
             if s not in added and len(s) > 1 and len(bpe.tokenize(s)) != 1:
                 return f"token {s!r} is not reached by its merges, and ignore_merges is off"
     return None
+
+
+def _merge_pairs(listed: list) -> list[tuple]:
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in listed]
+
+
+def _merges_are_tiktokens(merges: list, vocab: dict[str, int], added: set[str]) -> bool:
+    """Whether MERGES (as tokenizer.json lists them) is exactly tiktoken_merges of the ranks that VOCAB less ADDED makes, without generating that
+    list (~3x faster for 100k tokens).
+
+    tiktoken_merges lists every split of every token into two tokens, ordered by (rank of the token, rank of the
+    left part, rank of the right part), a key that no two splits share. So MERGES is that list exactly when each of
+    its merges is such a split, their keys strictly increase, and there are as many as there are splits. Byte-level
+    strings stand for bytes one character per byte, so joining two of them is the string of the joined bytes."""
+    names = {s: i for s, i in vocab.items() if s not in added}
+    prev = (-1, -1, -1)
+    try:
+        for m in merges:
+            left, right = m.split(" ", 1) if m.__class__ is str else m
+            key = (names[left + right], names[left], names[right])
+            if key <= prev:
+                return False
+            prev = key
+    except (KeyError, TypeError, ValueError):  # a part or the joined token outside the ranks, or not a pair
+        return False
+    splits = 0
+    for s in names:
+        for k in range(1, len(s)):
+            if s[:k] in names and s[k:] in names:
+                splits += 1
+    return splits == len(merges)
+
+
+def _first_merge_difference(merges: list[tuple], ranks: dict[bytes, int], vocab: dict[str, int]) -> str:
+    """Where MERGES first departs from tiktoken_merges(RANKS), in words (generates that list up to there)."""
+    n, names = 0, {i: s for s, i in vocab.items()}
+    for n, pair in enumerate(_tiktoken_merges(ranks, names), 1):  # stops at the first difference
+        if n > len(merges) or merges[n - 1] != pair:
+            return (f"its merges are not tiktoken's for its vocabulary (merge {n:,} is {' '.join(pair)!r} by "
+                    f"tiktoken's rule, {' '.join(merges[n - 1]) if n <= len(merges) else 'missing'!r} in the file)")
+    if n != len(merges):
+        return f"its merges are not tiktoken's for its vocabulary ({len(merges):,} listed, tiktoken's rule makes {n:,})"
+    return "its merges are not tiktoken's for its vocabulary"  # not reached: the two checks agree (a test checks)
 
 
 def hf_tokenizer_from_ranks(ranks: dict[bytes, int], spec: EncodingSpec):
@@ -433,10 +479,22 @@ class Tokenizer:
                                  ranks_file="")
         encoding_part = {k: tj.get(k) for k in ("model", "pre_tokenizer", "normalizer", "added_tokens")}
         self.hash = sha256_bytes(canonical_json(encoding_part))
+        self._tj = tj  # handed to ranks / fast once: reading 13 MB of JSON again costs ~0.12 s each
         self.manifest = {}
         m = self.dir / "manifest.json"
         if m.is_file() and (read_json(m) or {}).get("tokenizer_sha256") not in (None, self.hash):
             raise SlmError(f"{self.dir}: tokenizer.json does not match manifest.json's tokenizer_sha256")
+
+    def _tokenizer_json(self, keep: bool = False) -> dict:
+        """A released tokenizer's parsed tokenizer.json: the copy that opening it read, handed over once (for a
+        100k vocabulary it holds ~60 MB, so no Tokenizer keeps it for long), else read again. KEEP: hand it over
+        once more (fast reads it, then ranks does)."""
+        tj = self.__dict__.pop("_tj", None)
+        if tj is None:
+            tj = read_json(self.dir / "tokenizer.json")
+        if keep:
+            self._tj = tj
+        return tj
 
     @property
     def n_vocab(self) -> int:
@@ -458,7 +516,7 @@ class Tokenizer:
     def ranks(self) -> dict[bytes, int]:
         """Each token's bytes and id (for a released tokenizer: its vocabulary, byte-level strings decoded)."""
         if self.backend == "hf":
-            vocab = read_json(self.dir / "tokenizer.json")["model"]["vocab"]
+            vocab = self._tokenizer_json()["model"]["vocab"]
             return {bpe_str_to_bytes(s): i for s, i in vocab.items() if s not in self.spec.special_tokens}
         path = self.dir / self.spec.ranks_file
         data, digest = read_ranks_file(path)
@@ -491,7 +549,7 @@ class Tokenizer:
         if self.backend == "tiktoken":
             self.fast_reason = None
             return self.encoding
-        self.fast_reason = tiktoken_equivalence(read_json(self.dir / "tokenizer.json"), self.ranks, self.spec.rules)
+        self.fast_reason = tiktoken_equivalence(self._tokenizer_json(keep=True), self.ranks, self.spec.rules)
         return self.encoding if self.fast_reason is None else None
 
     @property
