@@ -147,8 +147,9 @@ def main() -> None:
     if tok.backend != "hf":
         rates["raw_tiktoken_2_processes_mb_per_s"] = mb_text / raw2p
         ratios["slm_2_workers_vs_raw_2_processes"] = raw2p / slm2
-    print(f"tokenizer {tok.spec.name} ({tok.n_vocab} ids, {tok.backend}, encoded by {tok.encoder}); {mb_text:.1f} MB of text ({mb_files:.1f} MB of .jsonl), "
-          f"{len(texts)} documents, {len(os.sched_getaffinity(0))} CPUs, best of {args.repeat} interleaved rounds", file=sys.stderr)
+    print(f"tokenizer {tok.spec.name} ({tok.n_vocab} ids, {tok.backend}, encoded by {tok.encoder}); {mb_text:.1f} MB "
+          f"of text ({mb_files:.1f} MB of .jsonl), {len(texts)} documents, {len(os.sched_getaffinity(0))} CPUs, best "
+          f"of {args.repeat} interleaved rounds", file=sys.stderr)
     print("| measurement | MB/s of text |\n|---|---:|")
     for k, v in rates.items():
         print(f"| {k} | {v:.2f} |")

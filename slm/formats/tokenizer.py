@@ -345,8 +345,8 @@ def _merge_pairs(listed: list) -> list[tuple]:
 
 
 def _merges_are_tiktokens(merges: list, vocab: dict[str, int], added: set[str]) -> bool:
-    """Whether MERGES (as tokenizer.json lists them) is exactly tiktoken_merges of the ranks that VOCAB less ADDED makes, without generating that
-    list (~3x faster for 100k tokens).
+    """Whether MERGES (as tokenizer.json lists them) is exactly tiktoken_merges of the ranks that VOCAB less ADDED
+    makes, without generating that list (~3x faster for 100k tokens).
 
     tiktoken_merges lists every split of every token into two tokens, ordered by (rank of the token, rank of the
     left part, rank of the right part), a key that no two splits share. So MERGES is that list exactly when each of
