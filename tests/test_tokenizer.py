@@ -203,6 +203,7 @@ def test_a_released_tokenizer_json_made_from_tiktoken_ranks_runs_as_tiktoken(arc
     merges differ (SmolLM2's kind, here two swapped) keeps tokenizers, and `tokenize encode` says which and why."""
     rel = Tokenizer(released_copy(arcade_dir, tmp_path / "stablelm-2"))
     assert rel.backend == "hf" and rel.encoder == "tiktoken"
+    assert "_tj" not in rel.__dict__  # the parsed tokenizer.json (~60 MB) is not kept once ranks and the proof ran
     texts = VARIED_TEXT + stdlib_samples(3) + ["x" + " " * 9 + "\n\n\t  \r\n" * 3 + "=" * 17 + "ab" * 9 + "a1234567"]
     hf = hf_plain(rel)
     want = [hf.encode(t, add_special_tokens=False).ids for t in texts]

@@ -488,7 +488,7 @@ class Tokenizer:
     def _tokenizer_json(self, keep: bool = False) -> dict:
         """A released tokenizer's parsed tokenizer.json: the copy that opening it read, handed over once (for a
         100k vocabulary it holds ~60 MB, so no Tokenizer keeps it for long), else read again. KEEP: hand it over
-        once more (fast reads it, then ranks does)."""
+        once more (fast reads it, then ranks does, which takes it back)."""
         tj = self.__dict__.pop("_tj", None)
         if tj is None:
             tj = read_json(self.dir / "tokenizer.json")
@@ -549,7 +549,8 @@ class Tokenizer:
         if self.backend == "tiktoken":
             self.fast_reason = None
             return self.encoding
-        self.fast_reason = tiktoken_equivalence(self._tokenizer_json(keep=True), self.ranks, self.spec.rules)
+        tj = self._tokenizer_json(keep="ranks" not in self.__dict__)  # ranks takes it too, unless already known
+        self.fast_reason = tiktoken_equivalence(tj, self.ranks, self.spec.rules)
         return self.encoding if self.fast_reason is None else None
 
     @property
