@@ -3,7 +3,8 @@
     python benchmarks/tokenize.py [--tokenizer DIR] [--corpus DIR] [--mb 20] [--repeat 3]
 
 Prints MB/s of
-  raw      the encoder alone on the texts already in memory (1 thread, 2 threads): tiktoken's
+  raw      the encoder alone on the texts already in memory (1 thread, 2 threads; for tiktoken also 2 forked
+           processes, each with half the texts): tiktoken's
            encode_ordinary_batch for an slm tokenizer; for a released tokenizer.json (--tokenizer a SmolLM2 or
            StableLM 2 directory), Hugging Face tokenizers' own encode_batch: what slm runs for SmolLM2's, while
            StableLM 2's (converted from tiktoken ranks, proven equal) is run by tiktoken

@@ -21,9 +21,10 @@ SmolLM2/Llama architectures); smollm2-135m (the recipe's shape at sequence 2048,
 run it alone: --shapes smollm2-135m --rounds 2 --steps 1) and smollm2-135m-1seq (one sequence, where slm expands
 the 3 kv heads for SDPA's CPU backward and transformers keeps them grouped). --packed N packs each row with N
 documents, as pre-training runs: slm attends within each (segment ids), transformers through the positions and a
-[B, 1, T, T] document mask (its way to train on packed rows with SDPA); the logits are checked equal first. Each row shows slm fp32, slm with train.dtype auto (bf16
-autocast on a CPU with bf16 units, else fp32 itself) and transformers fp32, alternating in one run. On a GPU (--device cuda) it also reports MFU for the smollm2-360m and stablelm-2-1_6b
-shapes (bf16 autocast, FLOPs per token 6N + 12 L H T against the device's peak).
+[B, 1, T, T] document mask (its way to train on packed rows with SDPA); the logits are checked equal first. Each
+row shows slm fp32, slm with train.dtype auto (bf16 autocast on a CPU with bf16 units, else fp32 itself) and
+transformers fp32, alternating in one run. On a GPU (--device cuda) it also reports MFU for the smollm2-360m and
+stablelm-2-1_6b shapes (bf16 autocast, FLOPs per token 6N + 12 L H T against the device's peak).
 """
 
 from __future__ import annotations
@@ -337,8 +338,8 @@ def main() -> None:
                          "auto_dtype": "bf16" if auto_bf16 else "fp32", "transformers_tokens_per_s": round(h, 1),
                          "ratio": round(s / h, 3), "auto_ratio": round(a / h, 3)}
         auto_cell = f"{a:,.0f}" if auto_bf16 else "= fp32"
-        print(f"| {label} | {model.num_parameters() / 1e6:.1f}M | {batch} x {seq} | {s:,.0f} | {auto_cell} | {h:,.0f} | "
-              f"{s / h:.2f}x | {a / h:.2f}x |")
+        print(f"| {label} | {model.num_parameters() / 1e6:.1f}M | {batch} x {seq} | {s:,.0f} | {auto_cell} | "
+              f"{h:,.0f} | {s / h:.2f}x | {a / h:.2f}x |")
         if auto_bf16 and a < s:
             print(f"  ({name}: bf16 autocast loses to fp32 at this shape on this CPU: train.dtype fp32 is the faster "
                   "choice here)", file=sys.stderr)

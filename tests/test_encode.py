@@ -133,8 +133,8 @@ def test_manifest_counts_and_hashes(tmp_path, tok):
 
 def test_inputs_are_hashed_in_a_forked_process_beside_the_encoder_build(tmp_path, monkeypatch):
     """A forked process hashes the inputs while the main one builds the encoder (MEANWHILE): each hash is the
-    file's sha256 whatever its size (progress every 64 MB), an input unchanged since the previous run keeps its
-    hash unread, a read error in the hasher reaches the user as itself, and a hasher that dies is named."""
+    file's sha256 whatever its size (read and reported 4 MB at a time), an input unchanged since the previous run
+    keeps its hash unread, a read error in the hasher reaches the user as itself, and a hasher that dies is named."""
     import os
 
     from slm.errors import SlmError

@@ -41,11 +41,14 @@ FORMAT_VERSIONS = {"tokenizer": 1, "corpus": 1, "tokens": 1, "mix": 1, "checkpoi
                    "run": 1}
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 22, advance=None) -> str:
+    """sha256 of a file, read CHUNK bytes at a time; ADVANCE(bytes), if given, after each chunk (progress)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if advance is not None:
+                advance(len(block))
     return h.hexdigest()
 
 

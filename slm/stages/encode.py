@@ -10,7 +10,6 @@ when every unit is done, with its manifest, in one rename.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -166,20 +165,11 @@ def _hash_one(inp: Input, advance) -> str:
         digest = sha256_bytes(canonical_json([[p.name, sha256_file(p)] for p in files]))
         advance(inp.size)
         return digest
-    h, step, pending = hashlib.sha256(), 1 << 22, 0
-    with open(inp.path, "rb") as f:
-        while block := f.read(step):
-            h.update(block)
-            pending += len(block)
-            if pending >= 64 << 20:
-                advance(pending)
-                pending = 0
-    advance(pending)
-    return h.hexdigest()
+    return sha256_file(inp.path, advance=advance)
 
 
 def _hasher(conn, todo: list[tuple[int, Input]]) -> None:
-    """The forked hashing process: ("bytes", n) as it reads, ("hash", index, digest) per input, then ("end",)."""
+    """The forked hashing process: ("bytes", n) per 4 MB read, ("hash", index, digest) per input, then ("end",)."""
     try:
         for i, inp in todo:
             conn.send(("hash", i, _hash_one(inp, lambda n: conn.send(("bytes", n)))))
