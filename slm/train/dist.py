@@ -9,6 +9,7 @@ job id). On one process every collective is the identity, so stages call them un
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import subprocess
 from dataclasses import dataclass
@@ -112,6 +113,9 @@ def barrier(d: Dist) -> None:
 
 
 def teardown(d: Dist) -> None:
+    # What the run left in reference cycles (engines, their communication handles) goes now, while the process
+    # group and the interpreter are whole, not at interpreter shutdown.
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 

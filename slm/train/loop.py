@@ -431,7 +431,11 @@ def train(run: Run) -> Path:
     """Run steps [start_step, end_step); returns the last checkpoint."""
     d, t, eng = run.dist, run.train, run.engine
     set_deterministic(t.deterministic)
-    model = torch.compile(eng.forward_model) if t.compile else eng.forward_model
+    # dynamic=False: every training micro-batch has the same shape (rows of seq_len), so the graph is static; an
+    # odd shape (a short last validation batch) compiles once more instead of turning sizes symbolic. torch 2.13's
+    # automatic dynamic shapes (which also follow a forward compiled earlier in the same process) failed in
+    # inductor's range analysis on the document-masked forward ("Exponent must be non-negative").
+    model = torch.compile(eng.forward_model, dynamic=False) if t.compile else eng.forward_model
     run.model.attention_backend = t.attention
     run.model.activation_checkpointing = t.activation_checkpointing
     model.train()
@@ -509,6 +513,7 @@ def train(run: Run) -> Path:
             warn(error)
         if scorer is not None:
             scorer.close()
+        eng.close()
     if last_ckpt is None and (found := latest_checkpoint(run.run_dir)) is not None:  # already at end_step
         last_ckpt = checkpoints_dir(run.run_dir) / found.name  # named as a save names it: under the run as given
     prog.end("done", step=run.end_step, last_checkpoint=str(last_ckpt) if last_ckpt else None)
