@@ -2,6 +2,7 @@
 the quality report, INT4 (OpenVINO + NNCF), and the errors a user sees."""
 
 import json
+import os
 import re
 import unicodedata
 
@@ -330,13 +331,16 @@ def test_llama_cpp_loads_the_best_cpu_variant(tmp_path, small_tok):
     import subprocess
     import sys
 
-    from slm.inference.llamacpp import cpu_variants, variant_score
+    from slm.inference.llamacpp import AMX_VARIANTS, _variant_works, cpu_variants, variant_score
 
-    scores = {p.name.split("libggml-cpu-")[1].split(".")[0]: variant_score(p) for p in cpu_variants()}
+    variants = {p.name.split("libggml-cpu-")[1].split(".")[0]: p for p in cpu_variants()}
+    scores = {name: variant_score(p) for name, p in variants.items()}
     assert len(scores) >= 6 and scores["x64"] > 0, scores  # every x86 variant; the baseline runs anywhere
     best = max(scores, key=scores.get)
     path = tmp_path / "m.gguf"
     write_gguf(Checkpoint.open(make_ckpt(tmp_path, small_tok, "llama", kv_heads=2)), path, "f16")
+    if best in AMX_VARIANTS and not _variant_works(variants[best])[0]:  # AMX that faults here: the next best
+        best = max((n for n in scores if n not in AMX_VARIANTS), key=scores.get)
     script = tmp_path / "open.py"
     script.write_text("import pathlib, sys\n"
                       "import slm.inference.llamacpp as L\n"
@@ -354,3 +358,90 @@ def test_llama_cpp_loads_the_best_cpu_variant(tmp_path, small_tok):
     assert proc.returncode != 0
     assert f"none of its CPU backends (libggml-cpu-*) loads from {tmp_path / 'empty'}: set GGML_BACKEND_DIR" \
         in proc.stderr, proc.stderr
+    # SLM_LLAMA_CPU picks a variant by name; a name that is not one is a one-line error listing them
+    for want, ok in (("x64", True), ("sse42", True), ("nope", False)):
+        proc = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True,
+                              env={**os.environ, "SLM_LLAMA_CPU": want})
+        if ok:
+            assert proc.returncode == 0 and proc.stdout.startswith(f"{want} ("), proc.stderr
+        else:
+            assert proc.returncode != 0 and "SLM_LLAMA_CPU=nope: no such llama.cpp CPU variant; expected one of " \
+                "alderlake" in proc.stderr, proc.stderr
+
+
+def test_an_amx_variant_that_faults_is_passed_over(tmp_path, monkeypatch, capsys):
+    """Where llama.cpp would pick its AMX variant and that variant dies on this machine (seen: SIGILL at the first
+    tile instruction on a VM whose CPU reports AMX), slm loads the best other variant and says why; a variant that
+    ran, or a CPU without AMX, leaves the choice to llama.cpp."""
+    import slm.inference.llamacpp as L
+
+    found = [tmp_path / f"libggml-cpu-{n}.so" for n in ("haswell", "icelake", "sapphirerapids", "x64")]
+    scores = {"haswell": 64, "icelake": 1472, "sapphirerapids": 4032, "x64": 1}
+    monkeypatch.delenv("SLM_LLAMA_CPU", raising=False)
+    monkeypatch.setattr(L, "variant_score", lambda p: scores[L._variant_name(p)])
+    monkeypatch.setattr(L, "_cpu_flags", lambda: {"avx512f", "amx_tile", "amx_int8"})
+    monkeypatch.setattr(L, "_variant_works", lambda v: (False, "killed by SIGILL"))
+    assert L._choose_variant(found) == found[1]
+    assert "sapphirerapids CPU variant (AMX) fails on this machine (killed by SIGILL running a small q8_0 model): " \
+        "using icelake instead (SLM_LLAMA_CPU picks a variant)" in " ".join(capsys.readouterr().err.split())
+    monkeypatch.setattr(L, "_variant_works", lambda v: (True, "ran"))
+    assert L._choose_variant(found) is None
+    monkeypatch.setattr(L, "_variant_works", lambda v: (False, "killed by SIGILL"))
+    monkeypatch.setattr(L, "_cpu_flags", lambda: {"avx512f"})
+    assert L._choose_variant(found) is None
+
+
+@pytest.mark.skipif(not _llama_variants(), reason="needs llama-cpp-python built with every CPU variant")
+def test_the_variant_check_runs_a_quantized_model_once_per_machine(tmp_path, monkeypatch):
+    """_variant_works runs the variant on a small q8_0 model (the quantized products AMX kernels take) in a child
+    process and remembers the answer; the model is one llama.cpp opens and computes finite logits with."""
+    import llama_cpp
+
+    import slm.inference.llamacpp as L
+
+    L._write_probe_model(tmp_path / "probe.gguf")
+    m = L.open_gguf(tmp_path / "probe.gguf", 64, 1)
+    m.eval([1, 2, 3, 4])
+    assert m.n_vocab() == 256 and np.isfinite(np.array(m.scores[:4])).all()
+    assert llama_cpp.llama_model_n_params(m.model) == 2 * 256 * 256 + 4 * 256 * 256 + 3 * 512 * 256 + 3 * 256
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    x64 = next(p for p in L.cpu_variants() if L._variant_name(p) == "x64")
+    assert L._variant_works(x64) == (True, "ran")
+    cache = json.loads((tmp_path / "cache" / "slm" / "llama-cpu.json").read_text())
+    (entry,) = cache.values()
+    assert entry == {"ok": True, "why": "ran"}
+    (tmp_path / "cache" / "slm" / "llama-cpu.json").write_text(json.dumps({k: {"ok": False, "why": "killed by X"}
+                                                                            for k in cache}))
+    assert L._variant_works(x64) == (False, "killed by X")  # remembered, not run again
+
+
+def _die(q):
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _report(q):
+    q.put(("ok", {"tg": 1.0}))
+
+
+def test_bench_names_a_measuring_process_that_dies_without_a_result():
+    """`slm bench` measures each model in a child process; one that crashes in native code (llama.cpp's AMX kernels
+    died with SIGILL on one VM) or is killed gives a one-line error naming how it ended, where the parent used to
+    wait on its queue forever; a child that reports and exits is read as before."""
+    import multiprocessing
+
+    from slm.stages.bench import _result
+
+    ctx = multiprocessing.get_context("spawn")
+    for target, want in ((_die, "was killed by SIGKILL before reporting"), (_report, None)):
+        q = ctx.Queue()
+        p = ctx.Process(target=target, args=(q,))
+        p.start()
+        if want is None:
+            assert _result(q, p, "m.gguf") == ("ok", {"tg": 1.0})
+        else:
+            with pytest.raises(SlmError, match=f"m.gguf: the process measuring it {want}"):
+                _result(q, p, "m.gguf")
+        p.join()

@@ -79,10 +79,153 @@ def variant_score(path: Path) -> int:
     return int(r.stdout.strip() or 0) if r.returncode == 0 else 0
 
 
+# Variants whose matrix products use AMX tiles. On some virtual machines the CPU reports AMX (and Linux grants
+# the tile state) but the first tile instruction still faults: seen 2026-12-05 on a 2-vCPU Firecracker VM with
+# Intel AMX flags, where llama.cpp's sapphirerapids variant died with SIGILL at `tilezero` in ggml_backend_amx_mul_mat
+# and every other variant (icelake, zen4, cooperlake ...) decoded correctly.
+AMX_VARIANTS = ("sapphirerapids",)
+CPU_ENV = "SLM_LLAMA_CPU"
+
+
+def _variant_name(path: Path) -> str:
+    return path.name.split("libggml-cpu-", 1)[-1].split(".", 1)[0]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _write_probe_model(path: Path) -> None:
+    """A one-layer llama GGUF with random q8_0 matrices (256 wide, a vocabulary of 256 ids and no tokenizer): the
+    quantized products that llama.cpp's AMX kernels take, in a file of 0.8 MB."""
+    import gguf
+    from gguf.quants import quantize
+
+    h, f, v, heads = 256, 512, 256, 4
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(h)
+    w.add_block_count(1)
+    w.add_feed_forward_length(f)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(h // heads)
+    w.add_vocab_size(v)
+    w.add_tokenizer_model("none")
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd": (v, h), "output": (v, h), "blk.0.attn_q": (h, h), "blk.0.attn_k": (h, h),
+              "blk.0.attn_v": (h, h), "blk.0.attn_output": (h, h), "blk.0.ffn_gate": (f, h), "blk.0.ffn_up": (f, h),
+              "blk.0.ffn_down": (h, f)}
+    for name, shape in shapes.items():
+        a = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        w.add_tensor(f"{name}.weight", quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                     raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    for name in ("output_norm", "blk.0.attn_norm", "blk.0.ffn_norm"):
+        w.add_tensor(f"{name}.weight", np.ones(h, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+_PROBE = """
+import ctypes, sys, tempfile
+from pathlib import Path
+import llama_cpp
+from slm.inference.llamacpp import _ggml_library, _write_probe_model, quiet
+quiet()
+ggml = _ggml_library(Path(llama_cpp.__file__).resolve().parent)
+ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+ggml.ggml_backend_load.restype = ctypes.c_void_p
+if not ggml.ggml_backend_load(sys.argv[1].encode()):
+    sys.exit(3)
+with tempfile.TemporaryDirectory() as d:
+    _write_probe_model(Path(d) / "probe.gguf")
+    m = llama_cpp.Llama(model_path=str(Path(d) / "probe.gguf"), n_ctx=64, n_batch=64, n_threads=1, verbose=False)
+    m.eval([1, 2, 3, 4])
+"""
+
+
+def _variant_works(variant: Path) -> tuple[bool, str]:
+    """Whether VARIANT, loaded alone in a child process, runs a small q8_0 model (_write_probe_model); remembered
+    per machine (the variant file, the CPU, the kernel) in ~/.cache/slm/llama-cpu.json. (ok, what happened)."""
+    import json
+    import platform
+    import signal
+    import subprocess
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slm" / "llama-cpu.json"
+    st = variant.stat()
+    key = (f"{variant.resolve()}|{st.st_size}|{st.st_mtime_ns}|{platform.processor() or platform.machine()}|"
+           f"{platform.release()}")
+    try:
+        known = dict(json.loads(cache.read_text()))
+    except (OSError, ValueError, TypeError):
+        known = {}
+    if isinstance(known.get(key), dict) and {"ok", "why"} <= known[key].keys():
+        return bool(known[key]["ok"]), str(known[key]["why"])
+    try:
+        r = subprocess.run([sys.executable, "-c", _PROBE, str(variant)], capture_output=True, text=True, timeout=300)
+        rc = r.returncode
+    except subprocess.TimeoutExpired:
+        rc = None
+    if rc == 0:
+        ok, why = True, "ran"
+    elif rc is not None and rc < 0:
+        ok, why = False, f"killed by {signal.Signals(-rc).name}"
+    else:  # not the variant's doing (no gguf module, memory): blame nothing, keep llama.cpp's choice, check again later
+        return True, f"the check ended with {'a timeout' if rc is None else f'exit code {rc}'}"
+    known[key] = {"ok": ok, "why": why}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(cache)
+    except OSError:
+        pass  # a cache only: the check runs again next time
+    return ok, why
+
+
+def _choose_variant(found: list[Path]) -> Path | None:
+    """The variant to load instead of llama.cpp's own pick, or None to let llama.cpp pick: the one SLM_LLAMA_CPU
+    names, or, where llama.cpp would pick an AMX variant and that variant fails here, the best other one."""
+    from slm.console import warn
+
+    if want := os.environ.get(CPU_ENV):
+        for v in found:
+            if _variant_name(v) == want:
+                return v
+        raise SlmError(f"{CPU_ENV}={want}: no such llama.cpp CPU variant; expected one of "
+                       f"{', '.join(_variant_name(v) for v in found)}")
+    amx = [v for v in found if _variant_name(v) in AMX_VARIANTS]
+    if not amx or not _cpu_flags() & {"amx_tile", "amx_int8", "amx_bf16"}:
+        return None
+    ok, why = _variant_works(amx[0])
+    if ok:
+        return None
+    scored = sorted(((variant_score(v), v) for v in found if v not in amx), key=lambda t: -t[0])
+    if not scored or scored[0][0] <= 0:
+        return None
+    best = scored[0][1]
+    warn(f"llama.cpp's {_variant_name(amx[0])} CPU variant (AMX) fails on this machine ({why} running a small q8_0 "
+         f"model): using {_variant_name(best)} instead ({CPU_ENV} picks a variant)")
+    return best
+
+
 def cpu_backend() -> str:
     """Make sure llama.cpp has a CPU backend in this process, and say which: 'built in (AVX2 FMA ...)' for a build
-    with one CPU backend, or the variant llama.cpp picked for this CPU ('haswell (AVX2 FMA ...)') for a build with
-    all of them, which this loads. SlmError naming the directories searched when such a build has none."""
+    with one CPU backend, or the variant loaded for this CPU ('haswell (AVX2 FMA ...)') for a build with all of
+    them: llama.cpp's own pick, the one SLM_LLAMA_CPU names, or, when llama.cpp would pick AMX kernels that fail on
+    this machine (checked once per machine in a child process, see _choose_variant), the best other variant.
+    SlmError naming the directories searched when such a build has none."""
     global _BACKEND
     if _BACKEND is not None:
         return _BACKEND
@@ -96,11 +239,18 @@ def cpu_backend() -> str:
         ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
         ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
         ggml.ggml_backend_load_all_from_path.restype = None
+        ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+        ggml.ggml_backend_load.restype = ctypes.c_void_p
         if ggml.ggml_backend_reg_count() == 0:  # a GGML_BACKEND_DL build: nothing is linked in
             dirs = backend_dirs(pkg)
             for d in dirs:
                 if d.is_dir() and any(d.glob("*ggml-cpu*")):
-                    ggml.ggml_backend_load_all_from_path(str(d).encode())
+                    found = sorted(d.glob("libggml-cpu-*.so")) + sorted(d.glob("libggml-cpu-*.dylib"))
+                    chosen = _choose_variant(found) if found else None
+                    if chosen is not None:
+                        ggml.ggml_backend_load(str(chosen).encode())
+                    else:
+                        ggml.ggml_backend_load_all_from_path(str(d).encode())
                     if ggml.ggml_backend_reg_count() > 0:
                         break
             if ggml.ggml_backend_reg_count() == 0:

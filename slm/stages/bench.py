@@ -263,6 +263,27 @@ def _child(path: str, backend: str, cfg: dict, queue) -> None:
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
+def _result(q, p, path: str) -> tuple[str, object]:
+    """The child's (status, value); SlmError when it ends without one (a crash in native code, the OOM killer),
+    which a plain q.get() would wait for forever."""
+    import queue
+    import signal
+
+    while True:
+        try:
+            return q.get(timeout=1.0)
+        except queue.Empty:
+            if p.is_alive():
+                continue
+        try:  # ended: what it put before ending is still in the pipe
+            return q.get(timeout=1.0)
+        except queue.Empty:
+            code = p.exitcode
+            how = f"was killed by {signal.Signals(-code).name}" if code and code < 0 else f"exited with code {code}"
+            raise SlmError(f"{path}: the process measuring it {how} before reporting (a crash in the backend's "
+                           "native code, or out of memory)") from None
+
+
 def measure(cfg: BenchConfig) -> dict:
     """Every model measured in a fresh process of its own: the report (device, settings, a row per model)."""
     if not cfg.models:
@@ -290,7 +311,7 @@ def measure(cfg: BenchConfig) -> dict:
             q = ctx.Queue()
             p = ctx.Process(target=_child, args=(path, backend, settings, q))
             p.start()
-            status, value = q.get()
+            status, value = _result(q, p, path)
             p.join()
             if status == "error":
                 raise SlmError(f"{path}: {value}")
