@@ -8,7 +8,8 @@ sse42, sandybridge (AVX), ivybridge (+F16C), piledriver (+FMA), haswell (AVX2, B
 GGML_NATIVE=OFF build compiles), skylakex / cannonlake / cascadelake / icelake / cooperlake / zen4 (AVX-512 and its
 extensions), alderlake (AVX-VNNI), sapphirerapids (AMX). Each variant this CPU can run (its ggml_backend_score is
 above 0) is loaded alone, in a fresh process, and decodes each file as `slm bench` does (greedy, a random prompt,
-median of --rounds); then the variant llama.cpp picks by itself (what slm loads). Prints one JSON line per
+median of --rounds); then the variant slm loads (llama.cpp's pick, or the best other one where llama.cpp's AMX
+variant faults: slm.inference.llamacpp). A variant killed by a signal is shown as crashed. Prints one JSON line per
 (variant, file) and a Markdown table of generation tokens/s with each variant's ratio to the picked one.
 """
 
@@ -23,6 +24,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 import argparse
 import ctypes
 import json
+import signal
 import statistics
 import subprocess
 from pathlib import Path
@@ -94,6 +96,12 @@ def main() -> None:
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode < 0 and variant != "picked":  # a variant that faults here (the AMX one on some VMs)
+            crash = signal.Signals(-out.returncode).name
+            print(f"{name_of(Path(variant))}: killed by {crash}", file=sys.stderr)
+            rows += [{"variant": name_of(Path(variant)), "file": Path(f).name, "tg_tokens_per_s": None,
+                      "crashed": crash} for f in args.files]
+            continue
         if out.returncode != 0:
             last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit code {out.returncode}"
             raise SystemExit(f"{variant}: {last}")
@@ -108,6 +116,9 @@ def main() -> None:
         cells = []
         for f in files:
             r = next(x for x in rows if x["variant"] == v and x["file"] == f)
+            if r["tg_tokens_per_s"] is None:
+                cells.append(f"crashed ({r['crashed']})")
+                continue
             cells.append(f"{r['tg_tokens_per_s']} ({r['tg_tokens_per_s'] / picked[f]['tg_tokens_per_s']:.2f}x)")
         label = f"picked: {picked[files[0]]['cpu_backend']}" if v == "picked" else v
         print(f"| {label} | " + " | ".join(cells) + " |")

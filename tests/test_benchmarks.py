@@ -54,7 +54,9 @@ def test_the_gpu_check_runs_on_the_cpu_in_check_mode(tmp_path):
     assert r["tests"]["counts"] == {"passed": 10, "failure": 0, "error": 0, "skipped": 0}, r["tests"]
     assert not r["errors"], r["errors"]
     rows = {(x["activation_checkpointing"], x["compiled"]): x for x in r["train"]}
-    assert set(rows) == {(False, False), (True, False), (False, True)}
+    # the compiled step runs at the faster eager row's setting (on a busy CPU, checkpointing on can win)
+    faster = max((False, True), key=lambda ac: rows[(ac, False)]["tokens_per_s"])
+    assert set(rows) == {(False, False), (True, False), (faster, True)}
     assert all(x["micro_batch_size"] == 2 and x["tokens_per_s"] > 0 and x["planner_memory_gib"] > 0
                for x in rows.values())
     assert r["deterministic"]["micro_batch_size"] == 2 and r["decode"]["tokens_per_s"] > 0
