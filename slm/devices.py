@@ -80,6 +80,18 @@ def gpu_of_device(device_name: str) -> Gpu | None:
     return None
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's instruction-set flags (Linux: the first `flags` line of /proc/cpuinfo); empty where there is none."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def usable_cores() -> int:
     """The CPU cores this process may run on: its affinity mask (what taskset, SLURM's cpus-per-task and torch
     see), or os.cpu_count() where the OS has no affinity call (macOS)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slm.devices import usable_cores
+from slm.devices import cpu_flags as _cpu_flags, usable_cores
 from slm.errors import SlmError
 
 _LOG_CALLBACK = None
@@ -89,17 +89,6 @@ CPU_ENV = "SLM_LLAMA_CPU"
 
 def _variant_name(path: Path) -> str:
     return path.name.split("libggml-cpu-", 1)[-1].split(".", 1)[0]
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _write_probe_model(path: Path) -> None:

@@ -115,15 +115,9 @@ def cpu_has_bf16() -> bool:
     There bf16 autocast is faster than fp32 (measured on an AMD EPYC with avx512_bf16: 419 against 171 GFLOP/s on
     two threads; benchmarks/train_step.py prints the step's ratio); elsewhere torch emulates bf16 and is many times
     slower (an AVX2-only EPYC: 0.85 against 63 GFLOP/s), so `auto` keeps fp32 there."""
-    try:
-        with open(CPUINFO) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    from slm.devices import cpu_flags
+
+    return bool(cpu_flags(CPUINFO) & {"avx512_bf16", "amx_bf16"})
 
 
 def compute_dtype(t: TrainSettings, device: torch.device) -> str:
