@@ -122,6 +122,23 @@ def run_cli(*args, cwd=None, env=None, check=False) -> subprocess.CompletedProce
 
 HOOKS = ROOT / "tests" / "hooks"
 
+# The longest tests, started first: pytest-xdist hands tests out in collection order, so a 15-minute test collected
+# last (the quickstart sorts late) would run alone at the end while the other worker idles.
+LONGEST = ("test_quickstart.py::test_quickstart_runs_every_stage",
+           "test_examples.py::test_pipeline_runs_on_the_tiny_recipe",
+           "test_slurm.py::test_sbatch_preempted_requeues_itself_and_matches_an_uninterrupted_run",
+           "test_released.py::test_the_released_example_runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: i for i, name in enumerate(LONGEST)}
+
+    def rank(item):
+        name = item.nodeid.rsplit("/", 1)[-1]
+        return first.get(name, len(LONGEST))
+
+    items.sort(key=rank)  # stable: every other test keeps its place
+
 
 def loss_hook_env(losses: str, rank: int | None = None, base: dict | None = None) -> dict:
     """The environment in which tests/hooks/sitecustomize.py poisons the loss of chosen steps (LOSSES: "K:nan" or

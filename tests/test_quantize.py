@@ -400,7 +400,7 @@ def test_the_variant_check_runs_a_quantized_model_once_per_machine(tmp_path, mon
     import slm.inference.llamacpp as L
 
     L._write_probe_model(tmp_path / "probe.gguf")
-    m = L.open_gguf(tmp_path / "probe.gguf", 64, 1)
+    m = L.open_gguf(tmp_path / "probe.gguf", 64, 1, logits_all=True)  # every row's logits (else only the last)
     m.eval([1, 2, 3, 4])
     assert m.n_vocab() == 256 and np.isfinite(np.array(m.scores[:4])).all()
     assert llama_cpp.llama_model_n_params(m.model) == 2 * 256 * 256 + 4 * 256 * 256 + 3 * 512 * 256 + 3 * 256

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from slm.console import stdout_to_stderr, warn
+from slm.devices import cpu_flags
 from slm.errors import SlmError
 from slm.formats.checkpoint import MOMENTS, OptimizerState
 from slm.train.config import ENGINES, TrainSettings
@@ -115,8 +116,6 @@ def cpu_has_bf16() -> bool:
     There bf16 autocast is faster than fp32 (measured on an AMD EPYC with avx512_bf16: 419 against 171 GFLOP/s on
     two threads; benchmarks/train_step.py prints the step's ratio); elsewhere torch emulates bf16 and is many times
     slower (an AVX2-only EPYC: 0.85 against 63 GFLOP/s), so `auto` keeps fp32 there."""
-    from slm.devices import cpu_flags
-
     return bool(cpu_flags(CPUINFO) & {"avx512_bf16", "amx_bf16"})
 
 

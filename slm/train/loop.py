@@ -228,8 +228,10 @@ def save(run: Run, step_done: int, lr: float, background: bool = False) -> Path:
     return path or run.run_dir / "checkpoints" / f"step-{step_done:08d}"
 
 
-def requeue_job() -> None:
-    """Ask SLURM to requeue this job (it will then stop this one and start it again, which resumes)."""
+def requeue_job(why: str) -> None:
+    """Ask SLURM to requeue this job (it will then stop this one and start it again, which resumes). WHY (the stop
+    and the checkpoint saved) is said first: SLURM's requeue kills the job's processes, often before they print
+    anything more."""
     env = os.environ
     job = env.get("SLURM_JOB_ID")
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):  # an array task is named JOB_TASK
@@ -237,7 +239,7 @@ def requeue_job() -> None:
     if not job:
         warn("--requeue: not running under SLURM (no SLURM_JOB_ID); not requeued")
         return
-    info(f"requeueing SLURM job {job}")
+    info(f"{why}; requeueing SLURM job {job}")
     try:
         proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -502,7 +504,7 @@ def train(run: Run) -> Path:
                     why = f"stopped by {stop['signal'] or 'a signal'} after step {done}"
                     prog.end("stopped", message=f"{why}; run the same command again to resume")
                     if run.requeue and d.main:
-                        requeue_job()
+                        requeue_job(f"{why}; checkpoint {last_ckpt} saved")
                     raise Stopped(f"{why}; checkpoint {last_ckpt} saved; run the same command again to resume")
     except SlmError as e:
         if prog.data["state"] == "running":
