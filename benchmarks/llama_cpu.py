@@ -42,16 +42,12 @@ def variants() -> list[Path]:
                      "(scripts/setup.sh does)")
 
 
-def name_of(path: Path) -> str:
-    return path.name.split("libggml-cpu-", 1)[1].rsplit(".", 1)[0]
-
-
 def child(variant: str, files: list[str], prompt: int, gen: int, rounds: int, threads: int | None) -> None:
     """Load VARIANT (a file, or 'picked': llama.cpp's own choice), then decode FILES; one JSON line each."""
     import llama_cpp
     import numpy as np
 
-    from slm.inference.llamacpp import _ggml_library, cpu_backend
+    from slm.inference.llamacpp import _ggml_library, cpu_backend, variant_name
     from slm.stages.bench import LlamaCppRunner
 
     if variant != "picked":
@@ -65,7 +61,7 @@ def child(variant: str, files: list[str], prompt: int, gen: int, rounds: int, th
         r = LlamaCppRunner(Path(f), threads, prompt + gen + 8)  # threads None: every usable core
         r.run(ids[:16], 4, 1)  # warm-up
         tg = statistics.median(len(t) / sum(t) for t in (r.run(ids, gen, 1)[1] for _ in range(rounds)))
-        print(json.dumps({"variant": "picked" if variant == "picked" else name_of(Path(variant)),
+        print(json.dumps({"variant": "picked" if variant == "picked" else variant_name(Path(variant)),
                           "cpu_backend": cpu_backend(), "file": Path(f).name, "tg_tokens_per_s": round(tg, 1)}),
               flush=True)
         r.llm.close()
@@ -82,13 +78,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.files, args.prompt, args.gen, args.rounds, args.threads)
-    from slm.inference.llamacpp import variant_score
+    from slm.inference.llamacpp import variant_name, variant_score
 
     found = variants()
     d = found[0].parent
     runnable = [(p, s) for p in found if (s := variant_score(p)) > 0]
     print(f"{len(found)} variants in {d}; this CPU runs {len(runnable)}: "
-          + ", ".join(f"{name_of(p)} (score {s})" for p, s in runnable), file=sys.stderr)
+          + ", ".join(f"{variant_name(p)} (score {s})" for p, s in runnable), file=sys.stderr)
     rows = []
     for variant in [str(p) for p, _ in sorted(runnable, key=lambda x: x[1])] + ["picked"]:
         cmd = [sys.executable, os.path.abspath(__file__), *args.files, "--child", variant, "--prompt",
@@ -98,8 +94,8 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode < 0 and variant != "picked":  # a variant that faults here (the AMX one on some VMs)
             crash = signal.Signals(-out.returncode).name
-            print(f"{name_of(Path(variant))}: killed by {crash}", file=sys.stderr)
-            rows += [{"variant": name_of(Path(variant)), "file": Path(f).name, "tg_tokens_per_s": None,
+            print(f"{variant_name(Path(variant))}: killed by {crash}", file=sys.stderr)
+            rows += [{"variant": variant_name(Path(variant)), "file": Path(f).name, "tg_tokens_per_s": None,
                       "crashed": crash} for f in args.files]
             continue
         if out.returncode != 0:

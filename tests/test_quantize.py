@@ -331,9 +331,9 @@ def test_llama_cpp_loads_the_best_cpu_variant(tmp_path, small_tok):
     import subprocess
     import sys
 
-    from slm.inference.llamacpp import AMX_VARIANTS, _variant_works, cpu_variants, variant_score
+    from slm.inference.llamacpp import AMX_VARIANTS, _variant_works, cpu_variants, variant_name, variant_score
 
-    variants = {p.name.split("libggml-cpu-")[1].split(".")[0]: p for p in cpu_variants()}
+    variants = {variant_name(p): p for p in cpu_variants()}
     scores = {name: variant_score(p) for name, p in variants.items()}
     assert len(scores) >= 6 and scores["x64"] > 0, scores  # every x86 variant; the baseline runs anywhere
     best = max(scores, key=scores.get)
@@ -378,7 +378,7 @@ def test_an_amx_variant_that_faults_is_passed_over(tmp_path, monkeypatch, capsys
     found = [tmp_path / f"libggml-cpu-{n}.so" for n in ("haswell", "icelake", "sapphirerapids", "x64")]
     scores = {"haswell": 64, "icelake": 1472, "sapphirerapids": 4032, "x64": 1}
     monkeypatch.delenv("SLM_LLAMA_CPU", raising=False)
-    monkeypatch.setattr(L, "variant_score", lambda p: scores[L._variant_name(p)])
+    monkeypatch.setattr(L, "variant_score", lambda p: scores[L.variant_name(p)])
     monkeypatch.setattr(L, "_cpu_flags", lambda: {"avx512f", "amx_tile", "amx_int8"})
     monkeypatch.setattr(L, "_variant_works", lambda v: (False, "killed by SIGILL"))
     assert L._choose_variant(found) == found[1]
@@ -405,7 +405,7 @@ def test_the_variant_check_runs_a_quantized_model_once_per_machine(tmp_path, mon
     assert m.n_vocab() == 256 and np.isfinite(np.array(m.scores[:4])).all()
     assert llama_cpp.llama_model_n_params(m.model) == 2 * 256 * 256 + 4 * 256 * 256 + 3 * 512 * 256 + 3 * 256
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    x64 = next(p for p in L.cpu_variants() if L._variant_name(p) == "x64")
+    x64 = next(p for p in L.cpu_variants() if L.variant_name(p) == "x64")
     assert L._variant_works(x64) == (True, "ran")
     cache = json.loads((tmp_path / "cache" / "slm" / "llama-cpu.json").read_text())
     (entry,) = cache.values()

@@ -59,10 +59,14 @@ def cpu_variants() -> list[Path]:
     import llama_cpp
 
     for d in backend_dirs(Path(llama_cpp.__file__).resolve().parent):
-        found = sorted(d.glob("libggml-cpu-*.so")) + sorted(d.glob("libggml-cpu-*.dylib"))
-        if found:
+        if found := variant_files(d):
             return found
     return []
+
+
+def variant_files(d: Path) -> list[Path]:
+    """The CPU variant files (libggml-cpu-VARIANT) in the directory D."""
+    return sorted(d.glob("libggml-cpu-*.so")) + sorted(d.glob("libggml-cpu-*.dylib"))
 
 
 def variant_score(path: Path) -> int:
@@ -87,7 +91,8 @@ AMX_VARIANTS = ("sapphirerapids",)
 CPU_ENV = "SLM_LLAMA_CPU"
 
 
-def _variant_name(path: Path) -> str:
+def variant_name(path: Path) -> str:
+    """'zen4' for libggml-cpu-zen4.so."""
     return path.name.split("libggml-cpu-", 1)[-1].split(".", 1)[0]
 
 
@@ -190,11 +195,11 @@ def _choose_variant(found: list[Path]) -> Path | None:
 
     if want := os.environ.get(CPU_ENV):
         for v in found:
-            if _variant_name(v) == want:
+            if variant_name(v) == want:
                 return v
         raise SlmError(f"{CPU_ENV}={want}: no such llama.cpp CPU variant; expected one of "
-                       f"{', '.join(_variant_name(v) for v in found)}")
-    amx = [v for v in found if _variant_name(v) in AMX_VARIANTS]
+                       f"{', '.join(variant_name(v) for v in found)}")
+    amx = [v for v in found if variant_name(v) in AMX_VARIANTS]
     if not amx or not _cpu_flags() & {"amx_tile", "amx_int8", "amx_bf16"}:
         return None
     ok, why = _variant_works(amx[0])
@@ -204,8 +209,8 @@ def _choose_variant(found: list[Path]) -> Path | None:
     if not scored or scored[0][0] <= 0:
         return None
     best = scored[0][1]
-    warn(f"llama.cpp's {_variant_name(amx[0])} CPU variant (AMX) fails on this machine ({why} running a small q8_0 "
-         f"model): using {_variant_name(best)} instead ({CPU_ENV} picks a variant)")
+    warn(f"llama.cpp's {variant_name(amx[0])} CPU variant (AMX) fails on this machine ({why} running a small q8_0 "
+         f"model): using {variant_name(best)} instead ({CPU_ENV} picks a variant)")
     return best
 
 
@@ -234,7 +239,7 @@ def cpu_backend() -> str:
             dirs = backend_dirs(pkg)
             for d in dirs:
                 if d.is_dir() and any(d.glob("*ggml-cpu*")):
-                    found = sorted(d.glob("libggml-cpu-*.so")) + sorted(d.glob("libggml-cpu-*.dylib"))
+                    found = variant_files(d)
                     chosen = _choose_variant(found) if found else None
                     if chosen is not None:
                         ggml.ggml_backend_load(str(chosen).encode())
