@@ -3,6 +3,7 @@ runs 2 tasks, gets USR1 the way a time limit sends it, saves, requeues itself an
 uninterrupted run. Skips, saying why, where SLURM is not installed (scripts/install-slurm.sh installs it)."""
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -155,6 +156,8 @@ def test_sbatch_preempted_requeues_itself_and_matches_an_uninterrupted_run(tmp_p
     assert "got USR1" in text and "start 1:" in text  # the script forwarded the signal; the job ran again
     assert "stopped by SIGUSR1 after step" in text and "requeueing SLURM job" in text
     assert "resuming" in text and "slm exited with 0" in text
+    # the first start ends as SLURM's requeue ends it (SIGTERM), or with slm's 75 if it exited first: never "failed"
+    assert re.search(r"slm exited with (143 \(ended by SIGTERM from SLURM|75 \(saved and stopped\))", text), text
     rows = [r for r in read_metrics(run) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(steps))
     a, b = Checkpoint.open(run), Checkpoint.open(ref)
