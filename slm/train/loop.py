@@ -503,9 +503,10 @@ def train(run: Run) -> Path:
                 if stopping and not last:
                     why = f"stopped by {stop['signal'] or 'a signal'} after step {done}"
                     prog.end("stopped", message=f"{why}; run the same command again to resume")
+                    saved = f"{why}; checkpoint {last_ckpt} saved"
                     if run.requeue and d.main:
-                        requeue_job(f"{why}; checkpoint {last_ckpt} saved")
-                    raise Stopped(f"{why}; checkpoint {last_ckpt} saved; run the same command again to resume")
+                        requeue_job(saved)
+                    raise Stopped(f"{saved}; run the same command again to resume")
     except SlmError as e:
         if prog.data["state"] == "running":
             prog.end("stopped" if isinstance(e, Interrupted) else "failed", message=str(e))
